@@ -1,0 +1,1 @@
+"""larpo-pipeline: iterative listwise alignment rounds (retrieve with vLLM, rerank, train)."""

@@ -1,0 +1,53 @@
+"""`python -m pipeline ...`: the command line of DESIGN.md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from pipeline.errors import PipelineError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description="LarPO iterative alignment rounds")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    for name, help_text in (("round", "run round N (round N-1 must be finished)"),
+                            ("rounds", "run rounds 1..N, skipping finished ones")):
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("number", type=int)
+        sub.add_argument("--config", default="configs/default.yaml")
+        sub.add_argument("--run", default="default", help="run name: the directory under the output root")
+        sub.add_argument("--output", help="output root (overrides the config's `output`)")
+        sub.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.beta=0.2")
+
+    commands.add_parser("prepare-models", help="convert the embedded default model and build the tiny test model")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        if args.command == "prepare-models":
+            from pipeline.models import prepare_embedded_models
+
+            prepare_embedded_models()
+            return 0
+        return run_rounds(args)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run_rounds(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.driver import plan_round, run_round
+
+    overrides = list(args.overrides) + ([f"output={args.output}"] if args.output else [])
+    config = load_config(args.config, overrides)
+    first = 1 if args.command == "rounds" else args.number
+    for number in range(first, args.number + 1):
+        metrics = run_round(plan_round(config, args.run, number))
+        print(json.dumps({"round": number, "eval": metrics.get("eval"),
+                          "stage_seconds": metrics.get("stage_seconds")}))
+    return 0

@@ -1,0 +1,315 @@
+"""Typed configuration: YAML plus `key=value` overrides, validated once at load.
+
+Every knob of a round lives in one of the dataclasses below, with its default
+and a comment. `load_config` is the only way in: it rejects unknown keys and
+wrong types with a one-line error naming the key, so nothing downstream has to
+re-check its inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    # `embedded:<name>` (prepared by `make setup`), a local HF checkpoint
+    # directory, or a hub id already in the local HF cache.
+    name: str = "embedded:smollm2-135m-instruct"
+    # Context length given to vLLM; prompt tokens + generate.max_tokens must fit.
+    max_model_len: int = 2048
+    trust_remote_code: bool = False
+
+
+@dataclass
+class PromptsConfig:
+    # JSONL or Parquet file, a local dataset directory, or `hf:<dataset>[:<split>]`.
+    train: str = "data/prompts/train.jsonl"
+    heldout: str = "data/prompts/heldout.jsonl"
+    # Column holding the chat messages (list of {role, content}).
+    messages_field: str = "messages"
+    # M: training prompts drawn per round; each round takes its own slice.
+    per_round: int = 64
+    # Held-out prompts scored by the evaluate stage (the first N of the file).
+    eval_size: int = 64
+    # A prompt that does not fit the context with max_tokens of answer:
+    # `drop` it (counted in the round's metrics) or stop with an `error`.
+    too_long: Literal["drop", "error"] = "drop"
+
+
+@dataclass
+class GenerateConfig:
+    # K: responses sampled per prompt.
+    num_samples: int = 4
+    temperature: float = 0.8
+    top_p: float = 1.0
+    max_tokens: int = 128
+    # vLLM engines (Ray actors) that share the prompts.
+    num_actors: int = 1
+    tensor_parallel_size: int = 1
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    # KV-cache memory per engine on CPU hosts (vLLM's default asks for 92%).
+    cpu_kv_cache_gib: int = 2
+    # CUDA graphs / torch.compile cost a minute of start-up and did not speed
+    # up decoding on CPU, so CPU engines run eagerly; GPUs may turn it off.
+    enforce_eager: bool = True
+    gpu_memory_utilization: float = 0.85
+
+
+@dataclass
+class RewardConfig:
+    # A name registered in rewards/ (see `rewards.REWARDS`).
+    name: str = "ifeval"
+    batch_size: int = 64
+
+
+@dataclass
+class ListsConfig:
+    # top_rest: the best response is the positive, all others are negatives.
+    strategy: Literal["top_rest"] = "top_rest"
+
+
+@dataclass
+class ReferenceConfig:
+    # previous: the round's starting policy (LarPO Algorithm 1);
+    # initial: the base model (as in RLHFlow).
+    policy: Literal["previous", "initial"] = "previous"
+    # Sequences per forward pass.
+    batch_size: int = 16
+
+
+@dataclass
+class TrainConfig:
+    objective: str = "contrastive"
+    beta: float = 0.1
+    learning_rate: float = 1e-6
+    epochs: int = 1
+    # Prompts per optimizer step (each brings its whole list).
+    batch_size: int = 8
+    # Prompts per forward pass; batch_size / micro_batch_size steps are accumulated.
+    micro_batch_size: int = 2
+    # Longest prompt + response in tokens; longer responses are cut from the end.
+    max_length: int = 512
+    # The longest list trained on (positives first, then the hardest negatives).
+    max_list_size: int = 8
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    # Data-parallel Ray Train workers.
+    num_workers: int = 1
+    # Compute dtype of the policy (and of the reference log-probs, which must match).
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    # bf16 rounding can erase a round's small update, so checkpoints stay fp32.
+    save_dtype: Literal["float32", "bfloat16"] = "float32"
+    # Positions per chunk of the vocabulary projection (bounds [chunk, vocab] memory).
+    logprob_chunk_size: int = 512
+
+
+@dataclass
+class EvaluateConfig:
+    temperature: float = 0.0
+    max_tokens: int = 128
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    # Root of run directories (a local path or a shared mount on clusters).
+    output: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    lists: ListsConfig = field(default_factory=ListsConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Keys that define what a run is. Rounds of one run must agree on them;
+# everything else (learning rate, K, workers...) may change between rounds.
+RUN_IDENTITY_KEYS = ("seed", "model.name", "prompts.train", "prompts.heldout",
+                     "prompts.messages_field", "prompts.per_round", "reward.name",
+                     "reference.policy")
+
+# Checked after types: (key, predicate, what it must be).
+_RANGE_CHECKS: list[tuple[str, typing.Callable[[Any], bool], str]] = [
+    ("model.max_model_len", lambda v: v > 0, "positive"),
+    ("prompts.per_round", lambda v: v > 0, "positive"),
+    ("prompts.eval_size", lambda v: v >= 0, "zero or more"),
+    ("generate.num_samples", lambda v: v >= 2, "at least 2 (a list needs a positive and a negative)"),
+    ("generate.temperature", lambda v: v >= 0, "zero or more"),
+    ("generate.top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("generate.max_tokens", lambda v: v > 0, "positive"),
+    ("generate.num_actors", lambda v: v > 0, "positive"),
+    ("generate.tensor_parallel_size", lambda v: v > 0, "positive"),
+    ("generate.cpu_kv_cache_gib", lambda v: v > 0, "positive"),
+    ("generate.gpu_memory_utilization", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("reward.batch_size", lambda v: v > 0, "positive"),
+    ("reference.batch_size", lambda v: v > 0, "positive"),
+    ("train.beta", lambda v: v > 0, "positive"),
+    ("train.learning_rate", lambda v: v >= 0, "zero or more"),
+    ("train.epochs", lambda v: v > 0, "positive"),
+    ("train.batch_size", lambda v: v > 0, "positive"),
+    ("train.micro_batch_size", lambda v: v > 0, "positive"),
+    ("train.max_length", lambda v: v > 1, "more than 1"),
+    ("train.max_list_size", lambda v: v >= 2, "at least 2"),
+    ("train.warmup_ratio", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("train.max_grad_norm", lambda v: v > 0, "positive"),
+    ("train.num_workers", lambda v: v > 0, "positive"),
+    ("train.logprob_chunk_size", lambda v: v > 0, "positive"),
+    ("evaluate.temperature", lambda v: v >= 0, "zero or more"),
+    ("evaluate.max_tokens", lambda v: v > 0, "positive"),
+]
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML file (or only defaults when `path` is None), apply overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            first_line = str(exc).splitlines()[0]
+            raise ConfigError(f"config file {path} is not valid YAML: {first_line}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(raw).__name__}")
+    source = str(path) if path is not None else "defaults"
+    config = _build(Config, raw, prefix="", source=source)
+    for item in overrides:
+        _apply_override(config, item)
+    _check_ranges(config)
+    _check_registries(config)
+    return config
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "dict") -> Config:
+    """Rebuild a validated Config from `to_dict()` output (Ray workers, run dirs)."""
+    config = _build(Config, raw, prefix="", source=source)
+    _check_ranges(config)
+    return config
+
+
+def get_key(config: Config, dotted: str) -> Any:
+    value: Any = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(_unknown_key_message(dotted, source))
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{dotted}' ({source}) must be a mapping of keys")
+            kwargs[key] = _build(hint, value, prefix=f"{dotted}.", source=source)
+        else:
+            kwargs[key] = _coerce(value, hint, dotted, source)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, dotted: str, source: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"config key '{dotted}' ({source}) must be one of "
+                              f"{', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    # bool is an int in Python; a `true` given for a number is a mistake.
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool) and type(value) is hint:
+        return value
+    raise ConfigError(f"config key '{dotted}' ({source}) must be {hint.__name__}; "
+                      f"got {type(value).__name__} {value!r}")
+
+
+def _unknown_key_message(dotted: str, source: str) -> str:
+    known = _all_keys(Config)
+    close = difflib.get_close_matches(dotted, known, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"unknown config key '{dotted}' ({source}){hint}"
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += _all_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _apply_override(config: Config, item: str) -> None:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override '{item}' must look like key=value (for example train.beta=0.2)")
+    source = "command line"
+    if key not in _all_keys(Config):
+        raise ConfigError(_unknown_key_message(key, source))
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    *parents, leaf = key.split(".")
+    section: Any = config
+    for part in parents:
+        section = getattr(section, part)
+    hint = typing.get_type_hints(type(section))[leaf]
+    if hint is str and not isinstance(value, str):
+        value = text  # `run=123` or `name=true` are strings when a string is expected
+    setattr(section, leaf, _coerce(value, hint, key, source))
+
+
+def _check_ranges(config: Config) -> None:
+    for key, ok, what in _RANGE_CHECKS:
+        value = get_key(config, key)
+        if not ok(value):
+            raise ConfigError(f"config key '{key}' must be {what}; got {value!r}")
+    if config.train.batch_size % config.train.micro_batch_size:
+        raise ConfigError("config key 'train.micro_batch_size' must divide train.batch_size; "
+                          f"got {config.train.micro_batch_size} and {config.train.batch_size}")
+
+
+def _check_registries(config: Config) -> None:
+    # Imported here so that loading a config stays cheap for tools that only read it.
+    from rewards import REWARDS
+    from stages.train.objectives import OBJECTIVES
+
+    if config.train.objective not in OBJECTIVES:
+        raise ConfigError(f"config key 'train.objective' must be one of {', '.join(sorted(OBJECTIVES))}; "
+                          f"got {config.train.objective!r}")
+    if config.reward.name not in REWARDS:
+        raise ConfigError(f"config key 'reward.name' must be one of {', '.join(sorted(REWARDS))}; "
+                          f"got {config.reward.name!r}")

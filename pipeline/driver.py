@@ -1,0 +1,191 @@
+"""The round driver: check everything a round needs, then run its stages in order.
+
+`plan_round` reads and validates (config, previous round, prompts, model)
+without writing anything, so a bad input leaves no trace in the run
+directory. `run_round` then runs each stage whose `_done` marker is missing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import RUN_IDENTITY_KEYS, Config, config_from_dict, get_key
+from pipeline.errors import PipelineError
+from pipeline.layout import STAGES, RoundLayout, RunLayout, atomic_write_json, atomic_write_text
+from pipeline.models import REPO_ROOT, resolve_model
+from pipeline.prompts import Prompt, fit_to_context, load_prompts, round_slice
+
+log = logging.getLogger("pipeline")
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    config: Config
+    run: RunLayout
+    round: RoundLayout
+    base_model: str
+    policy_in: str       # the checkpoint that generates this round (policy N-1)
+    reference: str       # the checkpoint whose log-probs the loss is relative to
+    prompts: list[Prompt]
+    heldout: list[Prompt]
+    dropped_too_long: list[str]
+
+
+def plan_round(config: Config, run_name: str, number: int) -> RoundPlan:
+    if number < 1:
+        raise PipelineError(f"round number must be 1 or more; got {number}")
+    run = RunLayout.at(config.output, run_name)
+    this_round = run.round(number)
+    if number > 1 and not run.round(number - 1).is_finished():
+        previous = run.round(number - 1)
+        missing = next(s for s in STAGES if not previous.is_done(s))
+        raise PipelineError(f"round {number - 1} of run '{run_name}' is not finished "
+                            f"({previous.done_marker(missing)} is missing): run round {number - 1} first")
+    check_compatible(run, config)
+
+    base_model = resolve_model(config.model.name)
+    policy_in = base_model if number == 1 else str(run.round(number - 1).policy)
+    reference = policy_in if config.reference.policy == "previous" else base_model
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(policy_in, trust_remote_code=config.model.trust_remote_code)
+    budget = config.model.max_model_len - config.generate.max_tokens
+    pool = load_prompts(config.prompts.train, config.prompts.messages_field)
+    chosen = round_slice(pool, number, config.prompts.per_round, config.seed)
+    prompts, dropped = fit_to_context(chosen, tokenizer, budget, config.prompts.too_long)
+    if not prompts:
+        raise PipelineError(f"none of the {len(chosen)} prompts of round {number} fits model.max_model_len="
+                            f"{config.model.max_model_len} with generate.max_tokens={config.generate.max_tokens}")
+    heldout: list[Prompt] = []
+    if config.prompts.eval_size:
+        held = load_prompts(config.prompts.heldout, config.prompts.messages_field)[:config.prompts.eval_size]
+        eval_budget = config.model.max_model_len - config.evaluate.max_tokens
+        heldout, _ = fit_to_context(held, tokenizer, eval_budget, config.prompts.too_long)
+    return RoundPlan(config, run, this_round, base_model, policy_in, reference, prompts, heldout, dropped)
+
+
+def check_compatible(run: RunLayout, config: Config) -> None:
+    """A run's rounds must agree on the keys that define the run."""
+    if not run.config.is_file():
+        return
+    stored = config_from_dict(yaml.safe_load(run.config.read_text()), source=str(run.config))
+    for key in RUN_IDENTITY_KEYS:
+        if get_key(stored, key) != get_key(config, key):
+            raise PipelineError(f"config key '{key}' is {get_key(config, key)!r} but run {run.dir} was started "
+                                f"with {get_key(stored, key)!r}; use a new run name to change it")
+
+
+def run_round(plan: RoundPlan) -> dict[str, Any]:
+    """Run the stages that are not done yet; return the round's metrics."""
+    if plan.round.is_finished():
+        log.info("round %d is already finished: %s", plan.round.number, plan.round.dir)
+        return read_metrics(plan.round)
+    ensure_ray()
+    config_text = yaml.safe_dump(plan.config.to_dict(), sort_keys=False)
+    if not plan.run.config.is_file():
+        atomic_write_text(plan.run.config, config_text)
+    atomic_write_text(plan.round.config, config_text)
+    for stage in STAGES:
+        if plan.round.is_done(stage):
+            log.info("round %d: %s already done, skipped", plan.round.number, stage)
+            continue
+        log.info("round %d: %s started", plan.round.number, stage)
+        out_dir = plan.round.begin_stage(stage)
+        runner = importlib.import_module(STAGE_MODULES[stage]).run_stage
+        with MemoryMonitor() as memory:
+            start = time.perf_counter()
+            stats = runner(plan, out_dir)
+            stats["wall_seconds"] = round(time.perf_counter() - start, 2)
+        stats["peak_memory_gib"] = memory.peak_gib
+        plan.round.finish_stage(stage, stats)
+        log.info("round %d: %s finished in %.1f s (peak memory %.2f GiB)", plan.round.number, stage,
+                 stats["wall_seconds"], memory.peak_gib)
+    metrics = round_metrics(plan)
+    atomic_write_json(plan.round.metrics, metrics)
+    return metrics
+
+
+STAGE_MODULES = {
+    "generate": "stages.generate",
+    "rerank": "stages.rerank",
+    "reference": "stages.reference",
+    "train": "stages.train.stage",
+    "evaluate": "stages.evaluate",
+}
+
+
+def round_metrics(plan: RoundPlan) -> dict[str, Any]:
+    stages = {stage: plan.round.stage_stats(stage) for stage in STAGES}
+    return {
+        "round": plan.round.number,
+        "policy_in": plan.policy_in,
+        "policy": str(plan.round.policy),
+        "prompts": len(plan.prompts),
+        "prompts_dropped_too_long": len(plan.dropped_too_long),
+        "eval": {k: stages["evaluate"].get(k) for k in ("reward_mean", "pass_rate", "response_tokens_mean",
+                                                         "eval_prompts")},
+        "train": {k: v for k, v in stages["train"].items() if k.startswith(("loss", "ranking", "margin", "steps"))},
+        "stage_seconds": {stage: stats["wall_seconds"] for stage, stats in stages.items()},
+        "stage_peak_memory_gib": {stage: stats["peak_memory_gib"] for stage, stats in stages.items()},
+        "stages": stages,
+    }
+
+
+def read_metrics(round_layout: RoundLayout) -> dict[str, Any]:
+    import json
+
+    return json.loads(round_layout.metrics.read_text()) if round_layout.metrics.is_file() else {}
+
+
+def ensure_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        # A cluster or `ray job submit`: the job's runtime env already ships the code.
+        ray.init()
+    else:
+        env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+        ray.init(runtime_env={"env_vars": env}, include_dashboard=False, log_to_driver=True)
+
+
+class MemoryMonitor:
+    """Peak memory in use on this machine while a stage runs (Ray workers included)."""
+
+    def __init__(self, interval: float = 0.5):
+        import psutil
+
+        self._psutil = psutil
+        self._interval = interval
+        self._stop = threading.Event()
+        self.peak_bytes = 0
+
+    def __enter__(self) -> "MemoryMonitor":
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while True:
+            self.peak_bytes = max(self.peak_bytes, self._psutil.virtual_memory().used)
+            if self._stop.wait(self._interval):
+                return
+
+    @property
+    def peak_gib(self) -> float:
+        return round(self.peak_bytes / 2**30, 2)

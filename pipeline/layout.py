@@ -1,0 +1,156 @@
+"""The run directory contract (DESIGN.md, "Run layout") and atomic writes.
+
+Nothing in a run directory is ever half-written: files are written to a
+temporary name and renamed, a stage writes into `<output>.partial/` and
+renames it when complete, and `_done/<stage>` is written last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+# The stages of a round, in order, and the output each one owns.
+STAGE_OUTPUTS = {
+    "generate": "candidates",
+    "rerank": "lists",
+    "reference": "train",
+    "train": "policy",
+    "evaluate": "eval",
+}
+STAGES = tuple(STAGE_OUTPUTS)
+PARTIAL_SUFFIX = ".partial"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_parquet(table: pa.Table, path: Path) -> None:
+    """Write one shard under a temporary name, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def read_parquet_dir(directory: Path) -> pa.Table:
+    """All `part-*.parquet` shards of a stage output, in shard order."""
+    shards = sorted(directory.glob("part-*.parquet"))
+    if not shards:
+        raise FileNotFoundError(f"no part-*.parquet shards in {directory}")
+    return pa.concat_tables([pq.read_table(s) for s in shards])
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+@dataclass(frozen=True)
+class RoundLayout:
+    dir: Path
+    number: int
+
+    @property
+    def candidates(self) -> Path:
+        return self.dir / "candidates"
+
+    @property
+    def lists(self) -> Path:
+        return self.dir / "lists"
+
+    @property
+    def train(self) -> Path:
+        return self.dir / "train"
+
+    @property
+    def policy(self) -> Path:
+        return self.dir / "policy"
+
+    @property
+    def eval(self) -> Path:
+        return self.dir / "eval"
+
+    @property
+    def metrics(self) -> Path:
+        return self.dir / "metrics.json"
+
+    @property
+    def config(self) -> Path:
+        return self.dir / "config.yaml"
+
+    def output(self, stage: str) -> Path:
+        return self.dir / STAGE_OUTPUTS[stage]
+
+    def partial(self, stage: str) -> Path:
+        return self.dir / (STAGE_OUTPUTS[stage] + PARTIAL_SUFFIX)
+
+    def done_marker(self, stage: str) -> Path:
+        return self.dir / "_done" / stage
+
+    def is_done(self, stage: str) -> bool:
+        return self.done_marker(stage).is_file()
+
+    def is_finished(self) -> bool:
+        return all(self.is_done(stage) for stage in STAGES)
+
+    def stage_stats(self, stage: str) -> dict[str, Any]:
+        return json.loads(self.done_marker(stage).read_text())
+
+    def begin_stage(self, stage: str) -> Path:
+        """Return the `.partial` directory a stage writes into, keeping finished shards.
+
+        An output directory without its done marker (a crash between the rename
+        and the marker) goes back to `.partial`, so its shards are reused, not
+        appended to.
+        """
+        partial, final = self.partial(stage), self.output(stage)
+        if final.exists():
+            if partial.exists():
+                shutil.rmtree(final)
+            else:
+                os.replace(final, partial)
+        partial.mkdir(parents=True, exist_ok=True)
+        return partial
+
+    def finish_stage(self, stage: str, stats: dict[str, Any]) -> None:
+        os.replace(self.partial(stage), self.output(stage))
+        atomic_write_json(self.done_marker(stage), stats)
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    dir: Path
+
+    @classmethod
+    def at(cls, output: str | Path, run: str) -> "RunLayout":
+        return cls(Path(output).expanduser().resolve() / run)
+
+    @property
+    def config(self) -> Path:
+        return self.dir / "config.yaml"
+
+    def round(self, number: int) -> RoundLayout:
+        return RoundLayout(self.dir / f"round_{number:03d}", number)

@@ -1,0 +1,149 @@
+"""Prompt sources: local JSONL / Parquet files or a Hugging Face dataset.
+
+Every row must carry chat messages (a list of {role, content}); `prompt_id` is
+taken from the row or derived from the messages; all other fields travel with
+the prompt as `metadata` (the instruction-following reward reads its
+`constraints` from there).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from pipeline.errors import PipelineError
+
+ROLES = {"system", "user", "assistant"}
+
+
+@dataclass(frozen=True)
+class Prompt:
+    prompt_id: str
+    messages: list[dict[str, str]]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def load_prompts(source: str, messages_field: str = "messages") -> list[Prompt]:
+    """Read and validate a whole prompt set; the error names the file and row at fault."""
+    rows = _read_rows(source)
+    prompts: list[Prompt] = []
+    seen: dict[str, int] = {}
+    for index, row in enumerate(rows, start=1):
+        prompt = _parse_row(row, index, source, messages_field)
+        if prompt.prompt_id in seen:
+            raise PipelineError(f"prompt set {source}: prompt_id '{prompt.prompt_id}' appears in rows "
+                                f"{seen[prompt.prompt_id]} and {index}")
+        seen[prompt.prompt_id] = index
+        prompts.append(prompt)
+    if not prompts:
+        raise PipelineError(f"prompt set {source} is empty")
+    return prompts
+
+
+def round_slice(prompts: list[Prompt], round_number: int, per_round: int, seed: int) -> list[Prompt]:
+    """The M prompts of a round: consecutive slices of one seeded shuffle.
+
+    Rounds see new prompts until the set is used up, then wrap around, as in
+    LarPO's "sample M new prompts" per iteration.
+    """
+    order = list(range(len(prompts)))
+    random.Random(seed).shuffle(order)
+    start = (round_number - 1) * per_round
+    count = min(per_round, len(prompts))
+    return [prompts[order[(start + i) % len(prompts)]] for i in range(count)]
+
+
+def prompt_token_count(tokenizer: Any, messages: list[dict[str, str]]) -> int:
+    """Tokens of the chat-formatted prompt, as the generation engine will see it."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def fit_to_context(prompts: Iterable[Prompt], tokenizer: Any, max_prompt_tokens: int,
+                   too_long: str) -> tuple[list[Prompt], list[str]]:
+    """Keep the prompts that leave room for the answer; drop or refuse the others."""
+    kept, dropped = [], []
+    for prompt in prompts:
+        n = prompt_token_count(tokenizer, prompt.messages)
+        if n <= max_prompt_tokens:
+            kept.append(prompt)
+        elif too_long == "error":
+            raise PipelineError(
+                f"prompt '{prompt.prompt_id}' has {n} tokens, more than the {max_prompt_tokens} that fit "
+                "model.max_model_len with generate.max_tokens of answer (prompts.too_long=drop skips it)")
+        else:
+            dropped.append(prompt.prompt_id)
+    return kept, dropped
+
+
+def _read_rows(source: str) -> list[dict[str, Any]]:
+    if source.startswith("hf:"):
+        return _read_hf_dataset(source[3:], source)
+    path = Path(source)
+    if path.is_dir():
+        return _read_hf_dataset(str(path), source)
+    if not path.is_file():
+        raise PipelineError(f"prompt file {source} does not exist")
+    if path.suffix == ".jsonl":
+        rows = []
+        with path.open() as f:
+            for line_number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise PipelineError(f"prompt file {source}: line {line_number} is not valid JSON ({exc.msg})") from None
+                if not isinstance(row, dict):
+                    raise PipelineError(f"prompt file {source}: line {line_number} is not a JSON object")
+                rows.append(row)
+        return rows
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as exc:  # pyarrow raises several types for damaged files
+            raise PipelineError(f"prompt file {source} is not a readable Parquet file: {exc}") from None
+    raise PipelineError(f"prompt file {source} must end in .jsonl or .parquet, or be a dataset directory "
+                        "or hf:<dataset name>")
+
+
+def _read_hf_dataset(spec: str, source: str) -> list[dict[str, Any]]:
+    import datasets
+
+    name, _, split = spec.partition(":")
+    try:
+        dataset = datasets.load_dataset(name, split=split or "train")
+    except Exception as exc:  # datasets raises many types; the user needs the name and the reason
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PipelineError(f"prompt set {source} could not be loaded: {reason}") from None
+    return list(dataset)
+
+
+def _parse_row(row: dict[str, Any], index: int, source: str, messages_field: str) -> Prompt:
+    given_id = row.get("prompt_id")
+    where = f"prompt set {source}: row {index}" + (f" (prompt_id '{given_id}')" if given_id else "")
+    messages = row.get(messages_field)
+    if messages is None:
+        raise PipelineError(f"{where} has no '{messages_field}'")
+    if not isinstance(messages, list) or not messages:
+        raise PipelineError(f"{where}: '{messages_field}' must be a non-empty list of {{role, content}}")
+    for message in messages:
+        if (not isinstance(message, dict) or message.get("role") not in ROLES
+                or not isinstance(message.get("content"), str)):
+            raise PipelineError(f"{where}: every message needs a role ({', '.join(sorted(ROLES))}) "
+                                "and a string content")
+    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    prompt_id = str(given_id) if given_id not in (None, "") else _derive_id(messages)
+    metadata = {k: v for k, v in row.items() if k not in ("prompt_id", messages_field)}
+    return Prompt(prompt_id, messages, metadata)
+
+
+def _derive_id(messages: list[dict[str, str]]) -> str:
+    digest = hashlib.sha1(json.dumps(messages, sort_keys=True).encode()).hexdigest()
+    return f"p-{digest[:12]}"

@@ -1,0 +1,63 @@
+"""Arrow schemas of the Parquet shards (DESIGN.md, "Parquet columns").
+
+Writing with an explicit schema keeps every shard of every round readable as
+one dataset in pandas or DuckDB, even when a shard happens to be empty.
+"""
+
+import pyarrow as pa
+
+MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+PROMPT = pa.list_(MESSAGE)
+
+CANDIDATES = pa.schema([
+    ("prompt_id", pa.string()),
+    ("prompt", PROMPT),
+    ("response", pa.string()),
+    ("sample_index", pa.int64()),
+    ("round", pa.int64()),
+    ("policy", pa.string()),
+    ("temperature", pa.float64()),
+    ("num_tokens", pa.int64()),
+    ("finish_reason", pa.string()),
+    # The prompt row's other fields as JSON (the reward reads constraints from it).
+    ("metadata", pa.string()),
+])
+
+LIST_ITEM = pa.struct([
+    ("response", pa.string()),
+    ("reward", pa.float64()),
+    ("sample_index", pa.int64()),
+    ("round", pa.int64()),
+    ("num_tokens", pa.int64()),
+])
+
+LISTS = pa.schema([
+    ("prompt_id", pa.string()),
+    ("prompt", PROMPT),
+    ("positives", pa.list_(LIST_ITEM)),
+    ("negatives", pa.list_(LIST_ITEM)),
+    ("metadata", pa.string()),
+])
+
+TRAIN_ITEM = pa.struct(list(LIST_ITEM) + [pa.field("ref_logp", pa.float64())])
+
+TRAIN = pa.schema([
+    ("prompt_id", pa.string()),
+    ("prompt", PROMPT),
+    ("positives", pa.list_(TRAIN_ITEM)),
+    ("negatives", pa.list_(TRAIN_ITEM)),
+    ("metadata", pa.string()),
+    # The checkpoint whose log-probs are in ref_logp.
+    ("reference", pa.string()),
+])
+
+EVAL = pa.schema([
+    ("prompt_id", pa.string()),
+    ("prompt", PROMPT),
+    ("response", pa.string()),
+    ("reward", pa.float64()),
+    ("num_tokens", pa.int64()),
+    ("round", pa.int64()),
+    ("policy", pa.string()),
+    ("metadata", pa.string()),
+])

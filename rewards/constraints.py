@@ -1,0 +1,279 @@
+"""Verifiable instruction-following constraints (IFEval-style).
+
+A constraint is stored in data as a plain dict, ``{"kind": "max_words", "limit": 60}``:
+the kind names an entry of ``CONSTRAINTS`` and the other keys are its arguments.
+Checks ignore keys they do not use, so dicts that went through a Parquet struct
+column (where every row carries every kind's keys, missing ones as None) still work.
+
+Rule shared by every check: a blank response meets no constraint. Otherwise
+"say nothing" would satisfy max_words, no_commas or forbidden_word for free and
+a policy trained on this reward could learn to answer with silence.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+Args = Mapping[str, object]
+
+
+@dataclass(frozen=True)
+class Constraint:
+    kind: str
+    describe: Callable[[Args], str]          # the instruction sentence added to a prompt
+    check: Callable[[str, Args], bool]       # does the response meet it?
+    sample_args: Callable[[random.Random], dict]  # arguments for the data generator
+    conflicts: frozenset[str]                # kinds it must not be combined with
+
+
+# ---------------------------------------------------------------- text helpers
+
+# A word is a run of letters/digits, joined across inner apostrophes and hyphens
+# ("don't", "well-known"), so markdown markers like "*" or "-" are not words.
+_WORD = re.compile(r"[^\W_]+(?:['’-][^\W_]+)*")
+
+
+def count_words(text: str) -> int:
+    return len(_WORD.findall(text))
+
+
+def _is_blank(text: str) -> bool:
+    return not text.strip()
+
+
+def _paragraphs(text: str) -> list[str]:
+    # Any run of blank lines separates two paragraphs; extra blank lines are not paragraphs.
+    return [p for p in re.split(r"\n\s*\n", text.strip()) if p.strip()]
+
+
+def _contains_word(text: str, word: str) -> bool:
+    # Lookarounds instead of \b so a word with punctuation at its edge still matches whole.
+    pattern = rf"(?<![^\W_]){re.escape(word)}(?![^\W_])"
+    return re.search(pattern, text, flags=re.IGNORECASE) is not None
+
+
+def _no_args(rng: random.Random) -> dict:
+    return {}
+
+
+# ---------------------------------------------------------------- argument pools
+# Kept small and plain so a 135M chat model can follow them in ~100 tokens.
+
+KEYWORDS = ("simple", "together", "morning", "patience", "friend",
+            "careful", "journey", "surprise", "habit", "smile")
+FORBIDDEN_WORDS = ("very", "really", "just", "also", "always", "great", "good", "thing")
+# No commas (no_commas may be combined with end_phrase) and no forbidden word.
+END_PHRASES = ("Is there anything else I can help with?", "Thank you for reading.",
+               "That is all for now.", "Hope this helps!", "Let me know what you think.")
+START_WORDS = ("Here", "Imagine", "First", "Today", "Sure", "Many", "Everyone", "When")
+
+
+# ---------------------------------------------------------------- checks
+
+def _check_max_words(response: str, args: Args) -> bool:
+    return count_words(response) <= args["limit"]
+
+
+def _check_min_words(response: str, args: Args) -> bool:
+    return count_words(response) >= args["limit"]
+
+
+def _check_lowercase(response: str, args: Args) -> bool:
+    # Needs at least one letter: digits-only or punctuation-only text is not "lowercase".
+    return any(c.islower() for c in response) and not any(c.isupper() for c in response)
+
+
+def _check_uppercase(response: str, args: Args) -> bool:
+    return any(c.isupper() for c in response) and not any(c.islower() for c in response)
+
+
+def _check_include_keyword(response: str, args: Args) -> bool:
+    return _contains_word(response, str(args["keyword"]))
+
+
+def _check_forbidden_word(response: str, args: Args) -> bool:
+    return not _contains_word(response, str(args["word"]))
+
+
+def _check_bullet_points(response: str, args: Args) -> bool:
+    bullets = [line for line in response.splitlines() if line.lstrip().startswith(("* ", "- "))]
+    return len(bullets) == args["count"]
+
+
+def _check_no_commas(response: str, args: Args) -> bool:
+    return "," not in response
+
+
+def _check_end_phrase(response: str, args: Args) -> bool:
+    phrase = str(args["phrase"])
+    return bool(phrase) and response.rstrip().endswith(phrase)
+
+
+def _check_title(response: str, args: Args) -> bool:
+    # The title must be on one line and hold at least one letter or digit: "<<>>" is no title.
+    return re.search(r"<<[^<>\n]*[^\W_][^<>\n]*>>", response) is not None
+
+
+def _check_num_paragraphs(response: str, args: Args) -> bool:
+    return len(_paragraphs(response)) == args["count"]
+
+
+def _check_start_word(response: str, args: Args) -> bool:
+    # Skip leading quotes, markdown and spaces: '"Here is...' and '**Here** is' both start with "Here".
+    first = _WORD.search(response)
+    if first is None or response[: first.start()].strip("\"'“‘*_#>`([- \t\r\n"):
+        return False
+    return first.group(0).casefold() == str(args["word"]).casefold()
+
+
+def _check_postscript(response: str, args: Args) -> bool:
+    # A line of its own that starts with "P.S." (any case, optional space: "p.s.", "P. S.").
+    return re.search(r"^\s*p\.\s?s\.", response, flags=re.IGNORECASE | re.MULTILINE) is not None
+
+
+_OPENING_QUOTES = ('"', "“")
+_CLOSING_QUOTES = ('"', "”")
+
+
+def _check_quotation(response: str, args: Args) -> bool:
+    text = response.strip()
+    return len(text) >= 2 and text.startswith(_OPENING_QUOTES) and text.endswith(_CLOSING_QUOTES)
+
+
+# ---------------------------------------------------------------- registry
+
+# Pairs that contradict each other or make the instruction ambiguous, e.g. a title line
+# would itself count as a paragraph, and a postscript would be one more paragraph.
+_CONFLICTING_PAIRS: tuple[tuple[str, str], ...] = (
+    ("max_words", "min_words"),
+    ("lowercase", "uppercase"),
+    ("include_keyword", "forbidden_word"),
+    ("bullet_points", "num_paragraphs"),
+    ("bullet_points", "quotation"),
+    ("end_phrase", "quotation"),
+    ("end_phrase", "postscript"),
+    ("end_phrase", "lowercase"),   # the phrase has capitals
+    ("end_phrase", "uppercase"),   # the phrase has lowercase letters
+    ("title", "start_word"),
+    ("title", "num_paragraphs"),
+    ("postscript", "num_paragraphs"),
+    ("postscript", "quotation"),
+    ("start_word", "lowercase"),   # "Begin with 'Here'" reads as a capital letter
+    ("start_word", "uppercase"),
+)
+
+
+def _conflicts_of(kind: str) -> frozenset[str]:
+    return frozenset(b if a == kind else a for a, b in _CONFLICTING_PAIRS if kind in (a, b))
+
+
+def _blank_fails(check: Callable[[str, Args], bool]) -> Callable[[str, Args], bool]:
+    # Applied to every check, so the module-level rule holds without each check repeating it.
+    def guarded(response: str, args: Args) -> bool:
+        return not _is_blank(response) and check(response, args)
+    return guarded
+
+
+def _make(kind: str, describe: Callable[[Args], str], check: Callable[[str, Args], bool],
+          sample_args: Callable[[random.Random], dict] = _no_args) -> Constraint:
+    return Constraint(kind, describe, _blank_fails(check), sample_args, _conflicts_of(kind))
+
+
+_ALL: tuple[Constraint, ...] = (
+    _make("max_words",
+          lambda a: f"Answer in at most {a['limit']} words.",
+          _check_max_words,
+          lambda rng: {"limit": rng.randrange(20, 81, 5)}),
+    _make("min_words",
+          lambda a: f"Answer in at least {a['limit']} words.",
+          _check_min_words,
+          lambda rng: {"limit": rng.randrange(20, 51, 5)}),
+    _make("lowercase",
+          lambda a: "Write your entire answer in lowercase letters, with no capital letters at all.",
+          _check_lowercase),
+    _make("uppercase",
+          lambda a: "Write your entire answer in capital letters.",
+          _check_uppercase),
+    _make("include_keyword",
+          lambda a: f"Include the word \"{a['keyword']}\" in your answer.",
+          _check_include_keyword,
+          lambda rng: {"keyword": rng.choice(KEYWORDS)}),
+    _make("forbidden_word",
+          lambda a: f"Do not use the word \"{a['word']}\" anywhere in your answer.",
+          _check_forbidden_word,
+          lambda rng: {"word": rng.choice(FORBIDDEN_WORDS)}),
+    _make("bullet_points",
+          lambda a: f"Format your answer as exactly {a['count']} bullet points, "
+                    f"each on its own line starting with \"* \".",
+          _check_bullet_points,
+          lambda rng: {"count": rng.randint(2, 5)}),
+    _make("no_commas",
+          lambda a: "Do not use any commas in your answer.",
+          _check_no_commas),
+    _make("end_phrase",
+          lambda a: f"End your answer with the exact phrase \"{a['phrase']}\" and nothing after it.",
+          _check_end_phrase,
+          lambda rng: {"phrase": rng.choice(END_PHRASES)}),
+    _make("title",
+          lambda a: "Give your answer a title wrapped in double angular brackets, such as <<my title>>.",
+          _check_title),
+    _make("num_paragraphs",
+          lambda a: f"Write exactly {a['count']} paragraphs, separated from each other by a blank line.",
+          _check_num_paragraphs,
+          lambda rng: {"count": rng.randint(2, 4)}),
+    _make("start_word",
+          lambda a: f"Begin your answer with the word \"{a['word']}\".",
+          _check_start_word,
+          lambda rng: {"word": rng.choice(START_WORDS)}),
+    _make("postscript",
+          lambda a: "At the end of your answer, add a postscript on its own line starting with \"P.S.\"",
+          _check_postscript),
+    _make("quotation",
+          lambda a: "Wrap your entire answer in double quotation marks.",
+          _check_quotation),
+)
+
+CONSTRAINTS: dict[str, Constraint] = {c.kind: c for c in _ALL}
+
+
+# ---------------------------------------------------------------- dict-level API
+
+def get_constraint(kind: str) -> Constraint:
+    try:
+        return CONSTRAINTS[kind]
+    except KeyError:
+        raise ValueError(f"unknown constraint kind {kind!r} (known: {', '.join(CONSTRAINTS)})") from None
+
+
+def _split(constraint: Mapping[str, object]) -> tuple[Constraint, dict]:
+    args = {k: v for k, v in constraint.items() if k != "kind"}
+    return get_constraint(str(constraint.get("kind"))), args
+
+
+def check_all(response: str, constraints: Iterable[Mapping[str, object]]) -> list[bool]:
+    """One bool per constraint dict ``{"kind": ..., **args}``, in order."""
+    results = []
+    for constraint in constraints:
+        spec, args = _split(constraint)
+        results.append(spec.check(response, args))
+    return results
+
+
+def describe_all(constraints: Iterable[Mapping[str, object]]) -> str:
+    """The instruction sentences of all constraints, joined by spaces."""
+    sentences = []
+    for constraint in constraints:
+        spec, args = _split(constraint)
+        sentences.append(spec.describe(args))
+    return " ".join(sentences)
+
+
+def compatible(kinds: Iterable[str]) -> bool:
+    """True if no kind repeats and no two kinds conflict."""
+    kinds = list(kinds)
+    if len(set(kinds)) != len(kinds):
+        return False
+    return all(b not in get_constraint(a).conflicts for i, a in enumerate(kinds) for b in kinds[i + 1:])

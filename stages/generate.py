@@ -1,0 +1,139 @@
+"""Retrieve: sample K responses per prompt from the round's starting policy with vLLM.
+
+Each vLLM engine lives in its own Ray actor and owns a contiguous shard of the
+prompts, so a shard is the unit of resumption: a re-run keeps the shards that
+were written and regenerates the rest. The actors are killed when the stage
+ends, so the engines' memory is free before training starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow as pa
+import ray
+
+from pipeline import schema
+from pipeline.layout import read_parquet_dir, shard_name, write_parquet
+from pipeline.prompts import Prompt
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    num_samples: int
+    temperature: float
+    top_p: float
+    max_tokens: int
+
+
+@ray.remote
+class GenerationWorker:
+    """One vLLM engine. Only this actor imports vllm, so the driver stays light."""
+
+    def __init__(self, model_path: str, engine_args: dict[str, Any]):
+        from vllm import LLM
+
+        self.llm = LLM(model=model_path, **engine_args)
+
+    def generate(self, conversations: list[list[dict[str, str]]], spec: SamplingSpec) -> list[list[dict]]:
+        from vllm import SamplingParams
+
+        # Per-request seeds fail on CPU (vLLM's CPU generator has no offset);
+        # the engine-level seed makes sampling reproducible instead.
+        params = SamplingParams(n=spec.num_samples, temperature=spec.temperature, top_p=spec.top_p,
+                                max_tokens=spec.max_tokens)
+        outputs = self.llm.chat(conversations, params, use_tqdm=True)
+        return [[{"text": c.text, "num_tokens": len(c.token_ids), "finish_reason": str(c.finish_reason)}
+                 for c in out.outputs] for out in outputs]
+
+
+def engine_args(config, seed: int, use_gpu: bool) -> dict[str, Any]:
+    gen = config.generate
+    args: dict[str, Any] = dict(dtype=gen.dtype, seed=seed, max_model_len=config.model.max_model_len,
+                                enforce_eager=gen.enforce_eager, trust_remote_code=config.model.trust_remote_code,
+                                tensor_parallel_size=gen.tensor_parallel_size)
+    if use_gpu:
+        args["gpu_memory_utilization"] = gen.gpu_memory_utilization
+    return args
+
+
+def worker_options(config, use_gpu: bool) -> dict[str, Any]:
+    gen = config.generate
+    if use_gpu:
+        return {"num_gpus": gen.tensor_parallel_size, "num_cpus": 1}
+    # On CPU the engine's threads are what matter; the Ray CPU count only schedules.
+    threads = max(1, (os.cpu_count() or 1) // gen.num_actors)
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(gen.cpu_kv_cache_gib), "OMP_NUM_THREADS": str(threads)}
+    return {"num_cpus": 1, "runtime_env": {"env_vars": env}}
+
+
+def cluster_has_gpus() -> bool:
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def generate_shards(prompts: list[Prompt], model_path: str, spec: SamplingSpec, config, out_dir: Path,
+                    seed: int, make_table: Callable[[list[Prompt], list[list[dict]]], pa.Table]) -> dict[str, Any]:
+    """Write one shard per engine (`make_table` turns its outputs into rows); shards on disk are kept."""
+    num_shards = min(config.generate.num_actors, len(prompts))
+    chunks = [prompts[i::num_shards] for i in range(num_shards)]
+    todo = [i for i in range(num_shards) if not (out_dir / shard_name(i)).exists()]
+    use_gpu = cluster_has_gpus()
+    start = time.perf_counter()
+    workers = {i: GenerationWorker.options(**worker_options(config, use_gpu)).remote(
+        model_path, engine_args(config, seed + i, use_gpu)) for i in todo}
+    try:
+        pending = {workers[i].generate.remote([p.messages for p in chunks[i]], spec): i for i in todo}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            index = pending.pop(ready[0])
+            write_parquet(make_table(chunks[index], ray.get(ready[0])), out_dir / shard_name(index))
+    finally:
+        for worker in workers.values():
+            ray.kill(worker)
+    seconds = time.perf_counter() - start
+    return {"shards_generated": len(todo), "generate_seconds": round(seconds, 2)}
+
+
+def candidate_rows(prompts: list[Prompt], outputs: list[list[dict]], round_number: int, policy: str,
+                   temperature: float) -> list[dict[str, Any]]:
+    rows = []
+    for prompt, samples in zip(prompts, outputs, strict=True):
+        metadata = json.dumps(prompt.metadata, sort_keys=True)
+        for index, sample in enumerate(samples):
+            rows.append({
+                "prompt_id": prompt.prompt_id, "prompt": prompt.messages, "response": sample["text"],
+                "sample_index": index, "round": round_number, "policy": policy,
+                "temperature": temperature, "num_tokens": sample["num_tokens"],
+                "finish_reason": sample["finish_reason"], "metadata": metadata,
+            })
+    return rows
+
+
+def run_stage(plan, out_dir: Path) -> dict[str, Any]:
+    config = plan.config
+    spec = SamplingSpec(config.generate.num_samples, config.generate.temperature, config.generate.top_p,
+                        config.generate.max_tokens)
+    # A different engine seed each round, so rounds do not repeat each other's samples.
+    seed = config.seed + 1000 * plan.round.number
+    def make_table(prompts: list[Prompt], outputs: list[list[dict]]) -> pa.Table:
+        rows = candidate_rows(prompts, outputs, plan.round.number, plan.policy_in, spec.temperature)
+        return pa.Table.from_pylist(rows, schema=schema.CANDIDATES)
+
+    stats = generate_shards(plan.prompts, plan.policy_in, spec, config, out_dir, seed, make_table)
+    table = read_parquet_dir(out_dir)
+    tokens = sum(table.column("num_tokens").to_pylist())
+    reasons = table.column("finish_reason").to_pylist()
+    return {
+        **stats,
+        "prompts": len(plan.prompts),
+        "candidates": table.num_rows,
+        "tokens": tokens,
+        "tokens_per_second": round(tokens / stats["generate_seconds"], 1) if stats["generate_seconds"] else None,
+        "finish_reasons": {r: reasons.count(r) for r in sorted(set(reasons))},
+        "policy": plan.policy_in,
+    }

@@ -1,0 +1,1 @@
+"""The trainer stage: LarPO objectives (objectives.py), log-probs (logprobs.py), loop (loop.py)."""

@@ -1,0 +1,67 @@
+"""What the trainer and the reference stage share: the policy, and list items as token ids.
+
+The reference log-probs are only valid if they are computed exactly as the
+trainer computes the policy's, so both stages load the model and tokenize
+items through these functions.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from stages.train.logprobs import tokenize_example
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def use_all_cpu_threads() -> None:
+    # Ray sets OMP_NUM_THREADS to a task's CPU count (often 1); a stage that
+    # owns the machine should use every core.
+    if not torch.cuda.is_available():
+        torch.set_num_threads(os.cpu_count() or 1)
+
+
+def load_policy(path: str, dtype: str, trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    return model.to(pick_device()), tokenizer
+
+
+def pad_token_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+@dataclass
+class ListExample:
+    """One prompt's list, best-first, tokenized and ready to score."""
+
+    prompt_id: str
+    tokens: list[tuple[list[int], int]]  # (prompt + response ids, prompt length) per item
+    ref_logps: list[float]
+    rewards: list[float]
+
+
+def list_items(row: dict[str, Any], max_list_size: int | None = None) -> list[dict[str, Any]]:
+    """Positives then negatives: the list in reward order, cut to the best `max_list_size`."""
+    items = list(row["positives"]) + list(row["negatives"])
+    return items[:max_list_size] if max_list_size else items
+
+
+def build_examples(rows: list[dict[str, Any]], tokenizer, max_length: int, max_list_size: int) -> list[ListExample]:
+    examples = []
+    for row in rows:
+        items = list_items(row, max_list_size)
+        tokens = [tokenize_example(tokenizer, row["prompt"], item["response"], max_length) for item in items]
+        examples.append(ListExample(row["prompt_id"], tokens, [item["ref_logp"] for item in items],
+                                    [item["reward"] for item in items]))
+    return examples

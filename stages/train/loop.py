@@ -1,0 +1,151 @@
+"""The training loop one Ray Train worker runs: LarPO objectives over ranked lists.
+
+Data parallelism is explicit rather than through DDP: each worker takes its
+share of every global batch, weights its per-example losses by
+1 / global batch size, and the gradients are summed across workers before the
+step. That gives the same update for any number of workers and lets the
+forward pass call into the model however the log-prob code needs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from stages.train.data import (DTYPES, ListExample, build_examples, load_policy, pad_token_id,
+                               use_all_cpu_threads)
+from stages.train.logprobs import collate, sequence_logprobs
+from stages.train.objectives import OBJECTIVES, REFERENCE_FREE, mean_margin, ranking_accuracy
+
+
+def list_scores(model, examples: list[ListExample], tokenizer, objective: str, beta: float,
+                chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scores [B, K] (beta * log-ratio, or beta * mean log-prob for reference-free
+    objectives), the mask of real items, and the rewards, padded at the end."""
+    flat = [tokens for example in examples for tokens in example.tokens]
+    batch = {k: v.to(model.device) for k, v in collate(flat, pad_token_id(tokenizer)).items()}
+    reference_free = objective in REFERENCE_FREE
+    logps = sequence_logprobs(model, batch, chunk_size, average=reference_free)
+    width = max(len(example.tokens) for example in examples)
+    scores = logps.new_zeros(len(examples), width)
+    mask = torch.zeros(len(examples), width, dtype=torch.bool, device=logps.device)
+    rewards = logps.new_zeros(len(examples), width)
+    offset = 0
+    for row, example in enumerate(examples):
+        k = len(example.tokens)
+        ref = 0.0 if reference_free else torch.tensor(example.ref_logps, dtype=logps.dtype, device=logps.device)
+        scores[row, :k] = beta * (logps[offset:offset + k] - ref)
+        mask[row, :k] = True
+        rewards[row, :k] = torch.tensor(example.rewards, dtype=logps.dtype, device=logps.device)
+        offset += k
+    return scores, mask, rewards
+
+
+def lr_lambda(warmup_steps: int, total_steps: int):
+    """Linear warm-up, then cosine decay to zero."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def global_batches(num_examples: int, batch_size: int, epochs: int, seed: int) -> list[list[int]]:
+    """Example indices of every optimizer step: a fresh seeded shuffle each epoch."""
+    batches = []
+    for epoch in range(epochs):
+        order = list(range(num_examples))
+        random.Random(seed + epoch).shuffle(order)
+        batches += [order[i:i + batch_size] for i in range(0, num_examples, batch_size)]
+    return batches
+
+
+def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+    import pyarrow.parquet as pq
+    import ray.train
+    from tqdm import tqdm
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    train = cfg["train"]
+    use_all_cpu_threads()
+    if world > 1 and not torch.cuda.is_available():
+        torch.set_num_threads(max(1, torch.get_num_threads() // world))
+    torch.manual_seed(cfg["seed"])
+
+    model, tokenizer = load_policy(cfg["policy_in"], train["dtype"], cfg["trust_remote_code"])
+    model.train()
+    rows = pq.read_table(cfg["train_shard"]).to_pylist()
+    examples = build_examples(rows, tokenizer, train["max_length"], train["max_list_size"])
+    steps = global_batches(len(examples), train["batch_size"], train["epochs"], cfg["seed"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train["learning_rate"],
+                                  weight_decay=train["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(int(train["warmup_ratio"] * len(steps)), len(steps)))
+    objective = OBJECTIVES[train["objective"]]
+    options = {"beta": train["beta"]}
+
+    log_path = Path(cfg["output_dir"]) / "training_log.jsonl"
+    history = []
+    progress = tqdm(steps, desc="train", unit="step", disable=rank != 0)
+    for step, indices in enumerate(progress):
+        start = time.perf_counter()
+        mine = indices[rank::world]
+        totals = torch.zeros(5, dtype=torch.float64)  # loss, accuracy, margin, examples, tokens
+        for begin in range(0, len(mine), train["micro_batch_size"]):
+            micro = [examples[i] for i in mine[begin:begin + train["micro_batch_size"]]]
+            scores, mask, rewards = list_scores(model, micro, tokenizer, train["objective"], train["beta"],
+                                                train["logprob_chunk_size"])
+            losses = objective(scores, mask, rewards=rewards, **options)
+            (losses.sum() / len(indices)).backward()
+            with torch.no_grad():
+                totals += torch.tensor([losses.sum().item(), ranking_accuracy(scores, mask).sum().item(),
+                                        mean_margin(scores, mask).sum().item(), len(micro),
+                                        sum(len(ids) for e in micro for ids, _ in e.tokens)], dtype=torch.float64)
+        if world > 1:
+            for param in model.parameters():
+                if param.grad is not None:
+                    dist.all_reduce(param.grad)
+            dist.all_reduce(totals)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train["max_grad_norm"])
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - start
+        record = {
+            "step": step + 1, "loss": totals[0].item() / totals[3].item(),
+            "ranking_accuracy": totals[1].item() / totals[3].item(), "margin": totals[2].item() / totals[3].item(),
+            "grad_norm": float(grad_norm), "learning_rate": scheduler.get_last_lr()[0],
+            "tokens_per_second": totals[4].item() / seconds, "seconds": seconds,
+        }
+        history.append(record)
+        progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['ranking_accuracy']:.2f}")
+
+    if rank == 0:
+        save_dtype = DTYPES[train["save_dtype"]]
+        model.to(save_dtype).save_pretrained(cfg["output_dir"], safe_serialization=True)
+        tokenizer.save_pretrained(cfg["output_dir"])
+        with log_path.open("w") as f:
+            for record in history:
+                f.write(json.dumps(record) + "\n")
+    ray.train.report({"steps": len(history)})
+
+
+def summarize(history: list[dict[str, float]]) -> dict[str, float]:
+    if not history:
+        return {"steps": 0}
+    mean = lambda key: sum(r[key] for r in history) / len(history)  # noqa: E731
+    return {
+        "steps": len(history), "loss_first": history[0]["loss"], "loss_last": history[-1]["loss"],
+        "loss_mean": mean("loss"), "ranking_accuracy_mean": mean("ranking_accuracy"),
+        "ranking_accuracy_last": history[-1]["ranking_accuracy"], "margin_last": history[-1]["margin"],
+        "tokens_per_second": mean("tokens_per_second"), "train_seconds": sum(r["seconds"] for r in history),
+    }

@@ -1,0 +1,48 @@
+"""Train stage entry: run the LarPO loop under Ray Train and leave policy N as an HF checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from pipeline.layout import shard_name
+from stages.train.loop import summarize, train_loop_per_worker
+
+
+def scaling_config(num_workers: int) -> ScalingConfig:
+    if ray.cluster_resources().get("GPU", 0) > 0:
+        return ScalingConfig(num_workers=num_workers, use_gpu=True)
+    # Ray counts CPUs only to schedule; the loop sets its own thread count.
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // num_workers)
+    return ScalingConfig(num_workers=num_workers, use_gpu=False, resources_per_worker={"CPU": cpus})
+
+
+def run_stage(plan, out_dir: Path) -> dict[str, Any]:
+    config = plan.config
+    loop_config = {
+        "train": dataclasses.asdict(config.train),
+        "seed": config.seed + plan.round.number,
+        "policy_in": plan.policy_in,
+        "trust_remote_code": config.model.trust_remote_code,
+        "train_shard": str(plan.round.train / shard_name(0)),
+        "output_dir": str(out_dir),
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=scaling_config(config.train.num_workers),
+        run_config=RunConfig(name=f"round_{plan.round.number:03d}",
+                             storage_path=os.fspath(plan.run.dir / ".ray_train")),
+    )
+    trainer.fit()
+    if not (out_dir / "config.json").is_file():
+        raise RuntimeError(f"training finished without writing a checkpoint to {out_dir}")
+    history = [json.loads(line) for line in (out_dir / "training_log.jsonl").read_text().splitlines()]
+    return {**summarize(history), "objective": config.train.objective, "policy_in": plan.policy_in}

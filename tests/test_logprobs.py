@@ -1,0 +1,177 @@
+"""Chunked sequence log-probs against the naive full log_softmax; tokenisation and collation."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from stages.train.logprobs import collate, sequence_logprobs, tokenize_example
+
+PAD = 0
+
+
+def tiny_llama(tie: bool) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+        pad_token_id=PAD,
+    )
+    return LlamaForCausalLM(config).float().eval()
+
+
+def make_batch() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    lengths = [(5, 9), (3, 1), (8, 4), (2, 14)]  # (prompt, response): unequal, so rows are right-padded
+    examples = [(torch.randint(1, 300, (p + r,), generator=generator).tolist(), p) for p, r in lengths]
+    return collate(examples, pad_id=PAD)
+
+
+def naive_logprobs(model, batch, average: bool) -> torch.Tensor:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    targets = batch["completion_mask"][:, 1:]
+    totals = (logps * targets).sum(-1)
+    return totals / targets.sum(-1) if average else totals
+
+
+class Wrapper(nn.Module):
+    """Stands in for DDP: forwards calls, keeps the model in ``.module``."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def test_collate_masks():
+    batch = collate([([5, 6, 7, 8], 2), ([9, 10], 1)], pad_id=PAD)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8], [9, 10, PAD, PAD]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert batch["completion_mask"].tolist() == [[False, False, True, True], [False, True, False, False]]
+    assert batch["input_ids"].dtype == batch["attention_mask"].dtype == torch.long
+    assert batch["completion_mask"].dtype == torch.bool
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("average", [False, True])
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 4096])
+def test_matches_naive_full_log_softmax(tie, average, chunk_size):
+    model, batch = tiny_llama(tie), make_batch()
+    with torch.no_grad():
+        expected = naive_logprobs(model, batch, average)
+        got_no_grad = sequence_logprobs(model, batch, chunk_size=chunk_size, average=average)
+    got = sequence_logprobs(model, batch, chunk_size=chunk_size, average=average)
+    assert got.shape == (4,) and got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_no_grad, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_gradients_match_naive(tie):
+    model, batch = tiny_llama(tie), make_batch()
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0])  # a generic upstream gradient
+
+    (naive_logprobs(model, batch, average=False) * weights).sum().backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    (sequence_logprobs(Wrapper(model), batch, chunk_size=5) * weights).sum().backward()
+
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        torch.testing.assert_close(p.grad, expected[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_no_vocab_sized_activation_is_kept_for_backward():
+    """Between forward and backward autograd holds no vocab-wide activation: chunks are recomputed."""
+    model, batch = tiny_llama(True), make_batch()
+    vocab_wide = []
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(tensor):  # weights (and views of them, like lm_head.weight.T) cost nothing extra
+        if tensor.untyped_storage().data_ptr() in weights:
+            return tensor
+        if 300 in tensor.shape:
+            vocab_wide.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        logps = sequence_logprobs(model, batch, chunk_size=4)
+    logps.sum().backward()
+    assert vocab_wide == []
+
+
+def test_padding_does_not_change_a_row():
+    model, batch = tiny_llama(False), make_batch()
+    with torch.no_grad():
+        together = sequence_logprobs(model, batch, chunk_size=4)
+        for i in range(4):
+            length = int(batch["attention_mask"][i].sum())
+            alone = {key: value[i : i + 1, :length] for key, value in batch.items()}
+            torch.testing.assert_close(sequence_logprobs(model, alone)[0], together[i], atol=1e-5, rtol=1e-5)
+
+
+class CharTokenizer:
+    """The few tokenizer methods tokenize_example uses; one token per character, eos = 2."""
+
+    eos_token_id = 2
+    bos_token_id = 1
+
+    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=True):
+        assert tokenize is False
+        text = "".join(f"<{m['role']}>{m['content']}|" for m in messages)
+        return text + "<assistant>" if add_generation_prompt else text
+
+    def encode(self, text, add_special_tokens=True):
+        return ([self.bos_token_id] if add_special_tokens else []) + [ord(c) for c in text]
+
+
+MESSAGES = [{"role": "user", "content": "hi?"}]
+PROMPT = "<user>hi?|<assistant>"
+
+
+def test_tokenize_example_layout():
+    ids, num_prompt = tokenize_example(CharTokenizer(), MESSAGES, "ok", max_length=100)
+    assert num_prompt == len(PROMPT)
+    assert ids == [ord(c) for c in PROMPT] + [ord("o"), ord("k"), 2]  # no extra bos, eos at the end
+
+
+def test_tokenize_example_truncates_the_response_only():
+    tokenizer = CharTokenizer()
+    ids, num_prompt = tokenize_example(tokenizer, MESSAGES, "abcdef", max_length=len(PROMPT) + 3)
+    assert ids == [ord(c) for c in PROMPT + "abc"] and num_prompt == len(PROMPT)
+    # Exactly one token of room: the first response token survives.
+    ids, _ = tokenize_example(tokenizer, MESSAGES, "abcdef", max_length=len(PROMPT) + 1)
+    assert ids[-1] == ord("a")
+    # Room for everything: eos kept.
+    ids, _ = tokenize_example(tokenizer, MESSAGES, "abcdef", max_length=len(PROMPT) + 7)
+    assert ids[-1] == 2
+
+
+def test_tokenize_example_rejects_an_overlong_prompt():
+    with pytest.raises(ValueError):
+        tokenize_example(CharTokenizer(), MESSAGES, "ok", max_length=len(PROMPT))
+
+
+SMOLLM = Path(__file__).resolve().parents[1] / ".cache/models/smollm2-135m-instruct"
+
+
+@pytest.mark.skipif(not (SMOLLM / "tokenizer_config.json").exists(), reason="SmolLM2 tokenizer not prepared")
+def test_tokenize_example_with_smollm2():
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(SMOLLM)
+    ids, num_prompt = tokenize_example(tokenizer, MESSAGES, "Hello there.", max_length=512)
+    assert ids[-1] == tokenizer.eos_token_id == 2  # <|im_end|> closes the turn
+    assert tokenizer.decode(ids[:num_prompt]).endswith("<|im_start|>assistant\n")
+    assert tokenizer.decode(ids[num_prompt:]) == "Hello there.<|im_end|>"
