@@ -25,7 +25,14 @@ def main(argv: list[str] | None = None) -> int:
 
     commands.add_parser("prepare-models", help="convert the embedded default model and build the tiny test model")
 
-    args = parser.parse_args(argv)
+    # Overrides may come after options (`--run x train.beta=0.2`), which argparse
+    # leaves unparsed; anything else left over is a real mistake.
+    args, extra = parser.parse_known_args(argv)
+    unexpected = [item for item in extra if "=" not in item or item.startswith("-")]
+    if unexpected or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unexpected or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         if args.command == "prepare-models":

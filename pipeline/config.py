@@ -246,6 +246,12 @@ def _coerce(value: Any, hint: Any, dotted: str, source: str) -> Any:
     # bool is an int in Python; a `true` given for a number is a mistake.
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    # YAML 1.1 reads `1e-5` (no dot) as a string; it is a float to any reader.
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint in (int, str, bool) and type(value) is hint:
         return value
     raise ConfigError(f"config key '{dotted}' ({source}) must be {hint.__name__}; "

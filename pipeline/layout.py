@@ -52,8 +52,12 @@ def write_parquet(table: pa.Table, path: Path) -> None:
     """Write one shard under a temporary name, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_parquet_dir(directory: Path) -> pa.Table:

@@ -127,7 +127,7 @@ def _read_hf_dataset(spec: str, source: str) -> list[dict[str, Any]]:
 
 def _parse_row(row: dict[str, Any], index: int, source: str, messages_field: str) -> Prompt:
     given_id = row.get("prompt_id")
-    where = f"prompt set {source}: row {index}" + (f" (prompt_id '{given_id}')" if given_id else "")
+    where = f"prompt set {source}: row {index}" + (f" (prompt_id '{given_id}')" if given_id is not None else "")
     messages = row.get(messages_field)
     if messages is None:
         raise PipelineError(f"{where} has no '{messages_field}'")

@@ -1,0 +1,37 @@
+"""Shared fixtures: the repository root and the prepared embedded models."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    path = REPO_ROOT / ".cache" / "models" / "tiny-random-llama"
+    if not (path / "config.json").is_file():
+        pytest.fail(f"{path} is missing: run `make setup` before the tests")
+    return path
+
+
+def run_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """`python -m pipeline ...` from the repository root, as a user would run it."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(autouse=True)
+def _run_from_repo_root(monkeypatch):
+    # Config files name paths relative to the repository, as `make` runs them.
+    monkeypatch.chdir(REPO_ROOT)

@@ -1,0 +1,145 @@
+"""Bad input through the real command line: one line on stderr naming the problem,
+exit status 2, and no round directory left behind."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import load_config
+from pipeline.driver import plan_round
+from tests.conftest import REPO_ROOT, run_cli
+
+
+def write_prompts(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def good_row(prompt_id: str, text: str = "Say hello. Answer in at most 16 words.") -> dict:
+    return {"prompt_id": prompt_id, "messages": [{"role": "user", "content": text}],
+            "constraints": [{"kind": "max_words", "limit": 16}]}
+
+
+def smoke_config(tmp_path: Path, **sections) -> Path:
+    """configs/smoke.yaml with some sections replaced, written to tmp_path."""
+    config = yaml.safe_load((REPO_ROOT / "configs" / "smoke.yaml").read_text())
+    for section, values in sections.items():
+        config[section] = {**config.get(section, {}), **values}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def assert_one_line_error(result, *fragments: str) -> str:
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr}"
+    assert lines[0].startswith("error: ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+    return lines[0]
+
+
+def assert_no_run_dir(output: Path) -> None:
+    assert not any(output.glob("*/round_*")), list(output.rglob("*"))
+
+
+@pytest.fixture
+def output(tmp_path: Path) -> Path:
+    return tmp_path / "runs"
+
+
+def test_missing_config_file(tmp_path, output):
+    result = run_cli("round", "1", "--config", str(tmp_path / "nope.yaml"), "--run", "r", "--output", str(output))
+    assert_one_line_error(result, "nope.yaml", "does not exist")
+    assert not output.exists()
+
+
+def test_unknown_config_key(tmp_path, output):
+    config = smoke_config(tmp_path, train={"betta": 0.1})
+    result = run_cli("round", "1", "--config", str(config), "--run", "r", "--output", str(output))
+    assert_one_line_error(result, "train.betta", "train.beta")
+    assert not output.exists()
+
+
+def test_unknown_override_key(output):
+    result = run_cli("round", "1", "--config", "configs/smoke.yaml", "--run", "r", "--output", str(output),
+                     "generate.num_sampels=4")
+    assert_one_line_error(result, "generate.num_sampels")
+
+
+def test_wrong_type_override(output):
+    result = run_cli("round", "1", "--config", "configs/smoke.yaml", "--run", "r", "--output", str(output),
+                     "train.beta=high")
+    assert_one_line_error(result, "train.beta", "float")
+
+
+def test_prompt_row_without_messages(tmp_path, output):
+    prompts = write_prompts(tmp_path / "prompts.jsonl", [good_row("a"), {"prompt_id": "b", "text": "hi"}])
+    config = smoke_config(tmp_path, prompts={"train": str(prompts)})
+    result = run_cli("round", "1", "--config", str(config), "--run", "r", "--output", str(output))
+    assert_one_line_error(result, str(prompts), "row 2", "'b'", "messages")
+    assert_no_run_dir(output)
+
+
+def test_empty_prompt_set(tmp_path, output):
+    prompts = tmp_path / "empty.jsonl"
+    prompts.write_text("")
+    config = smoke_config(tmp_path, prompts={"train": str(prompts)})
+    result = run_cli("round", "1", "--config", str(config), "--run", "r", "--output", str(output))
+    assert_one_line_error(result, str(prompts), "empty")
+    assert_no_run_dir(output)
+
+
+def test_prompt_longer_than_context_is_an_error_when_configured(tmp_path, output):
+    long_text = "Describe the sea. " * 400  # about 2000 tokens, over max_model_len=1024
+    prompts = write_prompts(tmp_path / "prompts.jsonl", [good_row("short"), good_row("too-long", long_text)])
+    config = smoke_config(tmp_path, prompts={"train": str(prompts), "too_long": "error"})
+    result = run_cli("round", "1", "--config", str(config), "--run", "r", "--output", str(output))
+    assert_one_line_error(result, "'too-long'", "max_model_len")
+    assert_no_run_dir(output)
+
+
+def test_prompt_longer_than_context_is_dropped_and_counted(tmp_path, output, tiny_model):
+    long_text = "Describe the sea. " * 400
+    prompts = write_prompts(tmp_path / "prompts.jsonl", [good_row("short"), good_row("too-long", long_text)])
+    config = load_config("configs/smoke.yaml", [f"prompts.train={prompts}", "prompts.too_long=drop",
+                                                f"output={output}"])
+    plan = plan_round(config, "r", 1)
+    assert [p.prompt_id for p in plan.prompts] == ["short"]
+    assert plan.dropped_too_long == ["too-long"]
+    assert_no_run_dir(output)
+
+
+def test_previous_round_missing(output):
+    result = run_cli("round", "2", "--config", "configs/smoke.yaml", "--run", "r", "--output", str(output))
+    assert_one_line_error(result, "round 1", "not finished", "round_001")
+    assert_no_run_dir(output)
+
+
+def test_missing_prompt_file(tmp_path, output):
+    config = smoke_config(tmp_path, prompts={"train": str(tmp_path / "missing.jsonl")})
+    result = run_cli("round", "1", "--config", str(config), "--run", "r", "--output", str(output))
+    assert_one_line_error(result, "missing.jsonl", "does not exist")
+    assert_no_run_dir(output)
+
+
+def test_missing_model_directory(tmp_path, output):
+    config = smoke_config(tmp_path, model={"name": str(tmp_path / "no-model")})
+    result = run_cli("round", "1", "--config", str(config), "--run", "r", "--output", str(output))
+    assert_one_line_error(result, "no-model", "does not exist")
+    assert_no_run_dir(output)
+
+
+def test_run_with_incompatible_config_is_refused(tmp_path, output):
+    """A later round may not change what defines the run (here the prompt set)."""
+    run_dir = output / "r"
+    run_dir.mkdir(parents=True)
+    stored = load_config("configs/smoke.yaml", [f"output={output}"])
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(stored.to_dict()))
+    result = run_cli("round", "1", "--config", "configs/smoke.yaml", "--run", "r", "--output", str(output),
+                     "prompts.train=data/prompts/train.jsonl")
+    assert_one_line_error(result, "prompts.train", "new run name")
+    assert_no_run_dir(output)

@@ -1,0 +1,350 @@
+"""pipeline/config.py: YAML + overrides into a validated, typed Config."""
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import Config, config_from_dict, load_config
+from pipeline.errors import ConfigError, PipelineError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, text: str, name: str = "config.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def config_error(path, overrides=()) -> str:
+    """Load, expect a ConfigError, check it is one line and return its message."""
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    message = str(info.value)
+    assert message, "a ConfigError needs a message"
+    assert "\n" not in message, f"error message is not one line: {message!r}"
+    return message
+
+
+# --- loading -----------------------------------------------------------------
+
+def test_defaults_when_path_is_none():
+    config = load_config(None)
+    assert config == Config()
+    assert config.train.beta == 0.1
+    assert config.generate.num_samples == 4
+    assert config.prompts.too_long == "drop"
+    assert config.model.name == "embedded:smollm2-135m-instruct"
+
+
+def test_default_yaml_loads():
+    config = load_config(REPO_ROOT / "configs" / "default.yaml")
+    assert config.model.name == "embedded:smollm2-135m-instruct"
+    assert config.train.learning_rate == pytest.approx(2.0e-6)
+    assert isinstance(config.train.learning_rate, float)
+    assert config.train.objective == "contrastive"
+    assert config.reward.name == "ifeval"
+
+
+def test_smoke_yaml_loads_and_overrides_only_what_it_names():
+    config = load_config(str(REPO_ROOT / "configs" / "smoke.yaml"))
+    assert config.model.name == "embedded:tiny-random-llama"
+    assert config.model.max_model_len == 1024
+    assert config.prompts.per_round == 12
+    assert config.train.batch_size == 4 and config.train.micro_batch_size == 4
+    # keys the file does not name keep their defaults
+    assert config.train.max_list_size == Config().train.max_list_size
+    assert config.generate.top_p == 1.0
+
+
+def test_empty_yaml_file_gives_defaults(tmp_path):
+    assert load_config(write(tmp_path, "")) == Config()
+
+
+def test_partial_section_keeps_other_defaults(tmp_path):
+    config = load_config(write(tmp_path, "train:\n  beta: 0.5\n"))
+    assert config.train.beta == 0.5
+    assert config.train.epochs == Config().train.epochs
+    assert config.generate == Config().generate
+
+
+def test_yaml_scientific_notation_float(tmp_path):
+    # `1e-5` is how learning rates are written; the config's own default is `1e-6`.
+    config = load_config(write(tmp_path, "train:\n  learning_rate: 1e-5\n"))
+    assert config.train.learning_rate == pytest.approx(1e-5)
+
+
+# --- unknown keys --------------------------------------------------------------
+
+def test_unknown_top_level_key_in_yaml(tmp_path):
+    path = write(tmp_path, "sede: 1\n")
+    message = config_error(path)
+    assert "'sede'" in message
+    assert "'seed'" in message  # the close match
+    assert str(path) in message
+
+
+def test_unknown_nested_key_in_yaml_names_dotted_key_and_close_match(tmp_path):
+    message = config_error(write(tmp_path, "train:\n  betta: 0.2\n"))
+    assert "'train.betta'" in message
+    assert "did you mean 'train.beta'" in message
+
+
+def test_unknown_key_without_close_match_has_no_suggestion(tmp_path):
+    message = config_error(write(tmp_path, "train:\n  zzzzqqqq: 1\n"))
+    assert "'train.zzzzqqqq'" in message
+    assert "did you mean" not in message
+
+
+def test_unknown_override_key():
+    message = config_error(None, ["train.betta=0.2"])
+    assert "'train.betta'" in message
+    assert "'train.beta'" in message
+    assert "command line" in message
+
+
+def test_override_naming_a_section_is_rejected():
+    message = config_error(None, ["train=5"])
+    assert "'train'" in message
+
+
+# --- types ---------------------------------------------------------------------
+
+def test_string_for_float_in_yaml(tmp_path):
+    message = config_error(write(tmp_path, "train:\n  beta: high\n"))
+    assert "'train.beta'" in message
+    assert "float" in message
+    assert "'high'" in message
+
+
+def test_string_for_float_override():
+    message = config_error(None, ["train.beta=abc"])
+    assert "'train.beta'" in message and "float" in message
+
+
+@pytest.mark.parametrize("key", ["train.epochs", "seed", "generate.num_samples"])
+def test_true_for_int_is_rejected(tmp_path, key):
+    section, _, leaf = key.rpartition(".")
+    text = f"{section}:\n  {leaf}: true\n" if section else f"{leaf}: true\n"
+    message = config_error(write(tmp_path, text))
+    assert f"'{key}'" in message and "int" in message
+    message = config_error(None, [f"{key}=true"])
+    assert f"'{key}'" in message and "int" in message
+
+
+@pytest.mark.parametrize("key", ["train.beta", "generate.temperature"])
+def test_true_for_float_is_rejected(key):
+    message = config_error(None, [f"{key}=true"])
+    assert f"'{key}'" in message and "float" in message
+
+
+def test_float_for_int_is_rejected():
+    message = config_error(None, ["train.epochs=1.5"])
+    assert "'train.epochs'" in message and "int" in message
+
+
+def test_int_for_bool_is_rejected():
+    message = config_error(None, ["model.trust_remote_code=1"])
+    assert "'model.trust_remote_code'" in message and "bool" in message
+
+
+def test_mapping_where_scalar_expected(tmp_path):
+    message = config_error(write(tmp_path, "train:\n  beta:\n    value: 0.1\n"))
+    assert "'train.beta'" in message
+    message = config_error(write(tmp_path, "seed: {a: 1}\n"))
+    assert "'seed'" in message
+
+
+def test_list_where_scalar_expected_override():
+    message = config_error(None, ["train.beta=[0.1, 0.2]"])
+    assert "'train.beta'" in message
+
+
+def test_scalar_where_section_expected(tmp_path):
+    message = config_error(write(tmp_path, "train: 5\n"))
+    assert "'train'" in message
+    assert "mapping" in message
+
+
+def test_literal_choice_override():
+    message = config_error(None, ["prompts.too_long=maybe"])
+    assert "'prompts.too_long'" in message
+    assert "drop" in message and "error" in message
+    assert "'maybe'" in message
+
+
+def test_literal_choice_yaml(tmp_path):
+    message = config_error(write(tmp_path, "generate:\n  dtype: float64\n"))
+    assert "'generate.dtype'" in message and "bfloat16" in message
+
+
+def test_literal_choices_accepted():
+    config = load_config(None, ["prompts.too_long=error", "reference.policy=initial", "train.dtype=bfloat16"])
+    assert config.prompts.too_long == "error"
+    assert config.reference.policy == "initial"
+    assert config.train.dtype == "bfloat16"
+
+
+# --- ranges --------------------------------------------------------------------
+
+def test_num_samples_must_be_at_least_two():
+    message = config_error(None, ["generate.num_samples=1"])
+    assert "'generate.num_samples'" in message and "at least 2" in message
+    assert load_config(None, ["generate.num_samples=2"]).generate.num_samples == 2
+
+
+def test_micro_batch_size_must_divide_batch_size():
+    message = config_error(None, ["train.batch_size=8", "train.micro_batch_size=3"])
+    assert "train.micro_batch_size" in message and "train.batch_size" in message
+    assert "3" in message and "8" in message
+    config = load_config(None, ["train.batch_size=9", "train.micro_batch_size=3"])
+    assert (config.train.batch_size, config.train.micro_batch_size) == (9, 3)
+
+
+def test_zero_micro_batch_size_is_a_config_error_not_zero_division():
+    message = config_error(None, ["train.micro_batch_size=0"])
+    assert "'train.micro_batch_size'" in message
+
+
+@pytest.mark.parametrize("override, key", [
+    ("generate.top_p=0", "generate.top_p"),
+    ("generate.top_p=1.5", "generate.top_p"),
+    ("train.beta=0", "train.beta"),
+    ("train.warmup_ratio=1", "train.warmup_ratio"),
+    ("model.max_model_len=-1", "model.max_model_len"),
+])
+def test_range_checks(override, key):
+    assert f"'{key}'" in config_error(None, [override])
+
+
+def test_range_checked_in_yaml_too(tmp_path):
+    message = config_error(write(tmp_path, "generate:\n  num_samples: 1\n"))
+    assert "'generate.num_samples'" in message
+
+
+# --- files ---------------------------------------------------------------------
+
+def test_missing_config_file(tmp_path):
+    path = tmp_path / "nope.yaml"
+    message = config_error(path)
+    assert str(path) in message and "does not exist" in message
+
+
+def test_invalid_yaml(tmp_path):
+    path = write(tmp_path, "train:\n  beta: [0.1, 0.2\n  epochs: 1\n")
+    message = config_error(path)
+    assert str(path) in message and "YAML" in message
+
+
+def test_yaml_top_level_list(tmp_path):
+    path = write(tmp_path, "- seed: 1\n- output: x\n")
+    message = config_error(path)
+    assert str(path) in message and "list" in message
+
+
+def test_config_error_is_a_pipeline_error():
+    with pytest.raises(PipelineError):
+        load_config(None, ["nope=1"])
+
+
+# --- override parsing -----------------------------------------------------------
+
+def test_override_float():
+    config = load_config(None, ["train.beta=0.2"])
+    assert config.train.beta == 0.2 and type(config.train.beta) is float
+
+
+def test_override_int():
+    config = load_config(None, ["train.epochs=2"])
+    assert config.train.epochs == 2 and type(config.train.epochs) is int
+
+
+def test_override_int_accepted_for_float():
+    config = load_config(None, ["train.beta=1"])
+    assert config.train.beta == 1.0 and type(config.train.beta) is float
+
+
+def test_override_scientific_notation_float():
+    # Learning rates are written like this; the config's own default is `1e-6`.
+    config = load_config(None, ["train.learning_rate=1e-5"])
+    assert config.train.learning_rate == pytest.approx(1e-5)
+
+
+def test_override_string_that_looks_like_a_number_stays_a_string():
+    config = load_config(None, ["model.name=123"])
+    assert config.model.name == "123"
+    assert load_config(None, ["model.name=true"]).model.name == "true"
+    assert load_config(None, ["output=null"]).output == "null"
+
+
+def test_override_value_may_contain_equals_and_spaces():
+    config = load_config(None, ["model.name=a=b", " train.beta = 0.3"])
+    assert config.model.name == "a=b"
+    assert config.train.beta == 0.3
+
+
+def test_override_bool():
+    assert load_config(None, ["model.trust_remote_code=true"]).model.trust_remote_code is True
+    assert load_config(None, ["generate.enforce_eager=false"]).generate.enforce_eager is False
+
+
+def test_later_override_wins_and_overrides_beat_yaml(tmp_path):
+    path = write(tmp_path, "train:\n  beta: 0.5\n")
+    config = load_config(path, ["train.beta=0.2", "train.beta=0.3"])
+    assert config.train.beta == 0.3
+
+
+@pytest.mark.parametrize("item", ["train.beta", "=0.2", "", "   "])
+def test_override_without_key_or_equals(item):
+    message = config_error(None, [item])
+    assert "key=value" in message
+
+
+# --- registries ------------------------------------------------------------------
+
+def test_unknown_objective():
+    message = config_error(None, ["train.objective=ranknet"])
+    assert "'train.objective'" in message
+    assert "'ranknet'" in message
+    assert "dpo" in message and "listmle" in message
+
+
+@pytest.mark.parametrize("name", ["dpo", "contrastive", "lambdarank", "listmle"])
+def test_contract_objectives_accepted(name):
+    assert load_config(None, [f"train.objective={name}"]).train.objective == name
+
+
+def test_unknown_reward():
+    message = config_error(None, ["reward.name=gpt4-judge"])
+    assert "'reward.name'" in message and "ifeval" in message
+
+
+# --- round trip ------------------------------------------------------------------
+
+def test_config_from_dict_round_trips():
+    config = load_config(REPO_ROOT / "configs" / "smoke.yaml",
+                         ["train.beta=0.25", "prompts.too_long=error", "model.name=123"])
+    rebuilt = config_from_dict(config.to_dict())
+    assert rebuilt == config
+    assert type(rebuilt.train.beta) is float
+    assert rebuilt.to_dict() == config.to_dict()
+
+
+def test_config_from_dict_after_yaml_dump_round_trips():
+    # What the run directory stores (driver: yaml.safe_dump of to_dict()).
+    import yaml
+
+    config = load_config(None, ["train.learning_rate=0.0001", "generate.temperature=0"])
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+    assert config_from_dict(yaml.safe_load(text)) == config
+
+
+def test_config_from_dict_validates():
+    raw = Config().to_dict()
+    raw["train"]["betta"] = 0.1
+    with pytest.raises(ConfigError, match="train.betta"):
+        config_from_dict(raw)
+    raw = Config().to_dict()
+    raw["generate"]["num_samples"] = 1
+    with pytest.raises(ConfigError, match="generate.num_samples"):
+        config_from_dict(raw)

@@ -1,0 +1,175 @@
+"""Two smoke rounds end to end: real vLLM, real Ray, real Ray Train, through the CLI.
+
+The rounds run once per module (about five minutes); each test then checks one
+part of the contracts in DESIGN.md on what they left behind.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from pipeline.layout import STAGES
+from tests.conftest import REPO_ROOT, run_cli
+
+pytestmark = pytest.mark.e2e
+
+RUN = "e2e"
+SMOKE = yaml.safe_load((REPO_ROOT / "configs" / "smoke.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_model) -> Path:
+    output = tmp_path_factory.mktemp("runs")
+    result = run_cli("rounds", "2", "--config", "configs/smoke.yaml", "--run", RUN, "--output", str(output),
+                     timeout=1200)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return output / RUN
+
+
+def read(directory: Path) -> list[dict]:
+    return pq.read_table(directory).to_pylist()
+
+
+def weights(policy: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for shard in sorted(policy.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    return tensors
+
+
+@pytest.mark.parametrize("number", [1, 2])
+def test_round_layout(run_dir, number):
+    round_dir = run_dir / f"round_{number:03d}"
+    assert (run_dir / "config.yaml").is_file()
+    for name in ("candidates", "lists", "train", "eval"):
+        assert (round_dir / name / "part-00000.parquet").is_file(), name
+    assert (round_dir / "policy" / "config.json").is_file()
+    assert list((round_dir / "policy").glob("*.safetensors"))
+    assert sorted(p.name for p in (round_dir / "_done").iterdir()) == sorted(STAGES)
+    assert not list(round_dir.glob("*.partial")), "a stage left its partial output behind"
+    assert not list(round_dir.rglob(".*.tmp")), "a temporary file was left behind"
+
+
+@pytest.mark.parametrize("number", [1, 2])
+def test_candidates_contract(run_dir, tiny_model, number):
+    table = pq.read_table(run_dir / f"round_{number:03d}" / "candidates")
+    schema = table.schema
+    assert schema.field("prompt_id").type == pa.string()
+    assert schema.field("response").type == pa.string()
+    assert pa.types.is_integer(schema.field("sample_index").type)
+    assert pa.types.is_integer(schema.field("round").type)
+    assert pa.types.is_floating(schema.field("temperature").type)
+    assert pa.types.is_integer(schema.field("num_tokens").type)
+    assert schema.field("finish_reason").type == pa.string()
+    assert schema.field("prompt").type == pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+    rows = table.to_pylist()
+    k, m = SMOKE["generate"]["num_samples"], SMOKE["prompts"]["per_round"]
+    assert len(rows) == k * m
+    by_prompt = {}
+    for row in rows:
+        by_prompt.setdefault(row["prompt_id"], []).append(row["sample_index"])
+        assert row["round"] == number
+        assert row["temperature"] == SMOKE["generate"]["temperature"]
+        assert 0 < row["num_tokens"] <= SMOKE["generate"]["max_tokens"]
+        assert row["prompt"][-1]["role"] == "user"
+    assert all(sorted(indices) == list(range(k)) for indices in by_prompt.values())
+    expected_policy = str(tiny_model.resolve()) if number == 1 else str(run_dir / "round_001" / "policy")
+    assert {row["policy"] for row in rows} == {expected_policy}
+
+
+def test_rounds_draw_different_prompts(run_dir):
+    first = {r["prompt_id"] for r in read(run_dir / "round_001" / "candidates")}
+    second = {r["prompt_id"] for r in read(run_dir / "round_002" / "candidates")}
+    assert first and second and not first & second
+
+
+@pytest.mark.parametrize("number", [1, 2])
+def test_lists_contract(run_dir, number):
+    round_dir = run_dir / f"round_{number:03d}"
+    lists = read(round_dir / "lists")
+    candidates = read(round_dir / "candidates")
+    assert lists, "smoke prompts are built so that some candidates differ in reward"
+    stats = json.loads((round_dir / "_done" / "rerank").read_text())
+    assert stats["lists"] == len(lists)
+    assert stats["lists"] + stats["all_tied_dropped"] == len({c["prompt_id"] for c in candidates})
+    responses = {(c["prompt_id"], c["sample_index"]): c["response"] for c in candidates}
+    for row in lists:
+        positives, negatives = row["positives"], row["negatives"]
+        assert positives and negatives
+        assert min(p["reward"] for p in positives) >= max(n["reward"] for n in negatives)
+        for items in (positives, negatives):
+            rewards = [item["reward"] for item in items]
+            assert rewards == sorted(rewards, reverse=True)
+            for item in items:
+                assert 0.0 <= item["reward"] <= 1.0
+                assert item["round"] == number
+                assert responses[(row["prompt_id"], item["sample_index"])] == item["response"]
+        assert len(positives) + len(negatives) == SMOKE["generate"]["num_samples"]
+
+
+@pytest.mark.parametrize("number", [1, 2])
+def test_train_shard_has_reference_logprobs(run_dir, tiny_model, number):
+    round_dir = run_dir / f"round_{number:03d}"
+    rows = read(round_dir / "train")
+    assert len(rows) == len(read(round_dir / "lists"))
+    expected_reference = str(tiny_model.resolve()) if number == 1 else str(run_dir / "round_001" / "policy")
+    for row in rows:
+        assert row["reference"] == expected_reference
+        for item in row["positives"] + row["negatives"]:
+            assert math.isfinite(item["ref_logp"]) and item["ref_logp"] < 0
+
+
+def test_checkpoints_change_every_round(run_dir, tiny_model):
+    base = weights(tiny_model)
+    first = weights(run_dir / "round_001" / "policy")
+    second = weights(run_dir / "round_002" / "policy")
+    assert first.keys() == second.keys()
+    assert any(not torch.equal(first[k].float(), base[k].float()) for k in first if k in base)
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+    # Saved in fp32 so a round's small update survives.
+    assert all(t.dtype == torch.float32 for t in second.values())
+
+
+@pytest.mark.parametrize("number", [1, 2])
+def test_eval_and_metrics(run_dir, number):
+    round_dir = run_dir / f"round_{number:03d}"
+    rows = read(round_dir / "eval")
+    assert len(rows) == SMOKE["prompts"]["eval_size"]
+    assert {r["policy"] for r in rows} == {str(round_dir / "policy")}
+    assert all(0.0 <= r["reward"] <= 1.0 and isinstance(r["response"], str) for r in rows)
+    metrics = json.loads((round_dir / "metrics.json").read_text())
+    assert metrics["round"] == number
+    assert metrics["eval"]["reward_mean"] == pytest.approx(sum(r["reward"] for r in rows) / len(rows))
+    assert set(metrics["stage_seconds"]) == set(STAGES)
+    assert metrics["train"]["steps"] >= 1
+    assert all(v > 0 for v in metrics["stage_peak_memory_gib"].values())
+
+
+def test_finished_round_is_not_redone(run_dir):
+    markers = {p: p.stat().st_mtime_ns for p in (run_dir / "round_002" / "_done").iterdir()}
+    result = run_cli("round", "2", "--config", "configs/smoke.yaml", "--run", RUN,
+                     "--output", str(run_dir.parent), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "already finished" in result.stderr
+    assert {p: p.stat().st_mtime_ns for p in markers} == markers
+
+
+def test_interrupted_stage_is_redone_from_its_partial_output(run_dir):
+    """A stage without its done marker runs again; its finished shards are reused, not appended to."""
+    round_dir = run_dir / "round_002"
+    before = read(round_dir / "lists")
+    (round_dir / "_done" / "rerank").unlink()  # later stages keep their markers: only rerank reruns
+    result = run_cli("round", "2", "--config", "configs/smoke.yaml", "--run", RUN,
+                     "--output", str(run_dir.parent), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rerank finished" in result.stderr
+    assert "generate already done" in result.stderr
+    assert read(round_dir / "lists") == before
+    assert len(list((round_dir / "lists").glob("part-*.parquet"))) == 1
