@@ -157,7 +157,7 @@ def ensure_ray() -> None:
         ray.init()
     else:
         env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-        ray.init(runtime_env={"env_vars": env}, include_dashboard=False, log_to_driver=True)
+        ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
 
 
 class MemoryMonitor:

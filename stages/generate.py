@@ -68,7 +68,8 @@ def worker_options(config, use_gpu: bool) -> dict[str, Any]:
         return {"num_gpus": gen.tensor_parallel_size, "num_cpus": 1}
     # On CPU the engine's threads are what matter; the Ray CPU count only schedules.
     threads = max(1, (os.cpu_count() or 1) // gen.num_actors)
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(gen.cpu_kv_cache_gib), "OMP_NUM_THREADS": str(threads)}
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(gen.cpu_kv_cache_gib), "OMP_NUM_THREADS": str(threads),
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     return {"num_cpus": 1, "runtime_env": {"env_vars": env}}
 
 
