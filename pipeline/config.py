@@ -57,7 +57,9 @@ class GenerateConfig:
     # vLLM engines (Ray actors) that share the prompts.
     num_actors: int = 1
     tensor_parallel_size: int = 1
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    # auto: bfloat16 on GPUs and on CPUs with native bf16 (AVX512_BF16 / AMX);
+    # float32 on other CPUs, where bf16 matmuls are emulated and 100x slower.
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     # KV-cache memory per engine on CPU hosts (vLLM's default asks for 92%).
     cpu_kv_cache_gib: int = 2
     # CUDA graphs / torch.compile cost a minute of start-up and did not speed

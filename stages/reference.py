@@ -18,9 +18,8 @@ from pipeline import schema
 from pipeline.layout import read_parquet_dir, shard_name, write_parquet
 
 
-@ray.remote
-def score_items(model_path: str, requests: list[tuple[list[dict], str]], dtype: str, max_length: int,
-                batch_size: int, chunk_size: int, trust_remote_code: bool) -> list[float]:
+def reference_logprobs(model_path: str, requests: list[tuple[list[dict], str]], dtype: str, max_length: int,
+                       batch_size: int, chunk_size: int, trust_remote_code: bool = False) -> list[float]:
     """log pi(response | prompt) for each (messages, response), in the given order."""
     import torch
     from tqdm import tqdm
@@ -43,6 +42,10 @@ def score_items(model_path: str, requests: list[tuple[list[dict], str]], dtype: 
             for i, value in zip(index, sequence_logprobs(model, batch, chunk_size).tolist()):
                 results[i] = value
     return results
+
+
+# A Ray task, so the model's memory is released when scoring ends.
+score_items = ray.remote(reference_logprobs)
 
 
 def run_stage(plan, out_dir: Path) -> dict[str, Any]:
