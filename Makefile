@@ -9,7 +9,7 @@ ARGS    ?=
 
 round_args = --config $(CONFIG) --run $(RUN) $(if $(OUTPUT),--output $(OUTPUT)) $(ARGS)
 
-.PHONY: setup round rounds test check-venv
+.PHONY: setup round rounds test bench bench-train check-venv
 
 setup:
 	bash scripts/setup.sh
@@ -27,3 +27,12 @@ rounds: check-venv
 
 test: check-venv
 	$(PY) -m pytest tests
+
+## make bench: the benchmarks in bench/ (numbers go to docs/bench/ and docs/benchmarks.md)
+bench: bench-train
+
+## the trainer against TRL's DPOTrainer. TRL is installed only for this, without
+## its dependencies: a full resolve would bring back torchvision (see scripts/setup.sh).
+bench-train: check-venv
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps "trl==1.16.0" "jinja2"
+	$(PY) bench/train_bench.py $(ARGS)

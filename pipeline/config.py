@@ -109,8 +109,18 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     # Data-parallel Ray Train workers.
     num_workers: int = 1
-    # Compute dtype of the policy (and of the reference log-probs, which must match).
+    # Dtype of the policy's weights (and of the reference log-probs, which must match).
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # bf16 autocast of forward passes over fp32 weights (reference stage too):
+    # auto = where the hardware has native bf16 (GPUs, AVX512_BF16 / AMX CPUs).
+    autocast: Literal["auto", "on", "off"] = "auto"
+    # LoRA adapters (peft) instead of full fine-tuning when lora_rank > 0; they are
+    # merged into the saved checkpoint, so vLLM loads it as a plain model.
+    lora_rank: int = 0
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    # peft's target_modules: "all-linear" or comma-separated module names (q_proj,v_proj).
+    lora_target_modules: str = "all-linear"
     # bf16 rounding can erase a round's small update, so checkpoints stay fp32.
     save_dtype: Literal["float32", "bfloat16"] = "float32"
     # Positions per chunk of the vocabulary projection (bounds [chunk, vocab] memory).
@@ -173,6 +183,9 @@ _RANGE_CHECKS: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("train.max_grad_norm", lambda v: v > 0, "positive"),
     ("train.num_workers", lambda v: v > 0, "positive"),
     ("train.logprob_chunk_size", lambda v: v > 0, "positive"),
+    ("train.lora_rank", lambda v: v >= 0, "zero (full fine-tuning) or more"),
+    ("train.lora_alpha", lambda v: v > 0, "positive"),
+    ("train.lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("evaluate.temperature", lambda v: v >= 0, "zero or more"),
     ("evaluate.max_tokens", lambda v: v > 0, "positive"),
 ]

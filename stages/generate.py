@@ -19,6 +19,7 @@ import pyarrow as pa
 import ray
 
 from pipeline import schema
+from pipeline.hardware import native_bf16
 from pipeline.layout import read_parquet_dir, shard_name, write_parquet
 from pipeline.prompts import Prompt
 
@@ -39,7 +40,7 @@ class GenerationWorker:
         from vllm import LLM
 
         if engine_args["dtype"] == "auto":
-            engine_args = {**engine_args, "dtype": fast_dtype()}
+            engine_args = {**engine_args, "dtype": "bfloat16" if native_bf16() else "float32"}
         self.llm = LLM(model=model_path, **engine_args)
 
     def generate(self, conversations: list[list[dict[str, str]]], spec: SamplingSpec) -> list[list[dict]]:
@@ -52,19 +53,6 @@ class GenerationWorker:
         outputs = self.llm.chat(conversations, params, use_tqdm=True)
         return [[{"text": c.text, "num_tokens": len(c.token_ids), "finish_reason": str(c.finish_reason)}
                  for c in out.outputs] for out in outputs]
-
-
-def fast_dtype() -> str:
-    """bfloat16 where the hardware computes it natively, else float32 (decided where the engine runs)."""
-    import torch
-
-    if torch.cuda.is_available():
-        return "bfloat16"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "float32"
-    return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
 
 
 def engine_args(config, seed: int, use_gpu: bool) -> dict[str, Any]:

@@ -19,12 +19,13 @@ from pipeline.layout import read_parquet_dir, shard_name, write_parquet
 
 
 def reference_logprobs(model_path: str, requests: list[tuple[list[dict], str]], dtype: str, max_length: int,
-                       batch_size: int, chunk_size: int, trust_remote_code: bool = False) -> list[float]:
+                       batch_size: int, chunk_size: int, trust_remote_code: bool = False,
+                       autocast_setting: str = "off") -> list[float]:
     """log pi(response | prompt) for each (messages, response), in the given order."""
     import torch
     from tqdm import tqdm
 
-    from stages.train.data import load_policy, pad_token_id, use_all_cpu_threads
+    from stages.train.data import autocast, load_policy, pad_token_id, use_all_cpu_threads
     from stages.train.logprobs import collate, sequence_logprobs, tokenize_example
 
     use_all_cpu_threads()
@@ -34,7 +35,7 @@ def reference_logprobs(model_path: str, requests: list[tuple[list[dict], str]], 
     # Similar lengths in a batch waste less compute on padding.
     order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
     results = [0.0] * len(examples)
-    with torch.no_grad():
+    with torch.no_grad(), autocast(autocast_setting):
         for start in tqdm(range(0, len(order), batch_size), desc="reference log-probs", unit="batch"):
             index = order[start:start + batch_size]
             batch = {k: v.to(model.device) for k, v in collate([examples[i] for i in index],
@@ -55,7 +56,7 @@ def run_stage(plan, out_dir: Path) -> dict[str, Any]:
     gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
     logps = ray.get(score_items.options(num_gpus=gpus).remote(
         plan.reference, requests, config.train.dtype, config.train.max_length, config.reference.batch_size,
-        config.train.logprob_chunk_size, config.model.trust_remote_code)) if requests else []
+        config.train.logprob_chunk_size, config.model.trust_remote_code, config.train.autocast)) if requests else []
     values = iter(logps)
     for row in rows:
         row["positives"] = [{**item, "ref_logp": next(values)} for item in row["positives"]]

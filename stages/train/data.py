@@ -37,6 +37,24 @@ def load_policy(path: str, dtype: str, trust_remote_code: bool = False):
     return model.to(pick_device()), tokenizer
 
 
+def autocast(setting: str):
+    """The bf16 autocast context the trainer and the reference stage both run under."""
+    from pipeline.hardware import native_bf16
+
+    device = pick_device()
+    enabled = setting == "on" or (setting == "auto" and native_bf16())
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def add_lora(model, rank: int, alpha: float, dropout: float, target_modules: str):
+    from peft import LoraConfig, get_peft_model
+
+    targets = target_modules if target_modules == "all-linear" else [m.strip() for m in target_modules.split(",")]
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
 def pad_token_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from stages.train.data import (DTYPES, ListExample, build_examples, load_policy, pad_token_id,
-                               use_all_cpu_threads)
+from stages.train.data import (DTYPES, ListExample, add_lora, autocast, build_examples, load_policy,
+                               pad_token_id, use_all_cpu_threads)
 from stages.train.logprobs import collate, sequence_logprobs
 from stages.train.objectives import OBJECTIVES, REFERENCE_FREE, mean_margin, ranking_accuracy
 
@@ -82,11 +82,15 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     torch.manual_seed(cfg["seed"])
 
     model, tokenizer = load_policy(cfg["policy_in"], train["dtype"], cfg["trust_remote_code"])
+    if train["lora_rank"]:
+        model = add_lora(model, train["lora_rank"], train["lora_alpha"], train["lora_dropout"],
+                         train["lora_target_modules"])
     model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
     rows = pq.read_table(cfg["train_shard"]).to_pylist()
     examples = build_examples(rows, tokenizer, train["max_length"], train["max_list_size"])
     steps = global_batches(len(examples), train["batch_size"], train["epochs"], cfg["seed"])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train["learning_rate"],
+    optimizer = torch.optim.AdamW(params, lr=train["learning_rate"],
                                   weight_decay=train["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(int(train["warmup_ratio"] * len(steps)), len(steps)))
@@ -102,20 +106,21 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         totals = torch.zeros(5, dtype=torch.float64)  # loss, accuracy, margin, examples, tokens
         for begin in range(0, len(mine), train["micro_batch_size"]):
             micro = [examples[i] for i in mine[begin:begin + train["micro_batch_size"]]]
-            scores, mask, rewards = list_scores(model, micro, tokenizer, train["objective"], train["beta"],
-                                                train["logprob_chunk_size"])
-            losses = objective(scores, mask, rewards=rewards, **options)
+            with autocast(train["autocast"]):
+                scores, mask, rewards = list_scores(model, micro, tokenizer, train["objective"], train["beta"],
+                                                    train["logprob_chunk_size"])
+            losses = objective(scores.float(), mask, rewards=rewards.float(), **options)
             (losses.sum() / len(indices)).backward()
             with torch.no_grad():
                 totals += torch.tensor([losses.sum().item(), ranking_accuracy(scores, mask).sum().item(),
                                         mean_margin(scores, mask).sum().item(), len(micro),
                                         sum(len(ids) for e in micro for ids, _ in e.tokens)], dtype=torch.float64)
         if world > 1:
-            for param in model.parameters():
+            for param in params:
                 if param.grad is not None:
                     dist.all_reduce(param.grad)
             dist.all_reduce(totals)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train["max_grad_norm"])
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, train["max_grad_norm"])
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -130,6 +135,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['ranking_accuracy']:.2f}")
 
     if rank == 0:
+        if train["lora_rank"]:
+            model = model.merge_and_unload()
         save_dtype = DTYPES[train["save_dtype"]]
         model.to(save_dtype).save_pretrained(cfg["output_dir"], safe_serialization=True)
         tokenizer.save_pretrained(cfg["output_dir"])

@@ -1,0 +1,179 @@
+"""Trainer benchmark: our list trainer against TRL's DPOTrainer on the same pairs and batch.
+
+Each case runs in its own process so that its peak memory (max RSS) is its own:
+  ours-k2      pairwise DPO on (chosen, rejected), reference log-probs precomputed (our design)
+  ours-k4      listwise contrastive on 4 items per prompt, same prompts
+  trl          TRL DPOTrainer, default settings (a reference model in memory, scored every step)
+  trl-precomp  TRL DPOTrainer with precompute_ref_log_probs=True (no reference model during steps)
+
+Usage: python bench/train_bench.py [--model DIR] [--prompts 16] [--batch 4] [--steps 3] [--out FILE]
+Tokens/s counts the non-padding tokens (prompt + response) of every sequence a step trains on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+WORDS = ("the a garden river morning light quiet bread friend music window market road story simple "
+         "bright careful small warm green slowly often always together people city water season").split()
+
+
+def make_rows(num_prompts: int, items: int, words: int, seed: int = 0) -> list[dict]:
+    """Prompts from the training set with `items` responses of about `words` words each."""
+    rng = random.Random(seed)
+    prompts = [json.loads(line) for line in (REPO_ROOT / "data/prompts/train.jsonl").read_text().splitlines()]
+    rows = []
+    for prompt in prompts[:num_prompts]:
+        responses = [" ".join(rng.choice(WORDS) for _ in range(words)) + "." for _ in range(items)]
+        rows.append({"prompt_id": prompt["prompt_id"], "prompt": prompt["messages"], "responses": responses})
+    return rows
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def run_ours(args, items: int, objective: str) -> dict:
+    import torch
+
+    from stages.train.data import ListExample, load_policy, use_all_cpu_threads
+    from stages.train.logprobs import tokenize_example
+    from stages.train.loop import list_scores
+    from stages.train.objectives import OBJECTIVES
+
+    use_all_cpu_threads()
+    torch.manual_seed(0)
+    model, tokenizer = load_policy(args.model, "float32")
+    model.train()
+    rows = make_rows(args.prompts, items, args.words)
+    examples = [ListExample(r["prompt_id"],
+                            [tokenize_example(tokenizer, r["prompt"], resp, args.max_length) for resp in r["responses"]],
+                            [0.0] * items, [float(items - i) for i in range(items)]) for r in rows]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    times, tokens = [], []
+    for step in range(args.steps + 1):
+        batch = examples[(step * args.batch) % len(examples):][:args.batch]
+        start = time.perf_counter()
+        scores, mask, _ = list_scores(model, batch, tokenizer, objective, 0.1, 512)
+        OBJECTIVES[objective](scores, mask).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step:  # the first step warms up allocators and kernels
+            times.append(time.perf_counter() - start)
+            tokens.append(sum(len(ids) for e in batch for ids, _ in e.tokens))
+    return summary(times, tokens, args.batch)
+
+
+def run_trl(args, precompute: bool) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from stages.train.data import use_all_cpu_threads
+    from stages.train.logprobs import tokenize_example
+
+    use_all_cpu_threads()
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    rows = make_rows(args.prompts, 2, args.words)
+    data = Dataset.from_list([{"prompt": r["prompt"],
+                               "chosen": [{"role": "assistant", "content": r["responses"][0]}],
+                               "rejected": [{"role": "assistant", "content": r["responses"][1]}]} for r in rows])
+    step_tokens = [sum(len(tokenize_example(tokenizer, r["prompt"], resp, args.max_length)[0])
+                       for r in rows[i * args.batch:(i + 1) * args.batch] for resp in r["responses"])
+                   for i in range(args.steps + 1)]
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def on_step_begin(self, *_, **__):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            self.times.append(time.perf_counter() - self.start)
+
+    timer = StepTimer()
+    config = DPOConfig(output_dir=str(Path(args.scratch) / "trl"), per_device_train_batch_size=args.batch,
+                       max_steps=args.steps + 1, learning_rate=1e-6, beta=0.1, max_length=args.max_length,
+                       logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, bf16=False,
+                       dataloader_num_workers=0, precompute_ref_log_probs=precompute, seed=0,
+                       lr_scheduler_type="constant")
+    trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
+                         callbacks=[timer])
+    trainer.train()
+    # TRL's sampler shuffles; the token count per step is the same on average over our fixed batches.
+    tokens = step_tokens[1:]
+    return summary(timer.times[1:], tokens, args.batch)
+
+
+def summary(times: list[float], tokens: list[int], batch: int) -> dict:
+    seconds = sum(times)
+    return {"steps": len(times), "seconds_per_step": seconds / len(times),
+            "seconds_per_prompt": seconds / (len(times) * batch), "tokens_per_second": sum(tokens) / seconds,
+            "peak_rss_gib": round(peak_rss_gib(), 3)}
+
+
+CASES = {
+    "ours-k2": lambda args: run_ours(args, 2, "dpo"),
+    "ours-k4": lambda args: run_ours(args, 4, "contrastive"),
+    "trl": lambda args: run_trl(args, precompute=False),
+    "trl-precomp": lambda args: run_trl(args, precompute=True),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(REPO_ROOT / ".cache/models/smollm2-135m-instruct"))
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--words", type=int, default=60)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
+    parser.add_argument("--scratch", default="/tmp/larpo-bench")
+    parser.add_argument("--out", default=str(REPO_ROOT / "docs/bench/train.json"))
+    args = parser.parse_args()
+
+    if args.case:
+        print("RESULT " + json.dumps(CASES[args.case](args)), flush=True)
+        return
+    results = {}
+    for case in args.cases.split(","):
+        command = [sys.executable, __file__, "--case", case] + [
+            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("case", "cases", "out")]
+        output = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        line = next((l for l in output.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:
+            raise SystemExit(f"case {case} failed:\n{output.stderr[-3000:]}")
+        results[case] = json.loads(line[len("RESULT "):])
+        print(case, results[case], flush=True)
+    ours, trl = results.get("ours-k2"), results.get("trl")
+    if ours and trl:
+        results["ratios"] = {"tokens_per_second_vs_trl": ours["tokens_per_second"] / trl["tokens_per_second"],
+                             "peak_memory_vs_trl": ours["peak_rss_gib"] / trl["peak_rss_gib"]}
+    if ours and results.get("ours-k4"):
+        results.setdefault("ratios", {})["k4_vs_k2_per_prompt"] = (results["ours-k4"]["seconds_per_prompt"]
+                                                                   / ours["seconds_per_prompt"])
+    results["settings"] = {k: v for k, v in vars(args).items() if k not in ("case", "scratch", "out")}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results.get("ratios", {}), indent=2))
+
+
+if __name__ == "__main__":
+    main()

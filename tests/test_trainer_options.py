@@ -1,0 +1,60 @@
+"""Trainer options that change how the policy is updated: LoRA and bf16 autocast."""
+
+import torch
+
+from stages.train.data import add_lora, autocast, build_examples, load_policy
+from stages.train.loop import list_scores
+from stages.train.objectives import OBJECTIVES
+from tests.test_reference_numerics import lists_rows, with_reference
+
+
+def train_steps(model, examples, tokenizer, steps=3, lr=1e-2):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    losses = []
+    for _ in range(steps):
+        scores, mask, _ = list_scores(model, examples, tokenizer, "contrastive", beta=0.1, chunk_size=64)
+        loss = OBJECTIVES["contrastive"](scores, mask).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def test_lora_trains_adapters_only_and_merges_into_a_plain_checkpoint(tiny_model, tmp_path):
+    rows = with_reference(lists_rows(), tiny_model)
+    model, tokenizer = load_policy(str(tiny_model), "float32")
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    model = add_lora(model, rank=4, alpha=8.0, dropout=0.0, target_modules="q_proj,v_proj")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    examples = build_examples(rows, tokenizer, max_length=128, max_list_size=8)
+    losses = train_steps(model, examples, tokenizer)
+    assert losses[-1] < losses[0]
+
+    merged = model.merge_and_unload()
+    merged.save_pretrained(tmp_path, safe_serialization=True)
+    reloaded, _ = load_policy(str(tmp_path), "float32")
+    state = reloaded.state_dict()
+    assert set(state) == set(base)
+    changed = {k for k in base if not torch.equal(base[k], state[k])}
+    assert changed and all("q_proj" in k or "v_proj" in k for k in changed)
+
+
+def test_full_fine_tuning_lowers_the_loss(tiny_model):
+    rows = with_reference(lists_rows(), tiny_model)
+    model, tokenizer = load_policy(str(tiny_model), "float32")
+    examples = build_examples(rows, tokenizer, max_length=128, max_list_size=8)
+    losses = train_steps(model, examples, tokenizer, lr=1e-3)
+    assert losses[-1] < losses[0]
+
+
+def test_autocast_setting():
+    on = autocast("on")
+    with on:
+        x = torch.ones(4, 4) @ torch.ones(4, 4)
+    assert x.dtype == torch.bfloat16
+    with autocast("off"):
+        y = torch.ones(4, 4) @ torch.ones(4, 4)
+    assert y.dtype == torch.float32
