@@ -24,6 +24,17 @@ def scaling_config(num_workers: int) -> ScalingConfig:
     return ScalingConfig(num_workers=num_workers, use_gpu=False, resources_per_worker={"CPU": cpus})
 
 
+def fit(loop_config: dict[str, Any], num_workers: int, storage_path: Path, name: str) -> None:
+    """Run the training loop on `num_workers` Ray Train workers."""
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=scaling_config(num_workers),
+        run_config=RunConfig(name=name, storage_path=os.fspath(storage_path)),
+    )
+    trainer.fit()
+
+
 def run_stage(plan, out_dir: Path) -> dict[str, Any]:
     config = plan.config
     loop_config = {
@@ -34,14 +45,7 @@ def run_stage(plan, out_dir: Path) -> dict[str, Any]:
         "train_shard": str(plan.round.train / shard_name(0)),
         "output_dir": str(out_dir),
     }
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=scaling_config(config.train.num_workers),
-        run_config=RunConfig(name=f"round_{plan.round.number:03d}",
-                             storage_path=os.fspath(plan.run.dir / ".ray_train")),
-    )
-    trainer.fit()
+    fit(loop_config, config.train.num_workers, plan.run.dir / ".ray_train", f"round_{plan.round.number:03d}")
     if not (out_dir / "config.json").is_file():
         raise RuntimeError(f"training finished without writing a checkpoint to {out_dir}")
     history = [json.loads(line) for line in (out_dir / "training_log.jsonl").read_text().splitlines()]
