@@ -2,7 +2,8 @@
 
 Each case runs in its own process so that its peak memory (max RSS) is its own:
   ours-k2      pairwise DPO on (chosen, rejected), reference log-probs precomputed (our design)
-  ours-k4      listwise contrastive on 4 items per prompt, same prompts
+  ours-k4      listwise contrastive on 4 items per prompt, same prompts, same sequences per forward pass
+  ours-k2-gc   ours-k2 with gradient checkpointing (train.gradient_checkpointing)
   trl          TRL DPOTrainer, default settings (a reference model in memory, scored every step)
   trl-precomp  TRL DPOTrainer with precompute_ref_log_probs=True (no reference model during steps)
 
@@ -44,7 +45,7 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def run_ours(args, items: int, objective: str) -> dict:
+def run_ours(args, items: int, objective: str, checkpointing: bool = False) -> dict:
     import torch
 
     from stages.train.data import ListExample, load_policy, use_all_cpu_threads
@@ -56,17 +57,23 @@ def run_ours(args, items: int, objective: str) -> dict:
     torch.manual_seed(0)
     model, tokenizer = load_policy(args.model, "float32")
     model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     rows = make_rows(args.prompts, items, args.words)
     examples = [ListExample(r["prompt_id"],
                             [tokenize_example(tokenizer, r["prompt"], resp, args.max_length) for resp in r["responses"]],
                             [0.0] * items, [float(items - i) for i in range(items)]) for r in rows]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=args.foreach)
+    # As many sequences per forward pass as the pairwise case: longer lists
+    # accumulate gradients over more micro-batches (train.micro_batch_size).
+    micro = max(1, args.micro_seqs // items)
     times, tokens = [], []
     for step in range(args.steps + 1):
         batch = examples[(step * args.batch) % len(examples):][:args.batch]
         start = time.perf_counter()
-        scores, mask, _ = list_scores(model, batch, tokenizer, objective, 0.1, 512)
-        OBJECTIVES[objective](scores, mask).mean().backward()
+        for begin in range(0, len(batch), micro):
+            scores, mask, _ = list_scores(model, batch[begin:begin + micro], tokenizer, objective, 0.1, 512)
+            (OBJECTIVES[objective](scores, mask).sum() / len(batch)).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if step:  # the first step warms up allocators and kernels
@@ -130,6 +137,7 @@ def summary(times: list[float], tokens: list[int], batch: int) -> dict:
 CASES = {
     "ours-k2": lambda args: run_ours(args, 2, "dpo"),
     "ours-k4": lambda args: run_ours(args, 4, "contrastive"),
+    "ours-k2-gc": lambda args: run_ours(args, 2, "dpo", checkpointing=True),
     "trl": lambda args: run_trl(args, precompute=False),
     "trl-precomp": lambda args: run_trl(args, precompute=True),
 }
@@ -143,6 +151,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--words", type=int, default=60)
     parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--micro-seqs", type=int, default=8, help="sequences per forward pass (ours)")
+    parser.add_argument("--foreach", type=int, default=0, help="AdamW's multi-tensor step (ours); 0 saves memory")
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
     parser.add_argument("--scratch", default="/tmp/larpo-bench")
@@ -166,6 +176,10 @@ def main() -> None:
     if ours and trl:
         results["ratios"] = {"tokens_per_second_vs_trl": ours["tokens_per_second"] / trl["tokens_per_second"],
                              "peak_memory_vs_trl": ours["peak_rss_gib"] / trl["peak_rss_gib"]}
+        if results.get("ours-k2-gc"):
+            gc = results["ours-k2-gc"]
+            results["ratios"]["checkpointing_tokens_per_second_vs_trl"] = gc["tokens_per_second"] / trl["tokens_per_second"]
+            results["ratios"]["checkpointing_peak_memory_vs_trl"] = gc["peak_rss_gib"] / trl["peak_rss_gib"]
     if ours and results.get("ours-k4"):
         results.setdefault("ratios", {})["k4_vs_k2_per_prompt"] = (results["ours-k4"]["seconds_per_prompt"]
                                                                    / ours["seconds_per_prompt"])

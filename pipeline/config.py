@@ -92,8 +92,14 @@ class ReferenceConfig:
 
 @dataclass
 class TrainConfig:
+    # A name in stages/train/objectives.py: dpo, contrastive, lambdarank, listmle, ipo, simpo.
     objective: str = "contrastive"
+    # Scale of the retriever score s = beta * (log pi - log pi_ref); IPO's tau.
     beta: float = 0.1
+    # lambdarank: weight each pair by |delta DCG| of swapping it (LiPO-lambda).
+    lambdarank_ndcg: bool = False
+    # simpo: target margin between the best and the worst item, in score units.
+    simpo_gamma: float = 0.5
     learning_rate: float = 1e-6
     epochs: int = 1
     # Prompts per optimizer step (each brings its whole list).
@@ -114,6 +120,9 @@ class TrainConfig:
     # bf16 autocast of forward passes over fp32 weights (reference stage too):
     # auto = where the hardware has native bf16 (GPUs, AVX512_BF16 / AMX CPUs).
     autocast: Literal["auto", "on", "off"] = "auto"
+    # Recompute each layer's activations in backward: about a third more compute,
+    # a quarter less peak memory for the 135M model (docs/benchmarks.md).
+    gradient_checkpointing: bool = False
     # LoRA adapters (peft) instead of full fine-tuning when lora_rank > 0; they are
     # merged into the saved checkpoint, so vLLM loads it as a plain model.
     lora_rank: int = 0
