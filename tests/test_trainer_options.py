@@ -59,3 +59,21 @@ def test_autocast_setting():
     with autocast("off"):
         y = torch.ones(4, 4) @ torch.ones(4, 4)
     assert y.dtype == torch.float32
+
+
+def test_fp32_checkpoint_keeps_an_update_that_bf16_would_erase(tiny_model, tmp_path):
+    """A round's update at a typical learning rate is below bf16's resolution: saving in
+    fp32 (the default train.save_dtype) is what carries it into the next round."""
+    rows = with_reference(lists_rows(), tiny_model)
+    model, tokenizer = load_policy(str(tiny_model), "float32")
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    examples = build_examples(rows, tokenizer, max_length=128, max_list_size=8)
+    train_steps(model, examples, tokenizer, steps=1, lr=1e-6)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    saved = load_file(tmp_path / "model.safetensors")
+    changed = sum((saved[k] != base[k]).sum().item() for k in saved)
+    total = sum(t.numel() for t in saved.values())
+    assert all(t.dtype == torch.float32 for t in saved.values())
+    assert changed > 0.5 * total
+    survives_bf16 = sum((saved[k].bfloat16() != base[k].bfloat16()).sum().item() for k in saved)
+    assert survives_bf16 < 0.05 * changed
