@@ -259,6 +259,9 @@ def _coerce(value: Any, hint: Any, dotted: str, source: str) -> Any:
     origin = typing.get_origin(hint)
     if origin is Literal:
         choices = typing.get_args(hint)
+        # YAML 1.1 reads a bare on/off as a boolean.
+        if isinstance(value, bool) and {"on", "off"} <= set(choices):
+            value = "on" if value else "off"
         if value not in choices:
             raise ConfigError(f"config key '{dotted}' ({source}) must be one of "
                               f"{', '.join(map(str, choices))}; got {value!r}")

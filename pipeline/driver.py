@@ -59,13 +59,15 @@ def plan_round(config: Config, run_name: str, number: int) -> RoundPlan:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(policy_in, trust_remote_code=config.model.trust_remote_code)
-    budget = config.model.max_model_len - config.generate.max_tokens
+    # Room for the answer in the engine's context, and for at least one answer
+    # token in the trainer's (which cuts long answers, never prompts).
+    budget = min(config.model.max_model_len - config.generate.max_tokens, config.train.max_length - 1)
     pool = load_prompts(config.prompts.train, config.prompts.messages_field)
     chosen = round_slice(pool, number, config.prompts.per_round, config.seed)
     prompts, dropped = fit_to_context(chosen, tokenizer, budget, config.prompts.too_long)
     if not prompts:
-        raise PipelineError(f"none of the {len(chosen)} prompts of round {number} fits model.max_model_len="
-                            f"{config.model.max_model_len} with generate.max_tokens={config.generate.max_tokens}")
+        raise PipelineError(f"none of the {len(chosen)} prompts of round {number} fits in {budget} tokens "
+                            "(model.max_model_len minus generate.max_tokens, and train.max_length)")
     heldout: list[Prompt] = []
     if config.prompts.eval_size:
         held = load_prompts(config.prompts.heldout, config.prompts.messages_field)[:config.prompts.eval_size]
@@ -87,7 +89,7 @@ def check_compatible(run: RunLayout, config: Config) -> None:
 
 def run_round(plan: RoundPlan) -> dict[str, Any]:
     """Run the stages that are not done yet; return the round's metrics."""
-    if plan.round.is_finished():
+    if plan.round.is_finished() and plan.round.metrics.is_file():
         log.info("round %d is already finished: %s", plan.round.number, plan.round.dir)
         return read_metrics(plan.round)
     ensure_ray()

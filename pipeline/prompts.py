@@ -74,7 +74,8 @@ def fit_to_context(prompts: Iterable[Prompt], tokenizer: Any, max_prompt_tokens:
         elif too_long == "error":
             raise PipelineError(
                 f"prompt '{prompt.prompt_id}' has {n} tokens, more than the {max_prompt_tokens} that fit "
-                "model.max_model_len with generate.max_tokens of answer (prompts.too_long=drop skips it)")
+                "model.max_model_len with room for the answer, and train.max_length "
+                "(prompts.too_long=drop skips it)")
         else:
             dropped.append(prompt.prompt_id)
     return kept, dropped

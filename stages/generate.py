@@ -88,9 +88,11 @@ def generate_shards(prompts: list[Prompt], model_path: str, spec: SamplingSpec, 
     todo = [i for i in range(num_shards) if not (out_dir / shard_name(i)).exists()]
     use_gpu = cluster_has_gpus()
     start = time.perf_counter()
-    workers = {i: GenerationWorker.options(**worker_options(config, use_gpu)).remote(
-        model_path, engine_args(config, seed + i, use_gpu)) for i in todo}
+    workers: dict[int, Any] = {}
     try:
+        for i in todo:
+            workers[i] = GenerationWorker.options(**worker_options(config, use_gpu)).remote(
+                model_path, engine_args(config, seed + i, use_gpu))
         pending = {workers[i].generate.remote([p.messages for p in chunks[i]], spec): i for i in todo}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)

@@ -9,6 +9,7 @@ import yaml
 
 from pipeline.config import load_config
 from pipeline.driver import plan_round
+from pipeline.errors import PipelineError
 from tests.conftest import REPO_ROOT, run_cli
 
 
@@ -143,3 +144,15 @@ def test_run_with_incompatible_config_is_refused(tmp_path, output):
                      "prompts.train=data/prompts/train.jsonl")
     assert_one_line_error(result, "prompts.train", "new run name")
     assert_no_run_dir(output)
+
+
+def test_prompts_that_leave_no_room_in_train_max_length_are_refused(output, tiny_model):
+    config = load_config("configs/smoke.yaml", ["train.max_length=16", f"output={output}"])
+    with pytest.raises(PipelineError, match="train.max_length"):
+        plan_round(config, "r", 1)
+    assert_no_run_dir(output)
+
+
+def test_on_off_choices_survive_yaml_booleans():
+    assert load_config("configs/smoke.yaml", ["train.autocast=on"]).train.autocast == "on"
+    assert load_config("configs/smoke.yaml", ["train.autocast=off"]).train.autocast == "off"

@@ -119,9 +119,12 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                                         mean_margin(scores, mask).sum().item(), len(micro),
                                         sum(len(ids) for e in micro for ids, _ in e.tokens)], dtype=torch.float64)
         if world > 1:
+            # Every worker reduces every gradient, in the same order, even one whose
+            # share of a short last batch was empty: a skipped collective would hang the rest.
             for param in params:
-                if param.grad is not None:
-                    dist.all_reduce(param.grad)
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+                dist.all_reduce(param.grad)
             dist.all_reduce(totals)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, train["max_grad_norm"])
         optimizer.step()
