@@ -19,7 +19,7 @@ import pyarrow as pa
 import ray
 
 from pipeline import schema
-from pipeline.hardware import native_bf16
+from pipeline.hardware import cluster_has_gpus, native_bf16
 from pipeline.layout import read_parquet_dir, shard_name, write_parquet
 from pipeline.prompts import Prompt
 
@@ -74,10 +74,6 @@ def worker_options(config, use_gpu: bool) -> dict[str, Any]:
     env = {"VLLM_CPU_KVCACHE_SPACE": str(gen.cpu_kv_cache_gib), "OMP_NUM_THREADS": str(threads),
            "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     return {"num_cpus": 1, "runtime_env": {"env_vars": env}}
-
-
-def cluster_has_gpus() -> bool:
-    return ray.cluster_resources().get("GPU", 0) > 0
 
 
 def generate_shards(prompts: list[Prompt], model_path: str, spec: SamplingSpec, config, out_dir: Path,

@@ -15,6 +15,7 @@ import pyarrow as pa
 import ray
 
 from pipeline import schema
+from pipeline.hardware import cluster_has_gpus
 from pipeline.layout import read_parquet_dir, shard_name, write_parquet
 
 
@@ -53,7 +54,7 @@ def run_stage(plan, out_dir: Path) -> dict[str, Any]:
     config = plan.config
     rows = read_parquet_dir(plan.round.lists).to_pylist()
     requests = [(row["prompt"], item["response"]) for row in rows for item in row["positives"] + row["negatives"]]
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    gpus = 1 if cluster_has_gpus() else 0
     logps = ray.get(score_items.options(num_gpus=gpus).remote(
         plan.reference, requests, config.train.dtype, config.train.max_length, config.reference.batch_size,
         config.train.logprob_chunk_size, config.model.trust_remote_code, config.train.autocast)) if requests else []

@@ -12,12 +12,13 @@ import ray
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from pipeline.hardware import cluster_has_gpus
 from pipeline.layout import shard_name
 from stages.train.loop import summarize, train_loop_per_worker
 
 
 def scaling_config(num_workers: int) -> ScalingConfig:
-    if ray.cluster_resources().get("GPU", 0) > 0:
+    if cluster_has_gpus():
         return ScalingConfig(num_workers=num_workers, use_gpu=True)
     # Ray counts CPUs only to schedule; the loop sets its own thread count.
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // num_workers)
