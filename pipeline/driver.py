@@ -8,12 +8,12 @@ directory. `run_round` then runs each stage whose `_done` marker is missing.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -144,8 +144,6 @@ def round_metrics(plan: RoundPlan) -> dict[str, Any]:
 
 
 def read_metrics(round_layout: RoundLayout) -> dict[str, Any]:
-    import json
-
     return json.loads(round_layout.metrics.read_text()) if round_layout.metrics.is_file() else {}
 
 

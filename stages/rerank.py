@@ -27,8 +27,8 @@ ITEM_FIELDS = ("response", "sample_index", "round", "num_tokens")
 class RewardWorker:
     """Owns one reward model; scores batches of samples."""
 
-    def __init__(self, name: str, options: dict[str, Any]):
-        self.reward = build_reward(name, **options)
+    def __init__(self, name: str):
+        self.reward = build_reward(name)
 
     def score(self, samples: list[Sample]) -> list[float]:
         return [float(r) for r in self.reward.score(samples)]
@@ -36,7 +36,7 @@ class RewardWorker:
 
 def score_candidates(rows: list[dict[str, Any]], reward_name: str, batch_size: int) -> list[float]:
     """Rewards for candidate rows, in order, scored in batches by one Ray actor."""
-    worker = RewardWorker.remote(reward_name, {})
+    worker = RewardWorker.remote(reward_name)
     try:
         samples = [Sample(r["prompt_id"], r["prompt"], r["response"], json.loads(r["metadata"])) for r in rows]
         batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
