@@ -25,6 +25,13 @@ def main(argv: list[str] | None = None) -> int:
 
     commands.add_parser("prepare-models", help="convert the embedded default model and build the tiny test model")
 
+    sub = commands.add_parser("inspect", help="what the reranker did in one round: counts, rewards, example lists")
+    sub.add_argument("round_dir", help="a round directory, e.g. runs/default/round_001")
+    sub.add_argument("--examples", type=int, default=3, help="prompts shown with their positives and negatives")
+
+    sub = commands.add_parser("report", help="a table and a PNG plot of every round of a run")
+    sub.add_argument("run_dir", help="a run directory, e.g. runs/default")
+
     # Overrides may come after options (`--run x train.beta=0.2`), which argparse
     # leaves unparsed; anything else left over is a real mistake.
     args, extra = parser.parse_known_args(argv)
@@ -40,6 +47,14 @@ def main(argv: list[str] | None = None) -> int:
 
             prepare_embedded_models()
             return 0
+        if args.command == "inspect":
+            from pipeline.inspect_round import main as inspect_main
+
+            return inspect_main(args)
+        if args.command == "report":
+            from pipeline.report import main as report_main
+
+            return report_main(args)
         return run_rounds(args)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -73,6 +73,13 @@ class RewardConfig:
     # A name registered in rewards/ (see `rewards.REWARDS`).
     name: str = "ifeval"
     batch_size: int = 64
+    # A reward that is NaN or infinite: stop with an `error` naming the prompt,
+    # or `drop` that candidate (counted in the stage's statistics).
+    on_invalid: Literal["error", "drop"] = "error"
+    # Reward actors that share the candidates, and the GPUs each one holds
+    # (0 on CPU hosts; 1 puts one reward model on each GPU).
+    num_actors: int = 1
+    num_gpus_per_actor: float = 0.0
 
 
 @dataclass
@@ -180,6 +187,8 @@ _RANGE_CHECKS: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("generate.cpu_kv_cache_gib", lambda v: v > 0, "positive"),
     ("generate.gpu_memory_utilization", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("reward.batch_size", lambda v: v > 0, "positive"),
+    ("reward.num_actors", lambda v: v > 0, "positive"),
+    ("reward.num_gpus_per_actor", lambda v: v >= 0, "zero or more"),
     ("reference.batch_size", lambda v: v > 0, "positive"),
     ("train.beta", lambda v: v > 0, "positive"),
     ("train.learning_rate", lambda v: v >= 0, "zero or more"),

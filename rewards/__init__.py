@@ -1,6 +1,6 @@
 """Rewards: score (prompt, response) samples. Importing this fills the REWARDS registry."""
 
-from rewards.base import REWARDS, RewardModel, Sample, build_reward, register_reward
+from rewards.base import REWARDS, RewardModel, Sample, build_reward, build_reward_from_config, register_reward
 from rewards import ifeval  # noqa: F401  (registers "ifeval")
 
-__all__ = ["REWARDS", "RewardModel", "Sample", "build_reward", "register_reward"]
+__all__ = ["REWARDS", "RewardModel", "Sample", "build_reward", "build_reward_from_config", "register_reward"]

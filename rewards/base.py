@@ -40,3 +40,8 @@ def build_reward(name: str, **options) -> RewardModel:
     if name not in REWARDS:
         raise ValueError(f"unknown reward {name!r} (known: {', '.join(sorted(REWARDS))})")
     return REWARDS[name](**options)
+
+
+def build_reward_from_config(reward_config) -> RewardModel:
+    """The reward a `RewardConfig` (pipeline/config.py) describes."""
+    return build_reward(reward_config.name)

@@ -44,7 +44,7 @@ def run_stage(plan, out_dir: Path) -> dict[str, Any]:
 
     stats = generate_shards(plan.heldout, policy, spec, config, samples_dir, config.seed, make_table)
     rows = read_parquet_dir(samples_dir).to_pylist()
-    rewards = score_candidates(rows, config.reward.name, config.reward.batch_size)
+    rewards = score_candidates(rows, config.reward)
     for row, reward in zip(rows, rewards, strict=True):
         row["reward"] = reward
     write_parquet(pa.Table.from_pylist(rows, schema=schema.EVAL), out_dir / shard_name(0))

@@ -18,7 +18,7 @@ import ray
 
 from pipeline import schema
 from pipeline.layout import read_parquet_dir, shard_name, write_parquet
-from rewards import Sample, build_reward
+from rewards import Sample, build_reward_from_config
 
 ITEM_FIELDS = ("response", "sample_index", "round", "num_tokens")
 
@@ -27,16 +27,17 @@ ITEM_FIELDS = ("response", "sample_index", "round", "num_tokens")
 class RewardWorker:
     """Owns one reward model; scores batches of samples."""
 
-    def __init__(self, name: str):
-        self.reward = build_reward(name)
+    def __init__(self, reward_config):
+        self.reward = build_reward_from_config(reward_config)
 
     def score(self, samples: list[Sample]) -> list[float]:
         return [float(r) for r in self.reward.score(samples)]
 
 
-def score_candidates(rows: list[dict[str, Any]], reward_name: str, batch_size: int) -> list[float]:
+def score_candidates(rows: list[dict[str, Any]], reward_config) -> list[float]:
     """Rewards for candidate rows, in order, scored in batches by one Ray actor."""
-    worker = RewardWorker.remote(reward_name)
+    batch_size = reward_config.batch_size
+    worker = RewardWorker.remote(reward_config)
     try:
         samples = [Sample(r["prompt_id"], r["prompt"], r["response"], json.loads(r["metadata"])) for r in rows]
         batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
@@ -83,7 +84,7 @@ def build_lists(scored: list[dict[str, Any]], strategy: str) -> tuple[list[dict[
 def run_stage(plan, out_dir: Path) -> dict[str, Any]:
     config = plan.config
     candidates = read_parquet_dir(plan.round.candidates).to_pylist()
-    rewards = score_candidates(candidates, config.reward.name, config.reward.batch_size)
+    rewards = score_candidates(candidates, config.reward)
     scored = [{**row, "reward": reward} for row, reward in zip(candidates, rewards, strict=True)]
     lists, counts = build_lists(scored, config.lists.strategy)
     write_parquet(pa.Table.from_pylist(lists, schema=schema.LISTS), out_dir / shard_name(0))
