@@ -275,6 +275,26 @@ def _coerce(value: Any, hint: Any, dotted: str, source: str) -> Any:
             raise ConfigError(f"config key '{dotted}' ({source}) must be one of "
                               f"{', '.join(map(str, choices))}; got {value!r}")
         return value
+    if origin is list:
+        # A YAML list, or a comma-separated string on the command line (temperatures=0.6,1.0).
+        if isinstance(value, str):
+            value = [yaml.safe_load(part) for part in value.split(",") if part.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{dotted}' ({source}) must be a list; got {type(value).__name__} {value!r}")
+        (item_hint,) = typing.get_args(hint)
+        return [_coerce(item, item_hint, f"{dotted}[{i}]", source) for i, item in enumerate(value)]
+    if origin is dict:
+        # A YAML mapping, or `name:weight,name:weight` on the command line.
+        if isinstance(value, str):
+            pairs = [part.split(":", 1) for part in value.split(",") if part.strip()]
+            if any(len(pair) != 2 for pair in pairs):
+                raise ConfigError(f"config key '{dotted}' ({source}) must look like name:value,name:value; got {value!r}")
+            value = {k.strip(): yaml.safe_load(v) for k, v in pairs}
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{dotted}' ({source}) must be a mapping; got {type(value).__name__} {value!r}")
+        key_hint, value_hint = typing.get_args(hint)
+        return {_coerce(k, key_hint, f"{dotted} key", source): _coerce(v, value_hint, f"{dotted}.{k}", source)
+                for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in typing.get_args(hint):
             return None
@@ -331,6 +351,8 @@ def _apply_override(config: Config, item: str) -> None:
     hint = typing.get_type_hints(type(section))[leaf]
     if hint is str and not isinstance(value, str):
         value = text  # `run=123` or `name=true` are strings when a string is expected
+    if typing.get_origin(hint) in (list, dict) and not isinstance(value, (list, dict)):
+        value = text  # `temperatures=0.6,1.0` reads as a string; _coerce splits it
     setattr(section, leaf, _coerce(value, hint, key, source))
 
 

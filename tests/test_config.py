@@ -1,5 +1,6 @@
 """pipeline/config.py: YAML + overrides into a validated, typed Config."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -348,3 +349,29 @@ def test_config_from_dict_validates():
     raw["generate"]["num_samples"] = 1
     with pytest.raises(ConfigError, match="generate.num_samples"):
         config_from_dict(raw)
+
+
+@pytest.mark.parametrize("value, hint, expected", [
+    ([0.6, 1], list[float], [0.6, 1.0]),
+    ("0.6,1.0", list[float], [0.6, 1.0]),
+    ({"ifeval": 1, "hf_classifier": 0.5}, dict[str, float], {"ifeval": 1.0, "hf_classifier": 0.5}),
+    ("ifeval:1, hf_classifier:0.5", dict[str, float], {"ifeval": 1.0, "hf_classifier": 0.5}),
+])
+def test_list_and_mapping_values(value, hint, expected):
+    from pipeline.config import _coerce
+
+    assert _coerce(value, hint, "section.key", "test") == expected
+
+
+@pytest.mark.parametrize("value, hint, message", [
+    ("a", list[float], "'section.key[0]' (test) must be float"),
+    (3, list[float], "'section.key' (test) must be a list"),
+    ({"a": "x"}, dict[str, float], "'section.key.a' (test) must be float"),
+    ("a=1", dict[str, float], "must look like name:value"),
+    ([1.0], dict[str, float], "'section.key' (test) must be a mapping"),
+])
+def test_bad_list_and_mapping_values_name_the_key(value, hint, message):
+    from pipeline.config import _coerce
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        _coerce(value, hint, "section.key", "test")
