@@ -9,7 +9,7 @@ ARGS    ?=
 
 round_args = --config $(CONFIG) --run $(RUN) $(if $(OUTPUT),--output $(OUTPUT)) $(ARGS)
 
-.PHONY: setup round rounds test bench bench-train check-venv
+.PHONY: setup round rounds test bench bench-train bench-reward check-venv
 
 setup:
 	bash scripts/setup.sh
@@ -31,10 +31,14 @@ test: check-venv
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$status
 
 ## make bench: the benchmarks in bench/ (numbers go to docs/bench/ and docs/benchmarks.md)
-bench: bench-train
+bench: bench-train bench-reward
 
 ## the trainer against TRL's DPOTrainer. TRL is installed only for this, without
 ## its dependencies: a full resolve would bring back torchvision (see scripts/setup.sh).
 bench-train: check-venv
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps "trl==1.16.0" "jinja2"
 	$(PY) bench/train_bench.py $(ARGS)
+
+## hf_classifier scoring, length-sorted batches against unsorted ones (random 135M classifier, CPU)
+bench-reward: check-venv
+	$(PY) bench/reward_bench.py $(ARGS)

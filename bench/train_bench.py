@@ -4,8 +4,12 @@ Each case runs in its own process so that its peak memory (max RSS) is its own:
   ours-k2      pairwise DPO on (chosen, rejected), reference log-probs precomputed (our design)
   ours-k4      listwise contrastive on 4 items per prompt, same prompts, same sequences per forward pass
   ours-k2-gc   ours-k2 with gradient checkpointing (train.gradient_checkpointing)
+  ours-k2-lean ours-k2 with bf16 AdamW moments (train.optimizer: adamw_bf16) and one prompt per
+               forward pass (train.micro_batch_size: 1), gradients accumulated over the batch
   trl          TRL DPOTrainer, default settings (a reference model in memory, scored every step)
   trl-precomp  TRL DPOTrainer with precompute_ref_log_probs=True (no reference model during steps)
+  trl-micro1   trl-precomp with one prompt per forward pass (gradient_accumulation_steps = batch):
+               TRL at the same micro-batch as ours-k2-lean
 
 Usage: python bench/train_bench.py [--model DIR] [--prompts 16] [--batch 4] [--steps 3] [--out FILE]
 Tokens/s counts the non-padding tokens (prompt + response) of every sequence a step trains on.
@@ -45,15 +49,18 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def run_ours(args, items: int, objective: str, checkpointing: bool = False) -> dict:
+def run_ours(args, items: int, objective: str, checkpointing: bool = False, optimizer_name: str = "adamw",
+             micro_seqs: int | None = None) -> dict:
     import torch
 
-    from stages.train.data import ListExample, load_policy, use_all_cpu_threads
+    from stages.train.data import ListExample, load_policy, return_freed_memory_to_os, use_all_cpu_threads
     from stages.train.logprobs import tokenize_example
     from stages.train.loop import list_scores
     from stages.train.objectives import OBJECTIVES
+    from stages.train.optim import build_optimizer
 
     use_all_cpu_threads()
+    return_freed_memory_to_os()
     torch.manual_seed(0)
     model, tokenizer = load_policy(args.model, "float32")
     model.train()
@@ -63,10 +70,10 @@ def run_ours(args, items: int, objective: str, checkpointing: bool = False) -> d
     examples = [ListExample(r["prompt_id"],
                             [tokenize_example(tokenizer, r["prompt"], resp, args.max_length) for resp in r["responses"]],
                             [0.0] * items, [float(items - i) for i in range(items)]) for r in rows]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=args.foreach)
+    optimizer = build_optimizer(optimizer_name, model.parameters(), lr=1e-6, weight_decay=0.0)
     # As many sequences per forward pass as the pairwise case: longer lists
     # accumulate gradients over more micro-batches (train.micro_batch_size).
-    micro = max(1, args.micro_seqs // items)
+    micro = max(1, (micro_seqs or args.micro_seqs) // items)
     times, tokens = [], []
     for step in range(args.steps + 1):
         batch = examples[(step * args.batch) % len(examples):][:args.batch]
@@ -82,16 +89,18 @@ def run_ours(args, items: int, objective: str, checkpointing: bool = False) -> d
     return summary(times, tokens, args.batch)
 
 
-def run_trl(args, precompute: bool) -> dict:
+def run_trl(args, precompute: bool, micro: int | None = None) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from stages.train.data import use_all_cpu_threads
+    from stages.train.data import return_freed_memory_to_os, use_all_cpu_threads
     from stages.train.logprobs import tokenize_example
 
     use_all_cpu_threads()
+    # The same allocator setting as our trainer, so that peak memory compares the trainers.
+    return_freed_memory_to_os()
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
@@ -114,7 +123,9 @@ def run_trl(args, precompute: bool) -> dict:
             self.times.append(time.perf_counter() - self.start)
 
     timer = StepTimer()
-    config = DPOConfig(output_dir=str(Path(args.scratch) / "trl"), per_device_train_batch_size=args.batch,
+    micro = micro or args.batch
+    config = DPOConfig(output_dir=str(Path(args.scratch) / "trl"), per_device_train_batch_size=micro,
+                       gradient_accumulation_steps=args.batch // micro,
                        max_steps=args.steps + 1, learning_rate=1e-6, beta=0.1, max_length=args.max_length,
                        logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, bf16=False,
                        dataloader_num_workers=0, precompute_ref_log_probs=precompute, seed=0,
@@ -138,8 +149,10 @@ CASES = {
     "ours-k2": lambda args: run_ours(args, 2, "dpo"),
     "ours-k4": lambda args: run_ours(args, 4, "contrastive"),
     "ours-k2-gc": lambda args: run_ours(args, 2, "dpo", checkpointing=True),
+    "ours-k2-lean": lambda args: run_ours(args, 2, "dpo", optimizer_name="adamw_bf16", micro_seqs=2),
     "trl": lambda args: run_trl(args, precompute=False),
     "trl-precomp": lambda args: run_trl(args, precompute=True),
+    "trl-micro1": lambda args: run_trl(args, precompute=True, micro=1),
 }
 
 
@@ -152,7 +165,6 @@ def main() -> None:
     parser.add_argument("--words", type=int, default=60)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--micro-seqs", type=int, default=8, help="sequences per forward pass (ours)")
-    parser.add_argument("--foreach", type=int, default=0, help="AdamW's multi-tensor step (ours); 0 saves memory")
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
     parser.add_argument("--scratch", default="/tmp/larpo-bench")
@@ -180,6 +192,13 @@ def main() -> None:
             gc = results["ours-k2-gc"]
             results["ratios"]["checkpointing_tokens_per_second_vs_trl"] = gc["tokens_per_second"] / trl["tokens_per_second"]
             results["ratios"]["checkpointing_peak_memory_vs_trl"] = gc["peak_rss_gib"] / trl["peak_rss_gib"]
+    for case, baseline in (("ours-k2-lean", "trl"), ("ours-k2-lean", "trl-micro1")):
+        if results.get(case) and results.get(baseline):
+            ratios = results.setdefault("ratios", {})
+            ratios[f"{case}_tokens_per_second_vs_{baseline}"] = (results[case]["tokens_per_second"]
+                                                                 / results[baseline]["tokens_per_second"])
+            ratios[f"{case}_peak_memory_vs_{baseline}"] = (results[case]["peak_rss_gib"]
+                                                           / results[baseline]["peak_rss_gib"])
     if ours and results.get("ours-k4"):
         results.setdefault("ratios", {})["k4_vs_k2_per_prompt"] = (results["ours-k4"]["seconds_per_prompt"]
                                                                    / ours["seconds_per_prompt"])

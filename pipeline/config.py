@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -52,6 +53,11 @@ class GenerateConfig:
     # K: responses sampled per prompt.
     num_samples: int = 4
     temperature: float = 0.8
+    # Several temperatures in one round: the K samples of each prompt are split
+    # into consecutive blocks, one per temperature in this order, as evenly as
+    # possible (the first K mod T temperatures take one more), e.g. K=4 and
+    # [0.6, 1.0] give samples 0-1 at 0.6 and 2-3 at 1.0. Empty: all at `temperature`.
+    temperatures: list[float] = field(default_factory=list)
     top_p: float = 1.0
     max_tokens: int = 128
     # vLLM engines (Ray actors) that share the prompts.
@@ -80,12 +86,52 @@ class RewardConfig:
     # (0 on CPU hosts; 1 puts one reward model on each GPU).
     num_actors: int = 1
     num_gpus_per_actor: float = 0.0
+    # hf_classifier: the reward model (AutoModelForSequenceClassification with one
+    # label, e.g. Skywork-Reward): a local checkpoint directory, `embedded:<name>`,
+    # or a hub id already in the local HF cache. Its tokenizer needs a chat template.
+    model: str = ""
+    # Run the reward model's own code from its checkpoint (off: only transformers' classes).
+    trust_remote_code: bool = False
+    # auto: bfloat16 on GPUs, float32 on CPUs.
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    # Longest chat (prompt + response) in tokens; a longer one keeps its end,
+    # where the classifier reads its score.
+    max_length: int = 2048
+    # Sequences per forward pass of the reward model. Each batch of batch_size
+    # samples is sorted by length and cut into these; halved on out-of-memory.
+    micro_batch_size: int = 16
+    # composite: the weight of each registered reward, e.g. {ifeval: 1.0, hf_classifier: 0.5}
+    # (on the command line: reward.components=ifeval:1.0,hf_classifier:0.5).
+    components: dict[str, float] = field(default_factory=dict)
+    # composite: subtracted per 100 words of response (whitespace-separated, so the
+    # same for every tokenizer); 0.1 costs a 300-word answer 0.3.
+    length_penalty: float = 0.0
 
 
 @dataclass
 class ListsConfig:
-    # top_rest: the best response is the positive, all others are negatives.
-    strategy: Literal["top_rest"] = "top_rest"
+    # How a prompt's candidates, best-first, become positives and negatives
+    # (stages/rerank.py, LIST_STRATEGIES). Every strategy takes the best
+    # `num_positives` candidates as positives; the negatives are drawn from the
+    # eligible rest (see `ties` and `min_margin`):
+    #   top_bottom: the `num_negatives` lowest (contrastive: 1 vs bottom 3 of 4);
+    #   top_rest:   all of them;
+    #   hardest:    the `num_negatives` highest (the hardest negatives);
+    #   random:     `num_negatives` drawn uniformly, seeded by seed, round and prompt.
+    strategy: Literal["top_bottom", "top_rest", "hardest", "random"] = "top_rest"
+    num_positives: int = 1
+    # Ignored by top_rest, which keeps every eligible negative.
+    num_negatives: int = 3
+    # A candidate whose reward equals the lowest positive's: `drop` never uses it
+    # as a negative (a tie is no preference); `allow` may.
+    ties: Literal["drop", "allow"] = "drop"
+    # A negative must be at least this far below every positive; a prompt left
+    # without a negative is dropped and counted.
+    min_margin: float = 0.0
+    # The candidate pool of a prompt: this round only (`none`), plus the previous
+    # round's responses to the same prompt (`previous`), or every earlier
+    # round's (`all`). Earlier rewards are reused, not re-scored.
+    memory: Literal["none", "previous", "all"] = "none"
 
 
 @dataclass
@@ -118,10 +164,20 @@ class TrainConfig:
     # The longest list trained on (positives first, then the hardest negatives).
     max_list_size: int = 8
     weight_decay: float = 0.0
+    # adamw: torch's AdamW. adamw_bf16: the same update with both moments stored in
+    # bf16 (stochastically rounded): half the optimizer memory (stages/train/optim.py).
+    optimizer: Literal["adamw", "adamw_bf16"] = "adamw"
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
     # Data-parallel Ray Train workers.
     num_workers: int = 1
+    # none: every worker holds the whole model and gradients are summed across workers
+    # (CPU or GPU). fsdp: torch FSDP2 shards weights, gradients and optimizer state
+    # across the workers (for models that do not fit one GPU; not with LoRA).
+    sharding: Literal["none", "fsdp"] = "none"
+    # Save model, optimizer, scheduler and data position every N optimizer steps
+    # (0: never), so a killed train stage resumes instead of restarting.
+    checkpoint_every: int = 50
     # Dtype of the policy's weights (and of the reference log-probs, which must match).
     dtype: Literal["float32", "bfloat16"] = "float32"
     # bf16 autocast of forward passes over fp32 weights (reference stage too):
@@ -145,6 +201,9 @@ class TrainConfig:
 
 @dataclass
 class EvaluateConfig:
+    # Decoding of the one answer per held-out prompt (0: greedy). Round 0's
+    # answers (the base model, round_000/) are made with these, and a later
+    # round with other values is refused: its win rate would compare unlike answers.
     temperature: float = 0.0
     max_tokens: int = 128
 
@@ -171,7 +230,9 @@ class Config:
 # everything else (learning rate, K, workers...) may change between rounds.
 RUN_IDENTITY_KEYS = ("seed", "model.name", "prompts.train", "prompts.heldout",
                      "prompts.messages_field", "prompts.per_round", "reward.name",
-                     "reference.policy")
+                     "reference.policy",
+                     # Round 0's held-out answers, every win rate's baseline, were made with these.
+                     "evaluate.temperature", "evaluate.max_tokens")
 
 # Checked after types: (key, predicate, what it must be).
 _RANGE_CHECKS: list[tuple[str, typing.Callable[[Any], bool], str]] = [
@@ -180,6 +241,8 @@ _RANGE_CHECKS: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("prompts.eval_size", lambda v: v >= 0, "zero or more"),
     ("generate.num_samples", lambda v: v >= 2, "at least 2 (a list needs a positive and a negative)"),
     ("generate.temperature", lambda v: v >= 0, "zero or more"),
+    ("generate.temperatures", lambda v: all(t >= 0 for t in v) and len(set(v)) == len(v),
+     "zero or more each, without repeats"),
     ("generate.top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("generate.max_tokens", lambda v: v > 0, "positive"),
     ("generate.num_actors", lambda v: v > 0, "positive"),
@@ -189,6 +252,14 @@ _RANGE_CHECKS: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("reward.batch_size", lambda v: v > 0, "positive"),
     ("reward.num_actors", lambda v: v > 0, "positive"),
     ("reward.num_gpus_per_actor", lambda v: v >= 0, "zero or more"),
+    ("reward.max_length", lambda v: v > 1, "more than 1"),
+    ("reward.micro_batch_size", lambda v: v > 0, "positive"),
+    ("reward.length_penalty", lambda v: v >= 0, "zero or more"),
+    # abs(w) < inf is False for NaN too.
+    ("reward.components", lambda v: all(abs(w) < float("inf") for w in v.values()), "finite weights"),
+    ("lists.num_positives", lambda v: v > 0, "positive"),
+    ("lists.num_negatives", lambda v: v > 0, "positive"),
+    ("lists.min_margin", lambda v: v >= 0 and math.isfinite(v), "zero or more"),
     ("reference.batch_size", lambda v: v > 0, "positive"),
     ("train.beta", lambda v: v > 0, "positive"),
     ("train.learning_rate", lambda v: v >= 0, "zero or more"),
@@ -201,6 +272,7 @@ _RANGE_CHECKS: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("train.max_grad_norm", lambda v: v > 0, "positive"),
     ("train.num_workers", lambda v: v > 0, "positive"),
     ("train.logprob_chunk_size", lambda v: v > 0, "positive"),
+    ("train.checkpoint_every", lambda v: v >= 0, "zero (never) or more"),
     ("train.lora_rank", lambda v: v >= 0, "zero (full fine-tuning) or more"),
     ("train.lora_alpha", lambda v: v > 0, "positive"),
     ("train.lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -361,6 +433,12 @@ def _check_ranges(config: Config) -> None:
         value = get_key(config, key)
         if not ok(value):
             raise ConfigError(f"config key '{key}' must be {what}; got {value!r}")
+    if len(config.generate.temperatures) > config.generate.num_samples:
+        raise ConfigError(f"config key 'generate.temperatures' has {len(config.generate.temperatures)} values but "
+                          f"generate.num_samples is {config.generate.num_samples}: each temperature needs a sample")
+    if config.train.sharding == "fsdp" and config.train.lora_rank:
+        raise ConfigError("config key 'train.sharding' must be none with LoRA (train.lora_rank > 0): "
+                          "merging adapters into FSDP-sharded weights is not supported")
     if config.train.batch_size % config.train.micro_batch_size:
         raise ConfigError("config key 'train.micro_batch_size' must divide train.batch_size; "
                           f"got {config.train.micro_batch_size} and {config.train.batch_size}")
@@ -377,3 +455,17 @@ def _check_registries(config: Config) -> None:
     if config.reward.name not in REWARDS:
         raise ConfigError(f"config key 'reward.name' must be one of {', '.join(sorted(REWARDS))}; "
                           f"got {config.reward.name!r}")
+    _check_reward_components(config.reward)
+
+
+def _check_reward_components(reward: RewardConfig) -> None:
+    # Caught here, at load, rather than minutes later in the rerank stage's actor.
+    from rewards.composite import check_components
+    from rewards.hf_classifier import MISSING_MODEL
+
+    used = {reward.name}
+    if reward.name == "composite":
+        check_components(reward.components)
+        used = set(reward.components)
+    if "hf_classifier" in used and not reward.model:
+        raise ConfigError(MISSING_MODEL)

@@ -1,8 +1,10 @@
 """The round driver: check everything a round needs, then run its stages in order.
 
-`plan_round` reads and validates (config, previous round, prompts, model)
-without writing anything, so a bad input leaves no trace in the run
-directory. `run_round` then runs each stage whose `_done` marker is missing.
+`plan_round` reads and validates (config, previous round, prompts, model,
+round 0's held-out answers) without writing anything, so a bad input leaves no
+trace in the run directory. `run_round` then runs each stage whose `_done`
+marker is missing, and appends a line per stage, with its wall time, to
+`runs/<run>/pipeline.log`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import logging
 import os
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -73,6 +77,9 @@ def plan_round(config: Config, run_name: str, number: int) -> RoundPlan:
         held = load_prompts(config.prompts.heldout, config.prompts.messages_field)[:config.prompts.eval_size]
         eval_budget = config.model.max_model_len - config.evaluate.max_tokens
         heldout, _ = fit_to_context(held, tokenizer, eval_budget, config.prompts.too_long)
+        from stages.evaluate import check_baseline
+
+        check_baseline(run, heldout, config)
     return RoundPlan(config, run, this_round, base_model, policy_in, reference, prompts, heldout, dropped)
 
 
@@ -89,32 +96,81 @@ def check_compatible(run: RunLayout, config: Config) -> None:
 
 def run_round(plan: RoundPlan) -> dict[str, Any]:
     """Run the stages that are not done yet; return the round's metrics."""
-    if plan.round.is_finished() and plan.round.metrics.is_file():
-        log.info("round %d is already finished: %s", plan.round.number, plan.round.dir)
-        return read_metrics(plan.round)
-    ensure_ray()
-    config_text = yaml.safe_dump(plan.config.to_dict(), sort_keys=False)
-    if not plan.run.config.is_file():
-        atomic_write_text(plan.run.config, config_text)
-    atomic_write_text(plan.round.config, config_text)
-    for stage in STAGES:
-        if plan.round.is_done(stage):
-            log.info("round %d: %s already done, skipped", plan.round.number, stage)
-            continue
-        log.info("round %d: %s started", plan.round.number, stage)
-        out_dir = plan.round.begin_stage(stage)
-        runner = importlib.import_module(STAGE_MODULES[stage]).run_stage
-        with MemoryMonitor() as memory:
-            start = time.perf_counter()
+    number = plan.round.number
+    with run_log(plan.run.dir / "pipeline.log") as file_only:
+        if plan.round.is_finished() and plan.round.metrics.is_file():
+            log.info("round %d is already finished: %s", number, plan.round.dir)
+            return read_metrics(plan.round)
+        ensure_ray()
+        config_text = yaml.safe_dump(plan.config.to_dict(), sort_keys=False)
+        if not plan.run.config.is_file():
+            atomic_write_text(plan.run.config, config_text)
+        atomic_write_text(plan.round.config, config_text)
+        from tqdm import tqdm
+
+        # One bar for the round's stages; the stages draw their own bars inside it.
+        with tqdm(total=len(STAGES), desc=f"round {number}", unit="stage") as progress:
+            for stage in STAGES:
+                progress.set_postfix(stage=stage)
+                if plan.round.is_done(stage):
+                    log.info("round %d: %s already done, skipped", number, stage)
+                else:
+                    run_one_stage(plan, stage, file_only)
+                progress.update()
+        metrics = round_metrics(plan)
+        atomic_write_json(plan.round.metrics, metrics)
+        log.info("round %d finished in %.1f s of stages: %s", number, sum(metrics["stage_seconds"].values()),
+                 plan.round.metrics)
+        return metrics
+
+
+def run_one_stage(plan: RoundPlan, stage: str, file_only) -> None:
+    number = plan.round.number
+    log.info("round %d: %s started", number, stage)
+    out_dir = plan.round.begin_stage(stage)
+    runner = importlib.import_module(STAGE_MODULES[stage]).run_stage
+    with MemoryMonitor() as memory:
+        start = time.perf_counter()
+        try:
             stats = runner(plan, out_dir)
-            stats["wall_seconds"] = round(time.perf_counter() - start, 2)
-        stats["peak_memory_gib"] = memory.peak_gib
-        plan.round.finish_stage(stage, stats)
-        log.info("round %d: %s finished in %.1f s (peak memory %.2f GiB)", plan.round.number, stage,
-                 stats["wall_seconds"], memory.peak_gib)
-    metrics = round_metrics(plan)
-    atomic_write_json(plan.round.metrics, metrics)
-    return metrics
+        except BaseException as exc:
+            # The terminal gets the CLI's one-line error; the log keeps the stage and the time lost.
+            file_only("round %d: %s failed after %.1f s: %s: %s", number, stage,
+                      time.perf_counter() - start, type(exc).__name__, exc)
+            raise
+        stats["wall_seconds"] = round(time.perf_counter() - start, 2)
+    stats["peak_memory_gib"] = memory.peak_gib
+    plan.round.finish_stage(stage, stats)
+    log.info("round %d: %s finished in %.1f s (peak memory %.2f GiB)", number, stage,
+             stats["wall_seconds"], memory.peak_gib)
+
+
+@contextmanager
+def run_log(path: Path):
+    """Append the `pipeline` loggers' lines to `path` (the run's pipeline.log) while a round runs.
+
+    Yields a function that writes a line to the file alone.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
+                                           datefmt="%Y-%m-%d %H:%M:%S"))
+    handler.setLevel(logging.INFO)
+    # Outside the CLI (tests, notebooks) nobody may have turned INFO on; the file wants it anyway.
+    level = log.level
+    if log.getEffectiveLevel() > logging.INFO:
+        log.setLevel(logging.INFO)
+    log.addHandler(handler)
+
+    def file_only(message: str, *args: Any) -> None:
+        handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, message, args, None))
+
+    try:
+        yield file_only
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        handler.close()
 
 
 STAGE_MODULES = {
@@ -127,6 +183,8 @@ STAGE_MODULES = {
 
 
 def round_metrics(plan: RoundPlan) -> dict[str, Any]:
+    from stages.evaluate import EVAL_KEYS
+
     stages = {stage: plan.round.stage_stats(stage) for stage in STAGES}
     return {
         "round": plan.round.number,
@@ -134,8 +192,8 @@ def round_metrics(plan: RoundPlan) -> dict[str, Any]:
         "policy": str(plan.round.policy),
         "prompts": len(plan.prompts),
         "prompts_dropped_too_long": len(plan.dropped_too_long),
-        "eval": {k: stages["evaluate"].get(k) for k in ("reward_mean", "pass_rate", "response_tokens_mean",
-                                                         "eval_prompts")},
+        # win_rate is against round 0's answers (round_000/eval, see stages/evaluate.py).
+        "eval": {k: stages["evaluate"].get(k) for k in EVAL_KEYS},
         "train": {k: v for k, v in stages["train"].items() if k.startswith(("loss", "ranking", "margin", "steps"))},
         "stage_seconds": {stage: stats["wall_seconds"] for stage, stats in stages.items()},
         "stage_peak_memory_gib": {stage: stats["peak_memory_gib"] for stage, stats in stages.items()},

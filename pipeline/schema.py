@@ -23,12 +23,19 @@ CANDIDATES = pa.schema([
     ("metadata", pa.string()),
 ])
 
+# Every candidate of a round with its reward, NaN and infinite ones included
+# (written by the rerank stage to round_NNN/scored/; later rounds' memorization
+# reuses these rewards instead of scoring again).
+SCORED = pa.schema(list(CANDIDATES) + [pa.field("reward", pa.float64())])
+
 LIST_ITEM = pa.struct([
     ("response", pa.string()),
     ("reward", pa.float64()),
     ("sample_index", pa.int64()),
+    # The round that generated it: earlier than the list's own with lists.memory.
     ("round", pa.int64()),
     ("num_tokens", pa.int64()),
+    ("temperature", pa.float64()),
 ])
 
 LISTS = pa.schema([

@@ -1,6 +1,6 @@
 """Rewards: score (prompt, response) samples. Importing this fills the REWARDS registry."""
 
 from rewards.base import REWARDS, RewardModel, Sample, build_reward, build_reward_from_config, register_reward
-from rewards import ifeval  # noqa: F401  (registers "ifeval")
+from rewards import composite, hf_classifier, ifeval  # noqa: F401  (register "composite", "hf_classifier", "ifeval")
 
 __all__ = ["REWARDS", "RewardModel", "Sample", "build_reward", "build_reward_from_config", "register_reward"]

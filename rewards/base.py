@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -37,11 +38,32 @@ def register_reward(name: str) -> Callable[[Callable[..., RewardModel]], Callabl
 
 
 def build_reward(name: str, **options) -> RewardModel:
-    if name not in REWARDS:
-        raise ValueError(f"unknown reward {name!r} (known: {', '.join(sorted(REWARDS))})")
-    return REWARDS[name](**options)
+    return _factory(name)(**options)
 
 
 def build_reward_from_config(reward_config) -> RewardModel:
-    """The reward a `RewardConfig` (pipeline/config.py) describes."""
-    return build_reward(reward_config.name)
+    """The reward a `RewardConfig` (pipeline/config.py) describes: the dataclass or its dict.
+
+    A factory that needs settings (a model path, weights...) has a `from_config`
+    that takes the config as a dict and picks its own keys; one without it, like
+    "ifeval", is built with no options.
+    """
+    settings = reward_settings(reward_config)
+    factory = _factory(settings["name"])
+    from_config = getattr(factory, "from_config", None)
+    return from_config(settings) if from_config is not None else factory()
+
+
+def reward_settings(reward_config) -> dict[str, Any]:
+    # Ray hands actors a pickled copy of the dataclass; callers and tests may pass its dict.
+    if isinstance(reward_config, Mapping):
+        return dict(reward_config)
+    if dataclasses.is_dataclass(reward_config):
+        return dataclasses.asdict(reward_config)
+    raise TypeError(f"a reward config must be a RewardConfig or a dict, not {type(reward_config).__name__}")
+
+
+def _factory(name: str) -> Callable[..., RewardModel]:
+    if name not in REWARDS:
+        raise ValueError(f"unknown reward {name!r} (known: {', '.join(sorted(REWARDS))})")
+    return REWARDS[name]

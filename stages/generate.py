@@ -1,5 +1,12 @@
 """Retrieve: sample K responses per prompt from the round's starting policy with vLLM.
 
+With several temperatures (`generate.temperatures`), the K samples of a prompt
+are split into consecutive blocks of sample indices, one block per temperature
+in the configured order, as evenly as possible: the first K mod T temperatures
+take one sample more (K=5 over [0.6, 1.0] gives samples 0-2 at 0.6 and 3-4 at
+1.0). Each block is one vLLM request with `n` samples and its own
+SamplingParams, and every candidate row records its temperature.
+
 Each vLLM engine lives in its own Ray actor and owns a contiguous shard of the
 prompts, so a shard is the unit of resumption: a re-run keeps the shards that
 were written and regenerates the rest. The actors are killed when the stage
@@ -30,6 +37,31 @@ class SamplingSpec:
     temperature: float
     top_p: float
     max_tokens: int
+    # Temperatures that share the num_samples (see split_samples); empty: all at `temperature`.
+    temperatures: tuple[float, ...] = ()
+
+    def blocks(self) -> list[tuple[float, int]]:
+        return split_samples(self.num_samples, list(self.temperatures) or [self.temperature])
+
+
+def split_samples(num_samples: int, temperatures: list[float]) -> list[tuple[float, int]]:
+    """(temperature, samples) blocks, in order, as even as possible; blocks of 0 samples are left out."""
+    base, extra = divmod(num_samples, len(temperatures))
+    blocks = [(temperature, base + (i < extra)) for i, temperature in enumerate(temperatures)]
+    return [(temperature, count) for temperature, count in blocks if count]
+
+
+def group_samples(outputs: list[Any], blocks: list[tuple[float, int]]) -> list[list[dict]]:
+    """vLLM's outputs (one per prompt and block, prompt-major) as each prompt's samples, in block order."""
+    per_prompt = len(blocks)
+    grouped = []
+    for start in range(0, len(outputs), per_prompt):
+        samples = []
+        for out, (temperature, _) in zip(outputs[start:start + per_prompt], blocks, strict=True):
+            samples += [{"text": c.text, "num_tokens": len(c.token_ids), "finish_reason": str(c.finish_reason),
+                         "temperature": temperature} for c in out.outputs]
+        grouped.append(samples)
+    return grouped
 
 
 @ray.remote
@@ -48,11 +80,13 @@ class GenerationWorker:
 
         # Per-request seeds fail on CPU (vLLM's CPU generator has no offset);
         # the engine-level seed makes sampling reproducible instead.
-        params = SamplingParams(n=spec.num_samples, temperature=spec.temperature, top_p=spec.top_p,
-                                max_tokens=spec.max_tokens)
-        outputs = self.llm.chat(conversations, params, use_tqdm=True)
-        return [[{"text": c.text, "num_tokens": len(c.token_ids), "finish_reason": str(c.finish_reason)}
-                 for c in out.outputs] for out in outputs]
+        blocks = spec.blocks()
+        params = [SamplingParams(n=count, temperature=temperature, top_p=spec.top_p, max_tokens=spec.max_tokens)
+                  for temperature, count in blocks]
+        # One request per (prompt, temperature block); chat() takes one SamplingParams per request.
+        requests = [conversation for conversation in conversations for _ in blocks]
+        outputs = self.llm.chat(requests, params * len(conversations), use_tqdm=True)
+        return group_samples(outputs, blocks)
 
 
 def engine_args(config, seed: int, use_gpu: bool) -> dict[str, Any]:
@@ -101,8 +135,8 @@ def generate_shards(prompts: list[Prompt], model_path: str, spec: SamplingSpec, 
     return {"shards_generated": len(todo), "generate_seconds": round(seconds, 2)}
 
 
-def candidate_rows(prompts: list[Prompt], outputs: list[list[dict]], round_number: int, policy: str,
-                   temperature: float) -> list[dict[str, Any]]:
+def candidate_rows(prompts: list[Prompt], outputs: list[list[dict]], round_number: int,
+                   policy: str) -> list[dict[str, Any]]:
     rows = []
     for prompt, samples in zip(prompts, outputs, strict=True):
         metadata = json.dumps(prompt.metadata, sort_keys=True)
@@ -110,7 +144,7 @@ def candidate_rows(prompts: list[Prompt], outputs: list[list[dict]], round_numbe
             rows.append({
                 "prompt_id": prompt.prompt_id, "prompt": prompt.messages, "response": sample["text"],
                 "sample_index": index, "round": round_number, "policy": policy,
-                "temperature": temperature, "num_tokens": sample["num_tokens"],
+                "temperature": sample["temperature"], "num_tokens": sample["num_tokens"],
                 "finish_reason": sample["finish_reason"], "metadata": metadata,
             })
     return rows
@@ -119,11 +153,11 @@ def candidate_rows(prompts: list[Prompt], outputs: list[list[dict]], round_numbe
 def run_stage(plan, out_dir: Path) -> dict[str, Any]:
     config = plan.config
     spec = SamplingSpec(config.generate.num_samples, config.generate.temperature, config.generate.top_p,
-                        config.generate.max_tokens)
+                        config.generate.max_tokens, tuple(config.generate.temperatures))
     # A different engine seed each round, so rounds do not repeat each other's samples.
     seed = config.seed + 1000 * plan.round.number
     def make_table(prompts: list[Prompt], outputs: list[list[dict]]) -> pa.Table:
-        rows = candidate_rows(prompts, outputs, plan.round.number, plan.policy_in, spec.temperature)
+        rows = candidate_rows(prompts, outputs, plan.round.number, plan.policy_in)
         return pa.Table.from_pylist(rows, schema=schema.CANDIDATES)
 
     stats = generate_shards(plan.prompts, plan.policy_in, spec, config, out_dir, seed, make_table)
@@ -137,5 +171,6 @@ def run_stage(plan, out_dir: Path) -> dict[str, Any]:
         "tokens": tokens,
         "tokens_per_second": round(tokens / stats["generate_seconds"], 1) if stats["generate_seconds"] else None,
         "finish_reasons": {r: reasons.count(r) for r in sorted(set(reasons))},
+        "samples_per_temperature": {str(temperature): count for temperature, count in spec.blocks()},
         "policy": plan.policy_in,
     }

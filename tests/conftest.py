@@ -35,3 +35,13 @@ def run_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
 def _run_from_repo_root(monkeypatch):
     # Config files name paths relative to the repository, as `make` runs them.
     monkeypatch.chdir(REPO_ROOT)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, tiny_model) -> Path:
+    """Two rounds of configs/smoke.yaml through the CLI, run once for every test that reads them."""
+    output = tmp_path_factory.mktemp("runs")
+    result = run_cli("rounds", "2", "--config", "configs/smoke.yaml", "--run", "e2e", "--output", str(output),
+                     timeout=1200)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return output / "e2e"

@@ -34,23 +34,27 @@ def train_shard(tmp_path, tiny_model):
     return path
 
 
-def run(tmp_path, tiny_model, shard, workers):
-    out = tmp_path / f"policy-{workers}"
+def run(tmp_path, tiny_model, shard, workers, **options):
+    out = tmp_path / f"policy-{workers}-{'-'.join(map(str, options.values()))}"
     out.mkdir()
     train = dataclasses.asdict(TrainConfig(objective="contrastive", learning_rate=1e-3, batch_size=4,
-                                           micro_batch_size=1, max_length=128, warmup_ratio=0.0))
+                                           micro_batch_size=1, max_length=128, warmup_ratio=0.0, **options))
     config = {"train": train, "seed": 0, "policy_in": str(tiny_model), "trust_remote_code": False,
               "train_shard": str(shard), "output_dir": str(out)}
-    fit(config, workers, tmp_path / "ray_train", f"dp-{workers}")
+    fit(config, workers, tmp_path / "ray_train", out.name)
     log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
     return log, load_file(out / "model.safetensors")
 
 
-def test_two_workers_match_one(local_ray, tmp_path, tiny_model):
+@pytest.mark.parametrize("options", [{}, {"sharding": "fsdp"}, {"sharding": "fsdp", "optimizer": "adamw_bf16"}],
+                         ids=["replicated", "fsdp", "fsdp-adamw_bf16"])
+def test_two_workers_match_one(local_ray, tmp_path, tiny_model, options):
     shard = train_shard(tmp_path, tiny_model)
     base = load_file(tiny_model / "model.safetensors")
-    log1, weights1 = run(tmp_path, tiny_model, shard, 1)
-    log2, weights2 = run(tmp_path, tiny_model, shard, 2)
+    single = {k: v for k, v in options.items() if k != "sharding"}
+    log1, weights1 = run(tmp_path, tiny_model, shard, 1, **single)
+    log2, weights2 = run(tmp_path, tiny_model, shard, 2, **options)
+    assert set(weights2) == set(weights1) and all(weights2[k].shape == base[k].shape for k in base)
     assert len(log1) == len(log2) == 2
     for one, two in zip(log1, log2):
         assert one["loss"] == pytest.approx(two["loss"], rel=1e-5)

@@ -1,11 +1,13 @@
 """Two smoke rounds end to end: real vLLM, real Ray, real Ray Train, through the CLI.
 
-The rounds run once per module (about five minutes); each test then checks one
-part of the contracts in DESIGN.md on what they left behind.
+The rounds run once per test session (conftest.py's `smoke_run`, about five
+minutes); each test then checks one part of the contracts in DESIGN.md on what
+they left behind.
 """
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -20,17 +22,12 @@ from tests.conftest import REPO_ROOT, run_cli
 
 pytestmark = pytest.mark.e2e
 
-RUN = "e2e"
 SMOKE = yaml.safe_load((REPO_ROOT / "configs" / "smoke.yaml").read_text())
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, tiny_model) -> Path:
-    output = tmp_path_factory.mktemp("runs")
-    result = run_cli("rounds", "2", "--config", "configs/smoke.yaml", "--run", RUN, "--output", str(output),
-                     timeout=1200)
-    assert result.returncode == 0, result.stderr[-5000:]
-    return output / RUN
+def run_dir(smoke_run) -> Path:
+    return smoke_run
 
 
 def read(directory: Path) -> list[dict]:
@@ -111,7 +108,11 @@ def test_lists_contract(run_dir, number):
                 assert 0.0 <= item["reward"] <= 1.0
                 assert item["round"] == number
                 assert responses[(row["prompt_id"], item["sample_index"])] == item["response"]
-        assert len(positives) + len(negatives) == SMOKE["generate"]["num_samples"]
+        # top_rest with ties dropped: one positive, and as negatives every candidate scored below it.
+        scored = [c["reward"] for c in read(round_dir / "scored") if c["prompt_id"] == row["prompt_id"]]
+        assert len(scored) == SMOKE["generate"]["num_samples"]
+        assert len(positives) == 1 and positives[0]["reward"] == max(scored)
+        assert len(negatives) == sum(r < positives[0]["reward"] for r in scored)
 
 
 @pytest.mark.parametrize("number", [1, 2])
@@ -150,11 +151,50 @@ def test_eval_and_metrics(run_dir, number):
     assert set(metrics["stage_seconds"]) == set(STAGES)
     assert metrics["train"]["steps"] >= 1
     assert all(v > 0 for v in metrics["stage_peak_memory_gib"].values())
+    assert 0.0 <= metrics["eval"]["win_rate"] <= 1.0
+    assert 0.0 <= metrics["eval"]["pass_rate"] <= 1.0
+    assert metrics["eval"]["response_tokens_mean"] == pytest.approx(sum(r["num_tokens"] for r in rows) / len(rows))
+    # Recomputed here from both rounds' shards: 1 per prompt won against round 0, 0.5 per tie.
+    base = {r["prompt_id"]: r["reward"] for r in read(run_dir / "round_000" / "eval")}
+    wins = [1.0 if r["reward"] > base[r["prompt_id"]] else 0.5 if r["reward"] == base[r["prompt_id"]] else 0.0
+            for r in rows]
+    assert metrics["eval"]["win_rate"] == pytest.approx(sum(wins) / len(wins))
+
+
+def test_round_0_is_the_base_model_evaluated_once(run_dir, tiny_model):
+    round_dir = run_dir / "round_000"
+    rows = read(round_dir / "eval")
+    assert len(rows) == SMOKE["prompts"]["eval_size"]
+    assert {r["policy"] for r in rows} == {str(tiny_model.resolve())}
+    assert {r["round"] for r in rows} == {0}
+    assert {r["prompt_id"] for r in rows} == {r["prompt_id"] for r in read(run_dir / "round_001" / "eval")}
+    assert [p.name for p in (round_dir / "_done").iterdir()] == ["evaluate"]
+    metrics = json.loads((round_dir / "metrics.json").read_text())
+    assert metrics["round"] == 0 and metrics["eval"]["win_rate"] == 0.5
+    assert metrics["eval"]["reward_mean"] == pytest.approx(sum(r["reward"] for r in rows) / len(rows))
+    log = (run_dir / "pipeline.log").read_text()
+    assert log.count("evaluating the base model") == 1
+
+
+def test_pipeline_log_has_every_stage_with_its_time(run_dir):
+    log = (run_dir / "pipeline.log").read_text()
+    for number in (1, 2):
+        for stage in STAGES:
+            assert re.search(rf"round {number}: {stage} finished in [0-9.]+ s", log), (number, stage)
+
+
+def test_report_over_the_run(run_dir):
+    result = run_cli("report", str(run_dir), timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rounds = [line.split("|")[1].strip() for line in (run_dir / "report.md").read_text().splitlines()
+              if re.match(r"\| \d", line)]
+    assert rounds == ["0", "1", "2"]
+    assert (run_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_finished_round_is_not_redone(run_dir):
     markers = {p: p.stat().st_mtime_ns for p in (run_dir / "round_002" / "_done").iterdir()}
-    result = run_cli("round", "2", "--config", "configs/smoke.yaml", "--run", RUN,
+    result = run_cli("round", "2", "--config", "configs/smoke.yaml", "--run", run_dir.name,
                      "--output", str(run_dir.parent), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "already finished" in result.stderr
@@ -166,7 +206,7 @@ def test_interrupted_stage_is_redone_from_its_partial_output(run_dir):
     round_dir = run_dir / "round_002"
     before = read(round_dir / "lists")
     (round_dir / "_done" / "rerank").unlink()  # later stages keep their markers: only rerank reruns
-    result = run_cli("round", "2", "--config", "configs/smoke.yaml", "--run", RUN,
+    result = run_cli("round", "2", "--config", "configs/smoke.yaml", "--run", run_dir.name,
                      "--output", str(run_dir.parent), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rerank finished" in result.stderr

@@ -20,9 +20,11 @@ import torch
 import torch.distributed as dist
 
 from stages.train.data import (DTYPES, ListExample, add_lora, autocast, build_examples, load_policy,
-                               pad_token_id, use_all_cpu_threads)
+                               pad_token_id, return_freed_memory_to_os, use_all_cpu_threads)
 from stages.train.logprobs import collate, sequence_logprobs
 from stages.train.objectives import OBJECTIVES, REFERENCE_FREE, mean_margin, ranking_accuracy
+from stages.train.checkpoint import TrainingCheckpoint, fingerprint
+from stages.train.optim import build_optimizer
 
 
 def list_scores(model, examples: list[ListExample], tokenizer, objective: str, beta: float,
@@ -68,6 +70,28 @@ def global_batches(num_examples: int, batch_size: int, epochs: int, seed: int) -
     return batches
 
 
+def shard_model(model) -> None:
+    """FSDP2: each decoder layer, then the whole model, holds 1/world of its weights,
+    gradients and optimizer state; layers gather their weights only while they run."""
+    from torch.distributed.fsdp import fully_shard
+
+    layer_classes = set(getattr(model, "_no_split_modules", None) or ())
+    for module in model.modules():
+        if type(module).__name__ in layer_classes:
+            fully_shard(module)
+    fully_shard(model)
+
+
+def micro_batches(mine: list[int], micro_batch_size: int, count: int) -> list[tuple[list[int], float]]:
+    """This worker's micro-batches of a step, padded to `count` with zero-weight repeats.
+
+    Under FSDP every forward and backward is a collective, so every worker must
+    run as many micro-batches as the busiest one, even with nothing of its own to train.
+    """
+    batches = [(mine[i:i + micro_batch_size], 1.0) for i in range(0, len(mine), micro_batch_size)]
+    return batches + [([0], 0.0)] * (count - len(batches))
+
+
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     import pyarrow.parquet as pq
     import ray.train
@@ -76,7 +100,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     train = cfg["train"]
+    sharded = train["sharding"] == "fsdp" and world > 1
     use_all_cpu_threads()
+    return_freed_memory_to_os()
     if world > 1 and not torch.cuda.is_available():
         torch.set_num_threads(max(1, torch.get_num_threads() // world))
     torch.manual_seed(cfg["seed"])
@@ -87,46 +113,58 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     if train["lora_rank"]:
         model = add_lora(model, train["lora_rank"], train["lora_alpha"], train["lora_dropout"],
                          train["lora_target_modules"])
+    if sharded:
+        shard_model(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     rows = pq.read_table(cfg["train_shard"]).to_pylist()
     examples = build_examples(rows, tokenizer, train["max_length"], train["max_list_size"])
     steps = global_batches(len(examples), train["batch_size"], train["epochs"], cfg["seed"])
-    # foreach=False: the multi-tensor step's temporaries cost memory and bought no speed here.
-    optimizer = torch.optim.AdamW(params, lr=train["learning_rate"], foreach=False,
-                                  weight_decay=train["weight_decay"])
+    optimizer = build_optimizer(train["optimizer"], params, train["learning_rate"], train["weight_decay"],
+                                seed=cfg["seed"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(int(train["warmup_ratio"] * len(steps)), len(steps)))
     objective = OBJECTIVES[train["objective"]]
     options = {"beta": train["beta"], "ndcg_weights": train["lambdarank_ndcg"], "gamma": train["simpo_gamma"]}
 
-    log_path = Path(cfg["output_dir"]) / "training_log.jsonl"
-    history = []
-    progress = tqdm(steps, desc="train", unit="step", disable=rank != 0)
-    for step, indices in enumerate(progress):
+    output_dir = Path(cfg["output_dir"])
+    checkpoints = TrainingCheckpoint(output_dir / "checkpoint", fingerprint(cfg, len(examples)))
+    history = checkpoints.restore(model, optimizer, scheduler)
+    progress = tqdm(steps, desc="train", unit="step", disable=rank != 0, initial=len(history))
+    for step in range(len(history), len(steps)):
+        indices = steps[step]
         start = time.perf_counter()
         mine = indices[rank::world]
+        per_worker = math.ceil(len(indices) / world)
+        count = math.ceil(per_worker / train["micro_batch_size"]) if sharded else 0
+        # Losses are divided by the global batch size, and the workers' gradients must add
+        # up; FSDP averages them over workers instead (gloo has no pre-scaled sum), so undo it.
+        scale = world / len(indices) if sharded else 1 / len(indices)
         totals = torch.zeros(5, dtype=torch.float64)  # loss, accuracy, margin, examples, tokens
-        for begin in range(0, len(mine), train["micro_batch_size"]):
-            micro = [examples[i] for i in mine[begin:begin + train["micro_batch_size"]]]
+        for micro_indices, weight in micro_batches(mine, train["micro_batch_size"], count):
+            micro = [examples[i] for i in micro_indices]
             with autocast(train["autocast"]):
                 scores, mask, rewards = list_scores(model, micro, tokenizer, train["objective"], train["beta"],
                                                     train["logprob_chunk_size"])
             losses = objective(scores.float(), mask, rewards=rewards.float(), **options)
-            (losses.sum() / len(indices)).backward()
+            (weight * scale * losses.sum()).backward()
             with torch.no_grad():
-                totals += torch.tensor([losses.sum().item(), ranking_accuracy(scores, mask).sum().item(),
-                                        mean_margin(scores, mask).sum().item(), len(micro),
-                                        sum(len(ids) for e in micro for ids, _ in e.tokens)], dtype=torch.float64)
+                totals += weight * torch.tensor(
+                    [losses.sum().item(), ranking_accuracy(scores, mask).sum().item(),
+                     mean_margin(scores, mask).sum().item(), len(micro),
+                     sum(len(ids) for e in micro for ids, _ in e.tokens)], dtype=torch.float64)
         if world > 1:
-            # Every worker reduces every gradient, in the same order, even one whose
-            # share of a short last batch was empty: a skipped collective would hang the rest.
-            for param in params:
-                if param.grad is None:
-                    param.grad = torch.zeros_like(param)
-                dist.all_reduce(param.grad)
+            if not sharded:
+                # Every worker reduces every gradient, in the same order, even one whose
+                # share of a short last batch was empty: a skipped collective would hang the rest.
+                for param in params:
+                    if param.grad is None:
+                        param.grad = torch.zeros_like(param)
+                    dist.all_reduce(param.grad)
             dist.all_reduce(totals)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, train["max_grad_norm"])
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -138,18 +176,41 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             "tokens_per_second": totals[4].item() / seconds, "seconds": seconds,
         }
         history.append(record)
+        progress.update(1)
         progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['ranking_accuracy']:.2f}")
+        every = train["checkpoint_every"]
+        if every and (step + 1) % every == 0 and step + 1 < len(steps):
+            checkpoints.save(model, optimizer, scheduler, history, rank)
 
+    save_policy(model, tokenizer, train, output_dir, rank, sharded)
     if rank == 0:
-        if train["lora_rank"]:
-            model = model.merge_and_unload()
-        save_dtype = DTYPES[train["save_dtype"]]
-        model.to(save_dtype).save_pretrained(cfg["output_dir"], safe_serialization=True)
-        tokenizer.save_pretrained(cfg["output_dir"])
-        with log_path.open("w") as f:
+        with (output_dir / "training_log.jsonl").open("w") as f:
             for record in history:
                 f.write(json.dumps(record) + "\n")
+        checkpoints.remove()
     ray.train.report({"steps": len(history)})
+
+
+def save_policy(model, tokenizer, train: dict[str, Any], output_dir: Path, rank: int, sharded: bool) -> None:
+    """Rank 0 writes the HF checkpoint (LoRA merged, in train.save_dtype); under FSDP
+    every worker takes part in gathering the full weights first."""
+    save_dtype = DTYPES[train["save_dtype"]]
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            # Tied weights (lm_head = embed_tokens) come back as two tensors; save the source only,
+            # as save_pretrained does for an unsharded model.
+            tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+            state = {name: tensor.to(save_dtype) for name, tensor in state.items() if name not in tied}
+            model.save_pretrained(output_dir, state_dict=state, safe_serialization=True)
+    elif rank == 0:
+        if train["lora_rank"]:
+            model = model.merge_and_unload()
+        model.to(save_dtype).save_pretrained(output_dir, safe_serialization=True)
+    if rank == 0:
+        tokenizer.save_pretrained(output_dir)
 
 
 def summarize(history: list[dict[str, float]]) -> dict[str, float]:

@@ -1,0 +1,192 @@
+"""`python -m pipeline report <run dir>`: every round of a run side by side.
+
+Reads each `round_NNN/metrics.json` (round 0, the base model's evaluation,
+included when it exists) and each round's `policy/training_log.jsonl`, prints
+a table, and writes it as `report.md` with a plot, `report.png`, into the run
+directory. Only finished rounds have a metrics.json, so a round in progress is
+left out rather than shown half-done.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import PipelineError
+from pipeline.layout import atomic_write_text
+
+ROUND_DIR = re.compile(r"round_(\d{3})")
+
+# (key of a table row, column header, format)
+COLUMNS = [
+    ("round", "round", "{}"),
+    ("reward_mean", "eval reward", "{:.3f}"),
+    ("win_rate", "win rate vs round 0", "{:.3f}"),
+    ("pass_rate", "pass rate", "{:.3f}"),
+    ("response_tokens_mean", "mean length (tokens)", "{:.1f}"),
+    ("loss_last", "train loss (last)", "{:.4f}"),
+    ("loss_mean", "train loss (mean)", "{:.4f}"),
+    ("lists", "lists kept", "{}"),
+    ("wall_seconds", "wall time (s)", "{:.1f}"),
+]
+
+
+def read_run(run_dir: Path) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """(metrics, training log records) of every round with a metrics.json, in round order."""
+    if not run_dir.is_dir():
+        raise PipelineError(f"run directory {run_dir} does not exist")
+    rounds = []
+    for round_dir in sorted(p for p in run_dir.iterdir() if ROUND_DIR.fullmatch(p.name)):
+        metrics_path = round_dir / "metrics.json"
+        if not metrics_path.is_file():
+            continue
+        metrics = read_json(metrics_path)
+        if not isinstance(metrics, dict):
+            raise PipelineError(f"{metrics_path} must hold a JSON object, not {type(metrics).__name__}")
+        metrics.setdefault("round", int(ROUND_DIR.fullmatch(round_dir.name).group(1)))
+        rounds.append((metrics, read_training_log(round_dir / "policy" / "training_log.jsonl")))
+    if not rounds:
+        raise PipelineError(f"run directory {run_dir} has no finished rounds (no round_NNN/metrics.json)")
+    return rounds
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise PipelineError(f"{path} is not valid JSON: {exc}") from None
+
+
+def read_training_log(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise PipelineError(f"{path} line {number} is not valid JSON") from None
+        if not isinstance(record, dict) or not isinstance(record.get("loss"), (int, float)):
+            raise PipelineError(f"{path} line {number} has no numeric 'loss'")
+        records.append(record)
+    return records
+
+
+def table_row(metrics: dict[str, Any], training_log: list[dict[str, Any]]) -> dict[str, Any]:
+    """One round's table row; None where the round has no such number (round 0 trains nothing)."""
+    evaluation = metrics.get("eval") or {}
+    train = metrics.get("train") or {}
+    losses = [r["loss"] for r in training_log]
+    # The log has every step; metrics.json only a summary, used when the log is gone.
+    loss_last = losses[-1] if losses else train.get("loss_last")
+    loss_mean = sum(losses) / len(losses) if losses else train.get("loss_mean")
+    seconds = [s for s in (metrics.get("stage_seconds") or {}).values() if s is not None]
+    return {
+        "round": metrics["round"],
+        **{key: evaluation.get(key) for key in ("reward_mean", "win_rate", "pass_rate", "response_tokens_mean")},
+        "loss_last": loss_last,
+        "loss_mean": loss_mean,
+        "lists": ((metrics.get("stages") or {}).get("rerank") or {}).get("lists"),
+        "wall_seconds": sum(seconds) if seconds else None,
+    }
+
+
+def format_cell(value: Any, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    try:
+        return fmt.format(value)
+    except (TypeError, ValueError):  # a hand-edited metrics.json: show what is there
+        return str(value)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(header for _, header, _ in COLUMNS) + " |",
+             "|" + "|".join("---:" for _ in COLUMNS) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(format_cell(row[key], fmt) for key, _, fmt in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_png(rows: list[dict[str, Any]], training_logs: list[list[dict[str, Any]]]) -> bytes:
+    """Reward and pass rate, win rate, and length against round; training loss per step, all rounds."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and in CI
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    panels = [
+        (axes[0, 0], [("reward_mean", "eval reward"), ("pass_rate", "pass rate")], "held-out reward"),
+        (axes[0, 1], [("win_rate", "win rate")], "win rate vs round 0"),
+        (axes[1, 0], [("response_tokens_mean", "mean length")], "response length (tokens)"),
+    ]
+    for ax, series, title in panels:
+        for key, label in series:
+            points = [(r["round"], r[key]) for r in rows if r[key] is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=label)
+        ax.set_title(title)
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend()
+    axes[0, 1].axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    axes[0, 1].set_ylim(-0.05, 1.05)
+
+    # Steps run on across rounds, so each round's curve starts where the previous one ended.
+    ax, offset = axes[1, 1], 0
+    for row, records in zip(rows, training_logs, strict=True):
+        if records:
+            steps = range(offset + 1, offset + len(records) + 1)
+            ax.plot(steps, [r["loss"] for r in records], marker=".", label=f"round {row['round']}")
+            offset += len(records)
+    ax.set_title("training loss per step")
+    ax.set_xlabel("step (all rounds)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if offset:
+        ax.legend(fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "no training log", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def main(args) -> int:
+    run_dir = Path(args.run_dir)
+    rounds = read_run(run_dir)
+    rows = [table_row(metrics, training_log) for metrics, training_log in rounds]
+    table = markdown_table(rows)
+    title = f"# Run {run_dir.resolve().name}\n\n"
+    atomic_write_text(run_dir / "report.md", title + table + "\n![rounds](report.png)\n")
+    atomic_write_bytes(run_dir / "report.png", plot_png(rows, [log for _, log in rounds]))
+    print(table, end="")
+    print(f"wrote {run_dir / 'report.md'} and {run_dir / 'report.png'}")
+    return 0

@@ -1,0 +1,166 @@
+"""Model reward: a Hugging Face sequence-classification reward model with one output.
+
+The kind of reward model in the literature (Skywork-Reward, FsfairX-LLaMA3-RM):
+the prompt's chat plus the response, rendered by the reward model's own chat
+template, goes through `AutoModelForSequenceClassification` (num_labels 1) and
+the logit it reads at the last real token is the reward.
+
+Scoring follows open-instruct: sort by length so that a batch holds sequences
+of about the same length (little padding), and halve the batch when it runs out
+of memory instead of failing the round.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.models import resolve_model
+from rewards.base import Sample, register_reward
+
+log = logging.getLogger("rewards.hf_classifier")
+
+MISSING_MODEL = ("config key 'reward.model' must name the reward model for hf_classifier "
+                 "(a local checkpoint directory or a hub id in the local HF cache)")
+
+# RewardConfig keys this reward takes (see `from_config`), under their __init__ names.
+CONFIG_KEYS = {"model": "model", "micro_batch_size": "batch_size", "max_length": "max_length",
+               "dtype": "dtype", "trust_remote_code": "trust_remote_code"}
+
+
+@register_reward("hf_classifier")
+class HFClassifierReward:
+    name = "hf_classifier"
+
+    def __init__(self, model: str = "", batch_size: int = 16, max_length: int = 2048, dtype: str = "auto",
+                 trust_remote_code: bool = False, device: str | None = None):
+        # torch and transformers load here, not at import: importing rewards/ is
+        # how a config is validated, and that must stay cheap.
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        if not model:
+            raise ConfigError(MISSING_MODEL)
+        try:
+            self.path = resolve_model(model)
+        except PipelineError as exc:
+            raise PipelineError(f"config key 'reward.model': {exc}") from None
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.batch_size = batch_size
+        self.max_length = max_length
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True,
+                                                           trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise PipelineError(f"reward model {self.path} (reward.model): no usable tokenizer: "
+                                f"{_first_line(exc)}") from exc
+        if not self.tokenizer.chat_template:
+            raise PipelineError(f"reward model {self.path} (reward.model) has no chat template in its tokenizer; "
+                                "hf_classifier renders prompt and response with it")
+        if dtype == "auto":
+            dtype = "bfloat16" if self.device.type == "cuda" else "float32"
+        try:
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                self.path, local_files_only=True, trust_remote_code=trust_remote_code, dtype=getattr(torch, dtype),
+            ).to(self.device).eval()
+        except (OSError, ValueError) as exc:
+            raise PipelineError(f"reward model {self.path} (reward.model) does not load as a sequence classifier: "
+                                f"{_first_line(exc)}") from exc
+        if self.model.config.num_labels != 1:
+            raise PipelineError(f"reward model {self.path} (reward.model) has {self.model.config.num_labels} "
+                                "labels; hf_classifier needs a single-score model (num_labels 1)")
+        self.pad_id = self._pad_token_id()
+
+    @classmethod
+    def from_config(cls, settings: dict[str, Any]) -> HFClassifierReward:
+        return cls(**{arg: settings[key] for key, arg in CONFIG_KEYS.items() if key in settings})
+
+    def score(self, samples: Sequence[Sample]) -> list[float]:
+        encoded = [self.encode(sample) for sample in samples]
+        # Longest first: the batch most likely to run out of memory comes first,
+        # and a halved batch size then holds for the rest.
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
+        scores: list[float] = [0.0] * len(encoded)
+        start = 0
+        while start < len(order):
+            chunk = order[start:start + self.batch_size]
+            values = self._forward_or_none([encoded[i] for i in chunk])
+            if values is None:
+                self._halve_batch(len(encoded[chunk[0]]))
+                continue
+            for i, value in zip(chunk, values, strict=True):
+                scores[i] = value
+            start += len(chunk)
+        return scores
+
+    def encode(self, sample: Sample) -> list[int]:
+        """Token ids of the sample's chat, rendered by the reward model's template."""
+        messages = [{"role": m["role"], "content": m["content"]} for m in sample.prompt]
+        messages.append({"role": "assistant", "content": sample.response})
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False)
+        # The template writes any BOS token itself; the tokenizer must not add a second.
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        # The score is read at the last token, so a chat that is too long keeps its end.
+        return ids[-self.max_length:]
+
+    def forward(self, batch: list[list[int]]) -> list[float]:
+        """Rewards of a batch of token-id sequences (padded on the right here)."""
+        import torch
+
+        width = max(len(ids) for ids in batch)
+        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, ids in enumerate(batch):
+            input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, :len(ids)] = 1
+        with torch.inference_mode():
+            logits = self.model(input_ids=input_ids.to(self.device),
+                                attention_mask=attention_mask.to(self.device)).logits
+        return logits[:, 0].float().cpu().tolist()
+
+    def _forward_or_none(self, batch: list[list[int]]) -> list[float] | None:
+        """`forward`, or None when the batch ran out of memory."""
+        try:
+            return self.forward(batch)
+        except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
+            if not is_out_of_memory(exc):
+                raise
+            if self.batch_size == 1:
+                raise PipelineError(f"reward model {self.path} ran out of memory on a single sequence of "
+                                    f"{len(batch[0])} tokens; lower reward.max_length") from exc
+            return None  # outside this block the exception's frames, and their tensors, are freed
+
+    def _halve_batch(self, longest: int) -> None:
+        import torch
+
+        self.batch_size = max(1, self.batch_size // 2)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        log.warning("out of memory on sequences of up to %d tokens; batch size now %d", longest, self.batch_size)
+
+    def _pad_token_id(self) -> int:
+        # The classifier reads each row at its last token that is not padding,
+        # so the model must know the pad id; many reward models leave it unset.
+        config = self.model.config
+        pad_id = config.pad_token_id
+        if pad_id is None:
+            pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = self.tokenizer.eos_token_id
+        if pad_id is None:
+            raise PipelineError(f"reward model {self.path} (reward.model) defines neither a pad nor an eos token")
+        config.pad_token_id = pad_id
+        return pad_id
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    # Some backends (and older torch) raise a plain RuntimeError with this text.
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc)

@@ -1,0 +1,197 @@
+"""The evaluate stage's metrics on hand-made rows, and round 0's answers made once and then reused."""
+
+import json
+import math
+import random
+from types import SimpleNamespace
+
+import pyarrow as pa
+import pytest
+
+from pipeline import schema
+from pipeline.config import load_config
+from pipeline.errors import PipelineError
+from pipeline.layout import RunLayout, read_parquet_dir, shard_name, write_parquet
+from pipeline.prompts import Prompt
+from stages import evaluate
+from stages.evaluate import check_baseline, eval_metrics, pass_rate, win_rate
+
+MAX_WORDS_3 = {"constraints": [{"kind": "max_words", "limit": 3}]}
+LOWER_AND_SHORT = {"constraints": [{"kind": "max_words", "limit": 3}, {"kind": "lowercase"}]}
+
+
+def row(prompt_id: str, reward: float, response: str = "ok", metadata: dict | None = None, tokens: int = 1) -> dict:
+    return {"prompt_id": prompt_id, "reward": reward, "response": response, "num_tokens": tokens,
+            "metadata": json.dumps(metadata if metadata is not None else MAX_WORDS_3)}
+
+
+# --- win rate -------------------------------------------------------------------
+
+def test_win_loss_and_tie_count_one_zero_and_half():
+    baseline = [row("a", 0.5), row("b", 0.5), row("c", 0.5), row("d", 0.0)]
+    current = [row("a", 1.0), row("b", 0.5), row("c", 0.0), row("d", 0.25)]
+    assert win_rate(current, baseline) == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+
+
+def test_win_rate_matches_rows_by_prompt_id_not_position():
+    baseline = [row(f"p{i}", i / 10) for i in range(10)]
+    current = [row(f"p{i}", i / 10 + (0.05 if i < 3 else 0.0)) for i in range(10)]
+    expected = win_rate(current, baseline)
+    random.Random(0).shuffle(baseline)
+    assert win_rate(current, baseline) == expected == pytest.approx((3 * 1 + 7 * 0.5) / 10)
+
+
+def test_a_round_against_itself_is_one_half():
+    rows = [row("a", 0.0), row("b", 1.0), row("c", 0.3)]
+    assert win_rate(rows, rows) == 0.5
+
+
+def test_baseline_prompts_this_round_did_not_ask_are_ignored():
+    assert win_rate([row("a", 1.0)], [row("a", 0.0), row("z", 1.0)]) == 1.0
+
+
+def test_a_prompt_missing_from_the_baseline_is_an_error():
+    with pytest.raises(PipelineError, match="'b'.*no baseline"):
+        win_rate([row("a", 1.0), row("b", 1.0)], [row("a", 0.0)])
+
+
+@pytest.mark.parametrize("side", ["current", "baseline"])
+def test_duplicate_prompt_ids_are_an_error(side):
+    once, twice = [row("a", 1.0)], [row("a", 1.0), row("a", 0.0)]
+    current, baseline = (twice, once) if side == "current" else (once, twice)
+    with pytest.raises(PipelineError, match="two responses for prompt_id 'a'"):
+        win_rate(current, baseline)
+
+
+def test_pairs_with_a_non_finite_reward_are_left_out():
+    baseline = [row("a", 0.0), row("b", math.nan), row("c", 1.0)]
+    current = [row("a", 1.0), row("b", 1.0), row("c", math.nan)]
+    assert win_rate(current, baseline) == 1.0
+    assert win_rate([row("b", 1.0)], baseline) is None
+
+
+# --- pass rate ------------------------------------------------------------------
+
+def test_pass_rate_checks_the_constraints_not_the_reward():
+    rows = [
+        row("a", 0.0, "three short words", LOWER_AND_SHORT),     # meets both, whatever the reward says
+        row("b", 1.0, "Three Short Words", LOWER_AND_SHORT),     # not lowercase
+        row("c", 1.0, "far too many words here", MAX_WORDS_3),  # too long
+        row("d", 0.0, "fine", MAX_WORDS_3),
+    ]
+    assert pass_rate(rows) == 0.5
+
+
+def test_a_blank_answer_meets_no_constraint():
+    assert pass_rate([row("a", 1.0, "   ", MAX_WORDS_3)]) == 0.0
+
+
+def test_prompts_without_constraints_are_not_counted():
+    rows = [row("a", 1.0, "fine", MAX_WORDS_3), row("b", 1.0, "anything at all", {}),
+            row("c", 1.0, "x", {"constraints": []})]
+    assert pass_rate(rows) == 1.0
+    assert pass_rate(rows[1:]) is None
+
+
+def test_eval_metrics_means_and_invalid_rewards():
+    baseline = [row("a", 0.5), row("b", 0.5), row("c", 0.5)]
+    rows = [row("a", 1.0, tokens=4), row("b", 0.0, tokens=8), row("c", math.nan, tokens=6)]
+    metrics = eval_metrics(rows, baseline)
+    assert metrics["eval_prompts"] == 3
+    assert metrics["reward_mean"] == pytest.approx(0.5)
+    assert metrics["invalid_rewards"] == 1
+    assert metrics["win_rate"] == pytest.approx(0.5)
+    assert metrics["response_tokens_mean"] == pytest.approx(6.0)
+    assert set(evaluate.EVAL_KEYS) <= set(metrics)
+
+
+# --- round 0 --------------------------------------------------------------------
+
+def prompts(n: int) -> list[Prompt]:
+    return [Prompt(f"h{i}", [{"role": "user", "content": f"Question {i}?"}], MAX_WORDS_3) for i in range(n)]
+
+
+@pytest.fixture
+def config():
+    return load_config("configs/smoke.yaml")
+
+
+def fake_respond(calls: list):
+    """Stands in for vLLM: answers 'word' * (round + 1), so later rounds answer longer."""
+    def respond(heldout, policy, round_number, config, out_dir):
+        calls.append((policy, round_number))
+        outputs = [[{"text": " ".join(["word"] * (round_number + 1)), "num_tokens": round_number + 1}]
+                   for _ in heldout]
+        rows = evaluate.eval_rows(heldout, outputs, round_number, policy)
+        for r in rows:
+            r["reward"] = 1.0 if pass_rate([r]) else 0.0
+        write_parquet(pa.Table.from_pylist(rows, schema=schema.EVAL), out_dir / shard_name(0))
+        return rows, {"policy": policy, "temperature": config.evaluate.temperature,
+                      "max_tokens": config.evaluate.max_tokens}
+    return respond
+
+
+def plan_for(tmp_path, config, number: int, heldout: list[Prompt]):
+    run = RunLayout(tmp_path / "run")
+    return SimpleNamespace(config=config, run=run, round=run.round(number), base_model="/models/base",
+                           heldout=heldout)
+
+
+def test_round_0_is_made_once_then_reused(tmp_path, config, monkeypatch):
+    calls = []
+    monkeypatch.setattr(evaluate, "respond", fake_respond(calls))
+    heldout = prompts(3)
+    for number in (1, 2, 3):
+        plan = plan_for(tmp_path, config, number, heldout)
+        out_dir = plan.round.begin_stage("evaluate")
+        stats = evaluate.run_stage(plan, out_dir)
+        # Rounds 1 and 2 answer with 2 and 3 words (within 3): a tie with round 0; round 3 goes over.
+        assert stats["win_rate"] == (0.5 if number < 3 else 0.0)
+    assert calls == [("/models/base", 0), (str(plan.run.round(1).policy), 1),
+                     (str(plan.run.round(2).policy), 2), (str(plan.run.round(3).policy), 3)]
+    round0 = plan.run.round(0)
+    assert round0.is_done("evaluate")
+    assert not round0.partial("evaluate").exists()
+    metrics = json.loads(round0.metrics.read_text())
+    assert metrics["round"] == 0 and metrics["policy"] == "/models/base"
+    assert metrics["eval"]["win_rate"] == 0.5
+    assert metrics["eval"]["eval_prompts"] == 3
+    assert [r["round"] for r in read_parquet_dir(round0.eval).to_pylist()] == [0, 0, 0]
+
+
+def test_evaluation_off_makes_no_round_0(tmp_path, config, monkeypatch):
+    calls = []
+    monkeypatch.setattr(evaluate, "respond", fake_respond(calls))
+    plan = plan_for(tmp_path, config, 1, [])
+    out_dir = plan.round.begin_stage("evaluate")
+    assert evaluate.run_stage(plan, out_dir) == {"eval_prompts": 0}
+    assert read_parquet_dir(out_dir).num_rows == 0
+    assert calls == [] and not plan.run.round(0).dir.exists()
+    check_baseline(plan.run, [], config)  # nothing to check against
+
+
+def make_round_0(tmp_path, config, monkeypatch, heldout):
+    monkeypatch.setattr(evaluate, "respond", fake_respond([]))
+    evaluate.ensure_baseline(plan_for(tmp_path, config, 1, heldout))
+    return RunLayout(tmp_path / "run")
+
+
+def test_check_baseline_accepts_a_covering_round_0(tmp_path, config, monkeypatch):
+    run = make_round_0(tmp_path, config, monkeypatch, prompts(4))
+    check_baseline(run, prompts(4), config)
+    check_baseline(run, prompts(2), config)  # fewer prompts: a subset is still comparable
+    check_baseline(RunLayout(tmp_path / "other"), prompts(4), config)  # no round 0 yet: made later
+
+
+def test_check_baseline_refuses_a_round_0_without_this_rounds_prompts(tmp_path, config, monkeypatch):
+    run = make_round_0(tmp_path, config, monkeypatch, prompts(2))
+    with pytest.raises(PipelineError, match=r"cover 2 of .* 4 held-out prompts.*'h2'.*eval_size.*round_000"):
+        check_baseline(run, prompts(4), config)
+
+
+@pytest.mark.parametrize("key, value", [("temperature", 0.7), ("max_tokens", 5)])
+def test_check_baseline_refuses_other_decoding_settings(tmp_path, config, monkeypatch, key, value):
+    run = make_round_0(tmp_path, config, monkeypatch, prompts(2))
+    changed = load_config("configs/smoke.yaml", [f"evaluate.{key}={value}"])
+    with pytest.raises(PipelineError, match=rf"'evaluate.{key}' is {value!r}.*round_000"):
+        check_baseline(run, prompts(2), changed)
