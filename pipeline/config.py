@@ -230,7 +230,7 @@ class Config:
 # everything else (learning rate, K, workers...) may change between rounds.
 RUN_IDENTITY_KEYS = ("seed", "model.name", "prompts.train", "prompts.heldout",
                      "prompts.messages_field", "prompts.per_round", "reward.name",
-                     "reference.policy",
+                     "reference.policy", "reward.model", "reward.components", "reward.length_penalty",
                      # Round 0's held-out answers, every win rate's baseline, were made with these.
                      "evaluate.temperature", "evaluate.max_tokens")
 

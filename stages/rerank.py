@@ -66,6 +66,12 @@ class RewardWorker:
     """Owns one reward model; scores batches of samples."""
 
     def __init__(self, reward_config):
+        import torch
+
+        # Ray gives an actor OMP_NUM_THREADS=1; a model reward on a CPU host should
+        # share the cores with the other reward actors instead.
+        if not torch.cuda.is_available():
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // reward_config.num_actors))
         self.reward = build_reward_from_config(reward_config)
 
     def score(self, samples: list[Sample]) -> list[float]:

@@ -1,12 +1,16 @@
 """Every objective trains two smoke rounds end to end (real vLLM, Ray, Ray Train).
 
 The contrastive objective (the default) is covered, with evaluation, by
-test_e2e_rounds.py; here evaluation is off to keep each run to about two
-minutes.
+test_e2e_rounds.py; here evaluation is off. Round 1's generate, rerank and
+reference outputs do not depend on the objective (same seed, same base model,
+same prompts), so each run starts from copies of the session's smoke run's
+(conftest.py's `smoke_run`): every objective trains round 1 and then runs all
+of round 2 itself.
 """
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -19,7 +23,13 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.mark.parametrize("objective", sorted(set(OBJECTIVES) - {"contrastive"}))
-def test_objective_trains_two_rounds(tmp_path, tiny_model, objective):
+def test_objective_trains_two_rounds(tmp_path, tiny_model, smoke_run, objective):
+    shared, first = smoke_run / "round_001", tmp_path / objective / "round_001"
+    for name in ("candidates", "scored", "lists", "train"):
+        shutil.copytree(shared / name, first / name)
+    (first / "_done").mkdir()
+    for stage in ("generate", "rerank", "reference"):
+        shutil.copy(shared / "_done" / stage, first / "_done" / stage)
     result = run_cli("rounds", "2", "--config", "configs/smoke.yaml", "--run", objective, "--output", str(tmp_path),
                      f"train.objective={objective}", "prompts.eval_size=0", timeout=900)
     assert result.returncode == 0, result.stderr[-5000:]

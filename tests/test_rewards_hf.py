@@ -66,7 +66,7 @@ def test_registered():
 
 def test_sorted_batches_match_one_at_a_time_in_original_order(reward, expected, monkeypatch):
     samples = make_samples(LENGTHS)
-    assert len(set(round(x, 3) for x in expected)) == len(samples)  # distinct, so order mistakes show
+    assert len({round(x, 3) for x in expected}) == len(samples)  # distinct, so order mistakes show
 
     calls = record_batches(monkeypatch, reward)
     scores = reward.score(samples)
