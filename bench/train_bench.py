@@ -6,6 +6,7 @@ Each case runs in its own process so that its peak memory (max RSS) is its own:
   ours-k2-gc   ours-k2 with gradient checkpointing (train.gradient_checkpointing)
   ours-k2-lean ours-k2 with bf16 AdamW moments (train.optimizer: adamw_bf16) and one prompt per
                forward pass (train.micro_batch_size: 1), gradients accumulated over the batch
+  ours-k2-lean-gc  ours-k2-lean with gradient checkpointing
   trl          TRL DPOTrainer, default settings (a reference model in memory, scored every step)
   trl-precomp  TRL DPOTrainer with precompute_ref_log_probs=True (no reference model during steps)
   trl-micro1   trl-precomp with one prompt per forward pass (gradient_accumulation_steps = batch):
@@ -150,6 +151,8 @@ CASES = {
     "ours-k4": lambda args: run_ours(args, 4, "contrastive"),
     "ours-k2-gc": lambda args: run_ours(args, 2, "dpo", checkpointing=True),
     "ours-k2-lean": lambda args: run_ours(args, 2, "dpo", optimizer_name="adamw_bf16", micro_seqs=2),
+    "ours-k2-lean-gc": lambda args: run_ours(args, 2, "dpo", checkpointing=True, optimizer_name="adamw_bf16",
+                                             micro_seqs=2),
     "trl": lambda args: run_trl(args, precompute=False),
     "trl-precomp": lambda args: run_trl(args, precompute=True),
     "trl-micro1": lambda args: run_trl(args, precompute=True, micro=1),
@@ -192,7 +195,8 @@ def main() -> None:
             gc = results["ours-k2-gc"]
             results["ratios"]["checkpointing_tokens_per_second_vs_trl"] = gc["tokens_per_second"] / trl["tokens_per_second"]
             results["ratios"]["checkpointing_peak_memory_vs_trl"] = gc["peak_rss_gib"] / trl["peak_rss_gib"]
-    for case, baseline in (("ours-k2-lean", "trl"), ("ours-k2-lean", "trl-micro1")):
+    for case, baseline in (("ours-k2-lean", "trl"), ("ours-k2-lean", "trl-micro1"), ("ours-k2-lean-gc", "trl"),
+                           ("ours-k2-lean-gc", "trl-micro1")):
         if results.get(case) and results.get(baseline):
             ratios = results.setdefault("ratios", {})
             ratios[f"{case}_tokens_per_second_vs_{baseline}"] = (results[case]["tokens_per_second"]

@@ -27,7 +27,7 @@ import ray
 
 from pipeline import schema
 from pipeline.hardware import cluster_has_gpus, native_bf16
-from pipeline.layout import read_parquet_dir, shard_name, write_parquet
+from pipeline.layout import atomic_write_json, read_parquet_dir, shard_name, write_parquet
 from pipeline.prompts import Prompt
 
 
@@ -113,7 +113,7 @@ def worker_options(config, use_gpu: bool) -> dict[str, Any]:
 def generate_shards(prompts: list[Prompt], model_path: str, spec: SamplingSpec, config, out_dir: Path,
                     seed: int, make_table: Callable[[list[Prompt], list[list[dict]]], pa.Table]) -> dict[str, Any]:
     """Write one shard per engine (`make_table` turns its outputs into rows); shards on disk are kept."""
-    num_shards = min(config.generate.num_actors, len(prompts))
+    num_shards = shard_count(out_dir, [p.prompt_id for p in prompts], min(config.generate.num_actors, len(prompts)))
     chunks = [prompts[i::num_shards] for i in range(num_shards)]
     todo = [i for i in range(num_shards) if not (out_dir / shard_name(i)).exists()]
     use_gpu = cluster_has_gpus()
@@ -133,6 +133,26 @@ def generate_shards(prompts: list[Prompt], model_path: str, spec: SamplingSpec, 
             ray.kill(worker)
     seconds = time.perf_counter() - start
     return {"shards_generated": len(todo), "generate_seconds": round(seconds, 2)}
+
+
+def shard_count(out_dir: Path, prompt_ids: list[str], wanted: int) -> int:
+    """How many shards this output is split into, fixed when it was first started.
+
+    Shards on disk are only reusable under the split that made them: a re-run
+    with another `generate.num_actors` would otherwise assign prompts to shards
+    differently and duplicate some rows and lose others. `_shards.json` (pyarrow,
+    pandas and DuckDB skip `_` files) records the split; shards written for
+    other prompts are removed.
+    """
+    layout_file = out_dir / "_shards.json"
+    if layout_file.is_file():
+        layout = json.loads(layout_file.read_text())
+        if layout.get("prompt_ids") == prompt_ids:
+            return int(layout["num_shards"])
+    for stale in out_dir.glob("part-*.parquet"):
+        stale.unlink()
+    atomic_write_json(layout_file, {"num_shards": wanted, "prompt_ids": prompt_ids})
+    return wanted
 
 
 def candidate_rows(prompts: list[Prompt], outputs: list[list[dict]], round_number: int,
