@@ -54,14 +54,13 @@ def run_ours(args, items: int, objective: str, checkpointing: bool = False, opti
              micro_seqs: int | None = None) -> dict:
     import torch
 
-    from stages.train.data import ListExample, load_policy, return_freed_memory_to_os, use_all_cpu_threads
+    from stages.train.data import ListExample, load_policy, use_all_cpu_threads
     from stages.train.logprobs import tokenize_example
     from stages.train.loop import list_scores
     from stages.train.objectives import OBJECTIVES
     from stages.train.optim import build_optimizer
 
     use_all_cpu_threads()
-    return_freed_memory_to_os()
     torch.manual_seed(0)
     model, tokenizer = load_policy(args.model, "float32")
     model.train()
@@ -96,12 +95,10 @@ def run_trl(args, precompute: bool, micro: int | None = None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from stages.train.data import return_freed_memory_to_os, use_all_cpu_threads
+    from stages.train.data import use_all_cpu_threads
     from stages.train.logprobs import tokenize_example
 
     use_all_cpu_threads()
-    # The same allocator setting as our trainer, so that peak memory compares the trainers.
-    return_freed_memory_to_os()
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)

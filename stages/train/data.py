@@ -7,9 +7,7 @@ items through these functions.
 
 from __future__ import annotations
 
-import ctypes
 import os
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,22 +27,6 @@ def use_all_cpu_threads() -> None:
     # owns the machine should use every core.
     if not torch.cuda.is_available():
         torch.set_num_threads(os.cpu_count() or 1)
-
-
-def return_freed_memory_to_os() -> None:
-    """Serve every allocation over 64 KiB from mmap, so freeing it gives the memory back.
-
-    glibc raises its mmap threshold (up to 32 MiB) after the first large free; from
-    then on activations come from the heap, and what a step frees stays in the
-    process. A fixed threshold turns that off: 0.4 GiB less peak memory for the
-    135M policy (docs/benchmarks.md).
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # -3: M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass  # not glibc (e.g. musl): nothing to tune
 
 
 def load_policy(path: str, dtype: str, trust_remote_code: bool = False):

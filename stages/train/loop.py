@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from stages.train.data import (DTYPES, ListExample, add_lora, autocast, build_examples, load_policy,
-                               pad_token_id, return_freed_memory_to_os, use_all_cpu_threads)
+                               pad_token_id, use_all_cpu_threads)
 from stages.train.logprobs import collate, sequence_logprobs
 from stages.train.objectives import OBJECTIVES, REFERENCE_FREE, mean_margin, ranking_accuracy
 from stages.train.checkpoint import TrainingCheckpoint, fingerprint
@@ -102,7 +102,6 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     train = cfg["train"]
     sharded = train["sharding"] == "fsdp" and world > 1
     use_all_cpu_threads()
-    return_freed_memory_to_os()
     if world > 1 and not torch.cuda.is_available():
         torch.set_num_threads(max(1, torch.get_num_threads() // world))
     torch.manual_seed(cfg["seed"])
