@@ -12,14 +12,12 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PipelineError
-from pipeline.layout import atomic_write_text
+from pipeline.layout import atomic_write_bytes, atomic_write_text
 
 ROUND_DIR = re.compile(r"round_(\d{3})")
 
@@ -164,19 +162,6 @@ def plot_png(rows: list[dict[str, Any]], training_logs: list[list[dict[str, Any]
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
     return buffer.getvalue()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def main(args) -> int:
