@@ -9,7 +9,7 @@ ARGS    ?=
 
 round_args = --config $(CONFIG) --run $(RUN) $(if $(OUTPUT),--output $(OUTPUT)) $(ARGS)
 
-.PHONY: setup round rounds test bench bench-train bench-reward check-venv
+.PHONY: setup round rounds test bench bench-train bench-reward bench-generate experiment check-venv
 
 setup:
 	bash scripts/setup.sh
@@ -31,7 +31,7 @@ test: check-venv
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$status
 
 ## make bench: the benchmarks in bench/ (numbers go to docs/bench/ and docs/benchmarks.md)
-bench: bench-train bench-reward
+bench: bench-train bench-reward bench-generate
 
 ## the trainer against TRL's DPOTrainer. TRL is installed only for this, without
 ## its dependencies: a full resolve would bring back torchvision (see scripts/setup.sh).
@@ -42,3 +42,15 @@ bench-train: check-venv
 ## hf_classifier scoring, length-sorted batches against unsorted ones (random 135M classifier, CPU)
 bench-reward: check-venv
 	$(PY) bench/reward_bench.py $(ARGS)
+
+## generation throughput: our generate stage against vLLM called directly and transformers generate
+## (docs/bench/generate.json, the Speed section of docs/results.md)
+bench-generate: check-venv
+	$(PY) bench/generate_bench.py $(ARGS)
+
+## make experiment [N=3] [CONFIG=...] [OUTPUT=...] [ARGS="--methods dpo,listmle key=value ..."]:
+## iterative DPO against the LarPO objectives, N rounds each (hours on CPU), then docs/results.md.
+## ARGS="--summarize-only" only rewrites the table, the plot and the verdict from the runs there are.
+experiment: check-venv
+	$(PY) bench/experiment.py --config $(CONFIG) $(if $(filter-out file default,$(origin N)),--rounds $(N)) \
+		$(if $(OUTPUT),--output $(OUTPUT)) $(ARGS)

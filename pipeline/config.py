@@ -37,7 +37,8 @@ class PromptsConfig:
     # JSONL or Parquet file, a local dataset directory, or `hf:<dataset>[:<split>]`.
     train: str = "data/prompts/train.jsonl"
     heldout: str = "data/prompts/heldout.jsonl"
-    # Column holding the chat messages (list of {role, content}).
+    # Column holding the chat messages (list of {role, content}), or a column of
+    # plain strings (UltraFeedback's `instruction`), each taken as one user message.
     messages_field: str = "messages"
     # M: training prompts drawn per round; each round takes its own slice.
     per_round: int = 64

@@ -1,9 +1,10 @@
 """Prompt sources: local JSONL / Parquet files or a Hugging Face dataset.
 
-Every row must carry chat messages (a list of {role, content}); `prompt_id` is
-taken from the row or derived from the messages; all other fields travel with
-the prompt as `metadata` (the instruction-following reward reads its
-`constraints` from there).
+Every row must carry chat messages (a list of {role, content}) in the
+`messages_field` column, or, in every row, a plain string there (UltraFeedback's
+`instruction`), which becomes one user message. `prompt_id` is taken from the
+row or derived from the messages; all other fields travel with the prompt as
+`metadata` (the instruction-following reward reads its `constraints` from there).
 """
 
 from __future__ import annotations
@@ -30,10 +31,14 @@ class Prompt:
 def load_prompts(source: str, messages_field: str = "messages") -> list[Prompt]:
     """Read and validate a whole prompt set; the error names the file and row at fault."""
     rows = _read_rows(source)
+    # A column of plain strings, in every row, holds one user turn each. The
+    # choice is made for the whole column, so a stray string among chat
+    # messages is still an error that names its row.
+    plain = bool(rows) and all(isinstance(row.get(messages_field), str) for row in rows)
     prompts: list[Prompt] = []
     seen: dict[str, int] = {}
     for index, row in enumerate(rows, start=1):
-        prompt = _parse_row(row, index, source, messages_field)
+        prompt = _parse_row(row, index, source, messages_field, plain)
         if prompt.prompt_id in seen:
             raise PipelineError(f"prompt set {source}: prompt_id '{prompt.prompt_id}' appears in rows "
                                 f"{seen[prompt.prompt_id]} and {index}")
@@ -126,14 +131,19 @@ def _read_hf_dataset(spec: str, source: str) -> list[dict[str, Any]]:
     return list(dataset)
 
 
-def _parse_row(row: dict[str, Any], index: int, source: str, messages_field: str) -> Prompt:
+def _parse_row(row: dict[str, Any], index: int, source: str, messages_field: str, plain: bool = False) -> Prompt:
     given_id = row.get("prompt_id")
     where = f"prompt set {source}: row {index}" + (f" (prompt_id '{given_id}')" if given_id is not None else "")
     messages = row.get(messages_field)
     if messages is None:
         raise PipelineError(f"{where} has no '{messages_field}'")
+    if plain:
+        if not messages.strip():
+            raise PipelineError(f"{where}: '{messages_field}' is an empty string")
+        messages = [{"role": "user", "content": messages}]
     if not isinstance(messages, list) or not messages:
-        raise PipelineError(f"{where}: '{messages_field}' must be a non-empty list of {{role, content}}")
+        raise PipelineError(f"{where}: '{messages_field}' must be a non-empty list of {{role, content}} "
+                            "(or, in every row, a plain string)")
     for message in messages:
         if (not isinstance(message, dict) or message.get("role") not in ROLES
                 or not isinstance(message.get("content"), str)):

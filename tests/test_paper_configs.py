@@ -1,0 +1,157 @@
+"""configs/paper/: the LarPO paper's GPU recipes load, validate and keep the paper's settings.
+
+Nothing here resolves a model or reaches a hub: `load_config` validates keys,
+types, ranges and registries only. The UltraFeedback-style prompt source
+(a plain string column, a held-out slice of the one split) is checked on a
+local dataset directory of the same shape.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import load_config
+from pipeline.errors import PipelineError
+from pipeline.prompts import load_prompts
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PAPER_DIR = REPO_ROOT / "configs" / "paper"
+MODELS = {"mistral-7b": "mistralai/Mistral-7B-Instruct-v0.2", "gemma-2-2b": "google/gemma-2-2b-it"}
+REWARD_MODEL = "sfairXC/FsfairX-LLaMA3-RM-v0.1"
+# objective -> (lists.strategy, num_positives, num_negatives)
+LISTS = {
+    "contrastive": ("top_bottom", 1, 3),   # top-1 vs bottom-3
+    "lambdarank": ("top_bottom", 2, 2),    # top-2 vs bottom-2
+    "listmle": ("top_bottom", 2, 2),
+    "dpo": ("top_bottom", 1, 1),           # the pairwise baseline: best vs worst
+}
+PAPER_FILES = sorted(PAPER_DIR.glob("*.yaml"))
+
+
+def test_one_file_per_model_and_objective():
+    assert {p.stem for p in PAPER_FILES} == {f"{m}-{o}" for m in MODELS for o in LISTS}
+
+
+@pytest.mark.parametrize("path", PAPER_FILES, ids=lambda p: p.stem)
+def test_paper_config_loads_and_keeps_the_papers_settings(path):
+    config = load_config(path)
+    model_key, objective = re.fullmatch(r"(.+)-(\w+)", path.stem).groups()
+    assert config.model.name == MODELS[model_key]
+    assert config.train.objective == objective
+
+    # The paper's settings.
+    assert config.generate.num_samples == 10
+    assert config.generate.temperature == 0.8 and config.generate.temperatures == []
+    assert config.train.learning_rate == 5e-7
+    assert config.train.epochs == 2
+    strategy, positives, negatives = LISTS[objective]
+    assert (config.lists.strategy, config.lists.num_positives, config.lists.num_negatives) == (
+        strategy, positives, negatives)
+    assert positives + negatives <= config.generate.num_samples
+    assert positives + negatives <= config.train.max_list_size
+    assert config.reward.name == "hf_classifier" and config.reward.model == REWARD_MODEL
+    assert config.reference.policy == "previous"  # LarPO's Algorithm 1
+
+    # UltraFeedback: the string column `instruction`, a held-out slice disjoint from training.
+    assert config.prompts.train == "hf:openbmb/UltraFeedback:train[:98%]"
+    assert config.prompts.heldout == "hf:openbmb/UltraFeedback:train[98%:]"
+    assert config.prompts.messages_field == "instruction"
+    # Three rounds of disjoint prompts out of about 62.7k (98% of 63,967).
+    assert 3 * config.prompts.per_round <= 62_000
+
+    # GPU settings.
+    assert config.generate.dtype == "bfloat16" and config.reward.dtype == "bfloat16"
+    assert config.train.dtype == "float32" and config.train.autocast == "on"  # fp32 master weights, bf16 compute
+    assert config.reward.num_gpus_per_actor == 1
+    assert config.train.gradient_checkpointing
+    assert config.train.sharding == ("fsdp" if model_key == "mistral-7b" else "none")
+    assert config.train.num_workers > 1 and config.generate.num_actors > 1
+    assert config.train.batch_size % (config.train.micro_batch_size * config.train.num_workers) == 0
+    # Room for a prompt beside the answer, and a prompt + answer the trainer does not cut.
+    prompt_budget = config.model.max_model_len - config.generate.max_tokens
+    assert prompt_budget >= 1024
+    assert config.train.max_length >= config.model.max_model_len
+    assert config.evaluate.max_tokens <= config.generate.max_tokens
+
+
+@pytest.mark.parametrize("path", PAPER_FILES, ids=lambda p: p.stem)
+def test_header_says_how_to_run_three_rounds(path):
+    text = path.read_text()
+    header = text[:text.index("\nseed:")]
+    assert all(line.startswith("#") for line in header.splitlines()), "the header is comments only"
+    assert f"make rounds N=3 CONFIG=configs/paper/{path.name}" in header
+    # Every knob is written out (torchtune style), not left to defaults.
+    raw = yaml.safe_load(text)
+    for section in ("model", "prompts", "generate", "reward", "lists", "reference", "train", "evaluate"):
+        assert section in raw
+
+
+# --- prompts: a plain string column (UltraFeedback's `instruction`) -------------------------
+
+UF_ROWS = [{"instruction": f"Question number {i}: explain something.", "source": "evol_instruct",
+            "models": ["a", "b"]} for i in range(8)]
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_string_column_becomes_one_user_message(tmp_path):
+    prompts = load_prompts(str(write_jsonl(tmp_path / "uf.jsonl", UF_ROWS)), "instruction")
+    assert len(prompts) == 8
+    assert prompts[0].messages == [{"role": "user", "content": UF_ROWS[0]["instruction"]}]
+    assert prompts[0].prompt_id.startswith("p-")
+    assert prompts[0].metadata == {"source": "evol_instruct", "models": ["a", "b"]}
+    # The id is the one the same text gets as chat messages.
+    as_chat = write_jsonl(tmp_path / "chat.jsonl",
+                          [{"messages": [{"role": "user", "content": r["instruction"]}]} for r in UF_ROWS])
+    assert [p.prompt_id for p in load_prompts(str(as_chat))] == [p.prompt_id for p in prompts]
+
+
+def test_string_column_from_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "uf.parquet"
+    pq.write_table(pa.Table.from_pylist(UF_ROWS), path)
+    prompts = load_prompts(str(path), "instruction")
+    assert [p.messages[0]["content"] for p in prompts] == [r["instruction"] for r in UF_ROWS]
+
+
+def test_empty_string_prompt_is_refused(tmp_path):
+    rows = UF_ROWS[:2] + [{"instruction": "   ", "prompt_id": "blank"}]
+    with pytest.raises(PipelineError) as info:
+        load_prompts(str(write_jsonl(tmp_path / "uf.jsonl", rows)), "instruction")
+    assert "row 3" in str(info.value) and "'blank'" in str(info.value) and "empty" in str(info.value)
+
+
+def test_a_string_among_chat_messages_is_still_an_error(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "hi"}]}, {"prompt_id": "s", "messages": "plain"}]
+    with pytest.raises(PipelineError) as info:
+        load_prompts(str(write_jsonl(tmp_path / "p.jsonl", rows)))
+    assert "row 2" in str(info.value) and "'s'" in str(info.value)
+
+
+def test_repeated_string_prompt_is_refused_naming_both_rows(tmp_path):
+    rows = UF_ROWS[:3] + [UF_ROWS[1]]
+    with pytest.raises(PipelineError) as info:
+        load_prompts(str(write_jsonl(tmp_path / "uf.jsonl", rows)), "instruction")
+    assert "rows 2 and 4" in str(info.value)
+
+
+def test_held_out_slice_of_the_one_split_is_disjoint(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    directory = tmp_path / "ultrafeedback"
+    directory.mkdir()
+    write_jsonl(directory / "train.jsonl", UF_ROWS)
+    train = load_prompts(f"hf:{directory}:train[:75%]", "instruction")
+    heldout = load_prompts(f"hf:{directory}:train[75%:]", "instruction")
+    assert (len(train), len(heldout)) == (6, 2)
+    assert not {p.prompt_id for p in train} & {p.prompt_id for p in heldout}
+    assert heldout[0].messages[0]["content"] == UF_ROWS[6]["instruction"]
