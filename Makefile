@@ -9,7 +9,7 @@ ARGS    ?=
 
 round_args = --config $(CONFIG) --run $(RUN) $(if $(OUTPUT),--output $(OUTPUT)) $(ARGS)
 
-.PHONY: setup round rounds test bench bench-train bench-reward bench-generate experiment check-venv
+.PHONY: setup round rounds test bench bench-train bench-reward bench-generate bench-round experiment check-venv
 
 setup:
 	bash scripts/setup.sh
@@ -31,7 +31,7 @@ test: check-venv
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$status
 
 ## make bench: the benchmarks in bench/ (numbers go to docs/bench/ and docs/benchmarks.md)
-bench: bench-train bench-reward bench-generate
+bench: bench-train bench-reward bench-generate bench-round
 
 ## the trainer against TRL's DPOTrainer. TRL is installed only for this, without
 ## its dependencies: a full resolve would bring back torchvision (see scripts/setup.sh).
@@ -47,6 +47,12 @@ bench-reward: check-venv
 ## (docs/bench/generate.json, the Speed section of docs/results.md)
 bench-generate: check-venv
 	$(PY) bench/generate_bench.py $(ARGS)
+
+## where a round's wall time goes, per stage: start-up, Ray, Parquet I/O and the work itself
+## (docs/bench/round.json, the `round` section of docs/results.md). Runs round 1 of CONFIG as
+## the run bench-round (replaced each time); ARGS="--from-run runs/<run>" only reads that run's rounds.
+bench-round: check-venv
+	$(PY) bench/round_breakdown.py --config $(CONFIG) $(if $(OUTPUT),--output $(OUTPUT)) $(ARGS)
 
 ## make experiment [N=3] [CONFIG=...] [OUTPUT=...] [ARGS="--methods dpo,listmle key=value ..."]:
 ## iterative DPO against the LarPO objectives, N rounds each (hours on CPU), then docs/results.md.

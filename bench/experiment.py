@@ -206,7 +206,10 @@ def run_settings(root: Path, prefix: str, results: dict[str, Any]) -> str:
     import yaml
 
     for name, rows in results.items():
-        path = root / f"{prefix}-{name}" / "config.yaml"
+        # The newest round's config: the run's own config.yaml is its first invocation's,
+        # and keys outside the run identity (the learning rate) may change between rounds.
+        rounds = sorted((root / f"{prefix}-{name}").glob("round_[0-9][0-9][0-9]/config.yaml"))
+        path = rounds[-1] if rounds else root / f"{prefix}-{name}" / "config.yaml"
         if rows and path.is_file():
             config = yaml.safe_load(path.read_text())
             evaluate = config.get("evaluate", {})

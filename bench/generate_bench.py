@@ -272,6 +272,13 @@ def versions() -> dict:
     return found
 
 
+def machine_line(m: dict, found_versions: dict) -> str:
+    """One line on the machine and the versions that ran a benchmark (machine() and versions())."""
+    simd = ("AVX2 only" if m["simd"] == ["avx2"] else ", ".join(f.upper() for f in m["simd"]) or "no AVX2")
+    return (f"{m['cores']}-core {m['cpu']} ({simd}, no GPU), {m['memory_gib']:.0f} GiB, Python {m['python']}, "
+            + ", ".join(f"{k} {v}" for k, v in found_versions.items()))
+
+
 def speed_section(results: dict) -> str:
     """The "Speed" section of docs/results.md."""
     s, m = results["settings"], results["machine"]
@@ -288,11 +295,8 @@ def speed_section(results: dict) -> str:
         gen_tps = "-" if "generate_tokens_per_second" not in r else f"{r['generate_tokens_per_second']:.1f}"
         rows.append(f"| {labels[case]} | {start} | {gen} | {r['tokens']} | {gen_tps} | {r['tokens_per_second']:.1f} "
                     f"| {r['load_average_before']:.1f} / {r['load_average_after']:.1f} |")
-    simd = ("AVX2 only" if m["simd"] == ["avx2"] else ", ".join(f.upper() for f in m["simd"]) or "no AVX2")
     lines = ["## Speed (`make bench-generate`)", "",
-             f"Machine: {m['cores']}-core {m['cpu']} ({simd}, no GPU), "
-             f"{m['memory_gib']:.0f} GiB, Python {m['python']}, "
-             + ", ".join(f"{k} {v}" for k, v in results["versions"].items()) + ". "
+             f"Machine: {machine_line(m, results['versions'])}. "
              f"Model `{s['model']}`, {s['prompts']} prompts x {s['samples']} samples x up to {s['max_tokens']} "
              f"new tokens at temperature {s['temperature']}, {s['dtype']}; each case in its own process, "
              + ("one run each. " if s["repeats"] == 1 else

@@ -27,6 +27,7 @@ from pipeline.errors import PipelineError
 from pipeline.layout import STAGES, RoundLayout, RunLayout, atomic_write_json, atomic_write_text
 from pipeline.models import REPO_ROOT, resolve_model
 from pipeline.prompts import Prompt, fit_to_context, load_prompts, round_slice
+from pipeline.timing import Timings
 
 log = logging.getLogger("pipeline")
 
@@ -101,7 +102,8 @@ def run_round(plan: RoundPlan) -> dict[str, Any]:
         if plan.round.is_finished() and plan.round.metrics.is_file():
             log.info("round %d is already finished: %s", number, plan.round.dir)
             return read_metrics(plan.round)
-        ensure_ray()
+        start = time.perf_counter()
+        ray_init_seconds = ensure_ray()
         config_text = yaml.safe_dump(plan.config.to_dict(), sort_keys=False)
         if not plan.run.config.is_file():
             atomic_write_text(plan.run.config, config_text)
@@ -118,6 +120,9 @@ def run_round(plan: RoundPlan) -> dict[str, Any]:
                     run_one_stage(plan, stage, file_only)
                 progress.update()
         metrics = round_metrics(plan)
+        # This invocation's: a resumed round's earlier stages ran under another process's ray.init.
+        metrics["ray_init_seconds"] = round(ray_init_seconds, 2)
+        metrics["round_seconds"] = round(time.perf_counter() - start, 2)
         atomic_write_json(plan.round.metrics, metrics)
         log.info("round %d finished in %.1f s of stages: %s", number, sum(metrics["stage_seconds"].values()),
                  plan.round.metrics)
@@ -129,7 +134,8 @@ def run_one_stage(plan: RoundPlan, stage: str, file_only) -> None:
     log.info("round %d: %s started", number, stage)
     out_dir = plan.round.begin_stage(stage)
     runner = importlib.import_module(STAGE_MODULES[stage]).run_stage
-    with MemoryMonitor() as memory:
+    timings = Timings()
+    with MemoryMonitor() as memory, timings.active():
         start = time.perf_counter()
         try:
             stats = runner(plan, out_dir)
@@ -139,6 +145,7 @@ def run_one_stage(plan: RoundPlan, stage: str, file_only) -> None:
                       time.perf_counter() - start, type(exc).__name__, exc)
             raise
         stats["wall_seconds"] = round(time.perf_counter() - start, 2)
+    stats.update(timings.stats())
     stats["peak_memory_gib"] = memory.peak_gib
     plan.round.finish_stage(stage, stats)
     log.info("round %d: %s finished in %.1f s (peak memory %.2f GiB)", number, stage,
@@ -205,17 +212,20 @@ def read_metrics(round_layout: RoundLayout) -> dict[str, Any]:
     return json.loads(round_layout.metrics.read_text()) if round_layout.metrics.is_file() else {}
 
 
-def ensure_ray() -> None:
+def ensure_ray() -> float:
+    """Start or join Ray unless this process already has; the seconds `ray.init` took (0 if not called)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return 0.0
+    start = time.perf_counter()
     if os.environ.get("RAY_ADDRESS"):
         # A cluster or `ray job submit`: the job's runtime env already ships the code.
         ray.init()
     else:
         env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
         ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
+    return time.perf_counter() - start
 
 
 class MemoryMonitor:

@@ -22,7 +22,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline import schema
+from pipeline import schema, timing
 from pipeline.errors import PipelineError
 from pipeline.layout import RunLayout, atomic_write_json, read_parquet_dir, shard_name, write_parquet
 from pipeline.prompts import Prompt
@@ -114,14 +114,16 @@ def respond(prompts: list[Prompt], policy: str, round_number: int, config, out_d
 
     # The same engine seed every round: only the policy differs between rounds' answers.
     stats = generate_shards(prompts, policy, spec, config, samples_dir, config.seed, make_table)
-    rows = read_parquet_dir(samples_dir).to_pylist()
+    with timing.timed("io"):
+        rows = read_parquet_dir(samples_dir).to_pylist()
     for row, reward in zip(rows, score_candidates(rows, config.reward), strict=True):
         if not math.isfinite(reward) and config.reward.on_invalid == "error":
             raise PipelineError(f"reward of held-out prompt_id {row['prompt_id']!r} (round {round_number}) is "
                                 f"{reward}; set reward.on_invalid=drop to leave such answers out of the metrics")
         row["reward"] = reward
-    write_parquet(pa.Table.from_pylist(rows, schema=schema.EVAL), out_dir / shard_name(0))
-    shutil.rmtree(samples_dir)
+    with timing.timed("io"):
+        write_parquet(pa.Table.from_pylist(rows, schema=schema.EVAL), out_dir / shard_name(0))
+        shutil.rmtree(samples_dir)
     return rows, {**stats, "policy": policy, **{key: getattr(config.evaluate, key) for key in SETTINGS}}
 
 
@@ -132,8 +134,13 @@ def ensure_baseline(plan) -> list[dict]:
         log.info("round 0: evaluating the base model %s on %d held-out prompts", plan.base_model,
                  len(plan.heldout))
         start = time.perf_counter()
-        rows, stats = respond(plan.heldout, plan.base_model, 0, plan.config, baseline.begin_stage("evaluate"))
-        stats = {**eval_metrics(rows, rows), **stats, "wall_seconds": round(time.perf_counter() - start, 2)}
+        # Round 0's own breakdown for its stats; it also counts in the evaluate stage that made it.
+        timings = timing.Timings()
+        with timings.active():
+            rows, stats = respond(plan.heldout, plan.base_model, 0, plan.config, baseline.begin_stage("evaluate"))
+        timing.add(timings.seconds)
+        stats = {**eval_metrics(rows, rows), **stats, "wall_seconds": round(time.perf_counter() - start, 2),
+                 **timings.stats()}
         # metrics.json before the marker: a crash between the two redoes round 0, never leaves it half-made.
         atomic_write_json(baseline.metrics, {
             "round": 0, "policy": plan.base_model, "eval": {k: stats.get(k) for k in EVAL_KEYS},
@@ -141,7 +148,8 @@ def ensure_baseline(plan) -> list[dict]:
         })
         baseline.finish_stage("evaluate", stats)
         log.info("round 0: base model evaluated in %.1f s", stats["wall_seconds"])
-    return read_parquet_dir(baseline.eval).to_pylist()
+    with timing.timed("io"):
+        return read_parquet_dir(baseline.eval).to_pylist()
 
 
 def check_baseline(run: RunLayout, heldout: list[Prompt], config) -> None:
@@ -174,6 +182,9 @@ def run_stage(plan, out_dir: Path) -> dict[str, Any]:
                  plan.round.number)
         write_parquet(pa.Table.from_pylist([], schema=schema.EVAL), out_dir / shard_name(0))
         return {"eval_prompts": 0}
+    made_baseline = not plan.run.round(0).is_done("evaluate")
     baseline = ensure_baseline(plan)
     rows, stats = respond(plan.heldout, str(plan.round.policy), plan.round.number, plan.config, out_dir)
-    return {**eval_metrics(rows, baseline), **stats}
+    # A run's first evaluate stage also evaluates the base model, once: say how much of its wall time that was.
+    once = {"baseline_seconds": plan.run.round(0).stage_stats("evaluate")["wall_seconds"]} if made_baseline else {}
+    return {**eval_metrics(rows, baseline), **stats, **once}

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import pyarrow as pa
 import ray
 
-from pipeline import schema
+from pipeline import schema, timing
 from pipeline.hardware import cluster_has_gpus, native_bf16
 from pipeline.layout import atomic_write_json, read_parquet_dir, shard_name, write_parquet
 from pipeline.prompts import Prompt
@@ -69,11 +69,13 @@ class GenerationWorker:
     """One vLLM engine. Only this actor imports vllm, so the driver stays light."""
 
     def __init__(self, model_path: str, engine_args: dict[str, Any]):
-        from vllm import LLM
+        self.clock = timing.Timings()
+        with self.clock("startup"):
+            from vllm import LLM
 
-        if engine_args["dtype"] == "auto":
-            engine_args = {**engine_args, "dtype": "bfloat16" if native_bf16() else "float32"}
-        self.llm = LLM(model=model_path, **engine_args)
+            if engine_args["dtype"] == "auto":
+                engine_args = {**engine_args, "dtype": "bfloat16" if native_bf16() else "float32"}
+            self.llm = LLM(model=model_path, **engine_args)
 
     def generate(self, conversations: list[list[dict[str, str]]], spec: SamplingSpec) -> list[list[dict]]:
         from vllm import SamplingParams
@@ -85,8 +87,12 @@ class GenerationWorker:
                   for temperature, count in blocks]
         # One request per (prompt, temperature block); chat() takes one SamplingParams per request.
         requests = [conversation for conversation in conversations for _ in blocks]
-        outputs = self.llm.chat(requests, params * len(conversations), use_tqdm=True)
+        with self.clock("work"):
+            outputs = self.llm.chat(requests, params * len(conversations), use_tqdm=True)
         return group_samples(outputs, blocks)
+
+    def timings(self) -> dict[str, float]:
+        return self.clock.seconds
 
 
 def engine_args(config, seed: int, use_gpu: bool) -> dict[str, Any]:
@@ -127,7 +133,10 @@ def generate_shards(prompts: list[Prompt], model_path: str, spec: SamplingSpec, 
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             index = pending.pop(ready[0])
-            write_parquet(make_table(chunks[index], ray.get(ready[0])), out_dir / shard_name(index))
+            outputs = ray.get(ready[0])
+            with timing.timed("io"):
+                write_parquet(make_table(chunks[index], outputs), out_dir / shard_name(index))
+        timing.add_slowest(ray.get([worker.timings.remote() for worker in workers.values()]))
     finally:
         for worker in workers.values():
             ray.kill(worker)
@@ -181,7 +190,8 @@ def run_stage(plan, out_dir: Path) -> dict[str, Any]:
         return pa.Table.from_pylist(rows, schema=schema.CANDIDATES)
 
     stats = generate_shards(plan.prompts, plan.policy_in, spec, config, out_dir, seed, make_table)
-    table = read_parquet_dir(out_dir)
+    with timing.timed("io"):
+        table = read_parquet_dir(out_dir)
     tokens = sum(table.column("num_tokens").to_pylist())
     reasons = table.column("finish_reason").to_pylist()
     return {

@@ -47,7 +47,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from pipeline import schema
+from pipeline import schema, timing
 from pipeline.errors import PipelineError
 from pipeline.layout import PARTIAL_SUFFIX, RoundLayout, RunLayout, read_parquet_dir, shard_name, write_parquet
 from rewards import Sample, build_reward_from_config
@@ -66,16 +66,22 @@ class RewardWorker:
     """Owns one reward model; scores batches of samples."""
 
     def __init__(self, reward_config):
-        import torch
+        self.clock = timing.Timings()
+        with self.clock("startup"):
+            import torch
 
-        # Ray gives an actor OMP_NUM_THREADS=1; a model reward on a CPU host should
-        # share the cores with the other reward actors instead.
-        if not torch.cuda.is_available():
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // reward_config.num_actors))
-        self.reward = build_reward_from_config(reward_config)
+            # Ray gives an actor OMP_NUM_THREADS=1; a model reward on a CPU host should
+            # share the cores with the other reward actors instead.
+            if not torch.cuda.is_available():
+                torch.set_num_threads(max(1, (os.cpu_count() or 1) // reward_config.num_actors))
+            self.reward = build_reward_from_config(reward_config)
 
     def score(self, samples: list[Sample]) -> list[float]:
-        return [float(r) for r in self.reward.score(samples)]
+        with self.clock("work"):
+            return [float(r) for r in self.reward.score(samples)]
+
+    def timings(self) -> dict[str, float]:
+        return self.clock.seconds
 
 
 def score_candidates(rows: list[dict[str, Any]], reward_config) -> list[float]:
@@ -95,6 +101,7 @@ def score_candidates(rows: list[dict[str, Any]], reward_config) -> list[float]:
         futures = [workers[n % len(workers)].score.remote([to_sample(rows[i]) for i in batch])
                    for n, batch in enumerate(batches)]
         results = ray.get(futures)
+        timing.add_slowest(ray.get([worker.timings.remote() for worker in workers]))
     finally:
         for worker in workers:
             ray.kill(worker)
@@ -280,16 +287,20 @@ def write_scored(rows: list[dict[str, Any]], round_layout: RoundLayout) -> None:
 def run_stage(plan, out_dir: Path) -> dict[str, Any]:
     config = plan.config
     number = plan.round.number
-    candidates = read_parquet_dir(plan.round.candidates).to_pylist()
+    with timing.timed("io"):
+        candidates = read_parquet_dir(plan.round.candidates).to_pylist()
     rewards = score_candidates(candidates, config.reward)
     scored = [{**row, "reward": reward} for row, reward in zip(candidates, rewards, strict=True)]
     valid, invalid = screen_rewards(scored, config.reward.on_invalid)
     prompt_ids = {row["prompt_id"] for row in candidates}
-    earlier = earlier_scored(plan.run, number, config.lists.memory, prompt_ids)
-    pool, duplicates = candidate_pool(valid, earlier)
-    lists, counts = build_lists(pool, config.lists, seed=config.seed + 1000 * number)
-    write_parquet(pa.Table.from_pylist(lists, schema=schema.LISTS), out_dir / shard_name(0))
-    write_scored(scored, plan.round)
+    with timing.timed("io"):
+        earlier = earlier_scored(plan.run, number, config.lists.memory, prompt_ids)
+    with timing.timed("work"):
+        pool, duplicates = candidate_pool(valid, earlier)
+        lists, counts = build_lists(pool, config.lists, seed=config.seed + 1000 * number)
+    with timing.timed("io"):
+        write_parquet(pa.Table.from_pylist(lists, schema=schema.LISTS), out_dir / shard_name(0))
+        write_scored(scored, plan.round)
     items = [item for row in lists for item in row["positives"] + row["negatives"]]
     return {
         **counts,

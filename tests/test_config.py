@@ -41,7 +41,7 @@ def test_defaults_when_path_is_none():
 def test_default_yaml_loads():
     config = load_config(REPO_ROOT / "configs" / "default.yaml")
     assert config.model.name == "embedded:smollm2-135m-instruct"
-    assert config.train.learning_rate == pytest.approx(2.0e-6)
+    assert config.train.learning_rate == pytest.approx(5.0e-5)
     assert isinstance(config.train.learning_rate, float)
     assert config.train.objective == "contrastive"
     assert config.reward.name == "ifeval"

@@ -19,12 +19,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pipeline.timing import Timings
 from stages.train.data import (DTYPES, ListExample, add_lora, autocast, build_examples, load_policy,
                                pad_token_id, use_all_cpu_threads)
 from stages.train.logprobs import collate, sequence_logprobs
 from stages.train.objectives import OBJECTIVES, REFERENCE_FREE, mean_margin, ranking_accuracy
 from stages.train.checkpoint import TrainingCheckpoint, fingerprint
 from stages.train.optim import build_optimizer
+
+
+# Rank 0's start-up, I/O, work and save seconds, for the driver to add to the stage's (stages/train/stage.py).
+TIMINGS_FILE = "_timings.json"
 
 
 def list_scores(model, examples: list[ListExample], tokenizer, objective: str, beta: float,
@@ -101,34 +106,41 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     train = cfg["train"]
     sharded = train["sharding"] == "fsdp" and world > 1
-    use_all_cpu_threads()
-    if world > 1 and not torch.cuda.is_available():
-        torch.set_num_threads(max(1, torch.get_num_threads() // world))
-    torch.manual_seed(cfg["seed"])
+    # Rank 0's clock: the workers wait for each other at every collective, so one speaks for all.
+    clock = Timings()
+    with clock("startup"):
+        use_all_cpu_threads()
+        if world > 1 and not torch.cuda.is_available():
+            torch.set_num_threads(max(1, torch.get_num_threads() // world))
+        torch.manual_seed(cfg["seed"])
 
-    model, tokenizer = load_policy(cfg["policy_in"], train["dtype"], cfg["trust_remote_code"])
-    if train["gradient_checkpointing"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if train["lora_rank"]:
-        model = add_lora(model, train["lora_rank"], train["lora_alpha"], train["lora_dropout"],
-                         train["lora_target_modules"])
-    if sharded:
-        shard_model(model)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    rows = pq.read_table(cfg["train_shard"]).to_pylist()
-    examples = build_examples(rows, tokenizer, train["max_length"], train["max_list_size"])
+        model, tokenizer = load_policy(cfg["policy_in"], train["dtype"], cfg["trust_remote_code"])
+        if train["gradient_checkpointing"]:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if train["lora_rank"]:
+            model = add_lora(model, train["lora_rank"], train["lora_alpha"], train["lora_dropout"],
+                             train["lora_target_modules"])
+        if sharded:
+            shard_model(model)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+    with clock("io"):
+        rows = pq.read_table(cfg["train_shard"]).to_pylist()
+    with clock("work"):
+        examples = build_examples(rows, tokenizer, train["max_length"], train["max_list_size"])
     steps = global_batches(len(examples), train["batch_size"], train["epochs"], cfg["seed"])
-    optimizer = build_optimizer(train["optimizer"], params, train["learning_rate"], train["weight_decay"],
-                                seed=cfg["seed"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(int(train["warmup_ratio"] * len(steps)), len(steps)))
+    with clock("startup"):
+        optimizer = build_optimizer(train["optimizer"], params, train["learning_rate"], train["weight_decay"],
+                                    seed=cfg["seed"])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(int(train["warmup_ratio"] * len(steps)), len(steps)))
     objective = OBJECTIVES[train["objective"]]
     options = {"beta": train["beta"], "ndcg_weights": train["lambdarank_ndcg"], "gamma": train["simpo_gamma"]}
 
     output_dir = Path(cfg["output_dir"])
     checkpoints = TrainingCheckpoint(output_dir / "checkpoint", fingerprint(cfg, len(examples)))
-    history = checkpoints.restore(model, optimizer, scheduler)
+    with clock("startup"):
+        history = checkpoints.restore(model, optimizer, scheduler)
     progress = tqdm(steps, desc="train", unit="step", disable=rank != 0, initial=len(history))
     for step in range(len(history), len(steps)):
         indices = steps[step]
@@ -168,6 +180,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - start
+        clock.add({"work": seconds})
         record = {
             "step": step + 1, "loss": totals[0].item() / totals[3].item(),
             "ranking_accuracy": totals[1].item() / totals[3].item(), "margin": totals[2].item() / totals[3].item(),
@@ -179,14 +192,18 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['ranking_accuracy']:.2f}")
         every = train["checkpoint_every"]
         if every and (step + 1) % every == 0 and step + 1 < len(steps):
-            checkpoints.save(model, optimizer, scheduler, history, rank)
+            with clock("save"):
+                checkpoints.save(model, optimizer, scheduler, history, rank)
 
-    save_policy(model, tokenizer, train, output_dir, rank, sharded)
+    with clock("save"):
+        save_policy(model, tokenizer, train, output_dir, rank, sharded)
     if rank == 0:
         with (output_dir / "training_log.jsonl").open("w") as f:
             for record in history:
                 f.write(json.dumps(record) + "\n")
         checkpoints.remove()
+        # Ray Train V2 keeps reported metrics only beside a checkpoint: the driver reads this file instead.
+        (output_dir / TIMINGS_FILE).write_text(json.dumps(clock.seconds))
     ray.train.report({"steps": len(history)})
 
 

@@ -12,9 +12,10 @@ import ray
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from pipeline import timing
 from pipeline.hardware import cluster_has_gpus
 from pipeline.layout import shard_name
-from stages.train.loop import summarize, train_loop_per_worker
+from stages.train.loop import TIMINGS_FILE, summarize, train_loop_per_worker
 
 
 def scaling_config(num_workers: int) -> ScalingConfig:
@@ -50,4 +51,9 @@ def run_stage(plan, out_dir: Path) -> dict[str, Any]:
     if not (out_dir / "config.json").is_file():
         raise RuntimeError(f"training finished without writing a checkpoint to {out_dir}")
     history = [json.loads(line) for line in (out_dir / "training_log.jsonl").read_text().splitlines()]
+    # Not part of the checkpoint: its numbers go into the stage's stats.
+    timings_file = out_dir / TIMINGS_FILE
+    if timings_file.is_file():
+        timing.add(json.loads(timings_file.read_text()))
+        timings_file.unlink()
     return {**summarize(history), "objective": config.train.objective, "policy_in": plan.policy_in}

@@ -1,0 +1,252 @@
+"""`make bench-round`: where a round's wall time goes, stage by stage.
+
+Runs `python -m pipeline round 1 --config configs/default.yaml --run bench-round`
+and times the whole command (the run is the benchmark's own: one left by an
+earlier benchmark is removed first, so the round really runs), or, with
+--from-run, only reads the finished rounds of an existing run. Each stage's
+wall time is split with the timings the driver records in the stage's stats
+(round_NNN/metrics.json, `stages.<stage>`; see pipeline/timing.py), each
+measured where it happens:
+
+  start-up     imports and model or engine load inside the Ray actor, task or
+               Ray Train worker, until the work can start
+  Parquet I/O  reading and writing the stage's Parquet shards, Arrow conversion included
+  save         writing the trained policy's checkpoint (train)
+  work         sampling (vLLM), reward scoring and list building, reference
+               log-probs, tokenizing lists and the training steps
+  Ray and orchestration
+               the rest of the stage's wall time: starting actor and worker
+               processes and their runtime envs, Ray Train's worker group,
+               scheduling, moving data between processes, the driver's glue
+
+The round adds `ray.init` (once per round command) and the driver's time
+between stages (importing each stage's module, bookkeeping), both counted as
+Ray and orchestration. Raw numbers go to docs/bench/round.json and the table
+to the `round` section of docs/results.md.
+
+Usage:
+  python bench/round_breakdown.py [--config configs/default.yaml] [--run bench-round]
+                                  [--output ROOT] [key=value ...]
+  python bench/round_breakdown.py --from-run runs/<run> [--results FILE] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from bench.experiment import RESULTS_MD, _shown, output_root, replace_section
+from bench.generate_bench import machine, machine_line, versions
+from pipeline.errors import PipelineError
+from pipeline.layout import STAGES
+
+ROUND_JSON = REPO_ROOT / "docs" / "bench" / "round.json"
+# (key, column header), in the table's order; "ray" is the remainder.
+COLUMNS = [("wall", "wall"), ("startup", "start-up"), ("ray", "Ray & orchestration"), ("io", "Parquet I/O"),
+           ("save", "checkpoint save"), ("work", "work")]
+MEASURED = ("startup", "io", "save", "work")
+
+
+# --- the breakdown ---------------------------------------------------------------
+
+def stage_breakdown(stats: dict[str, Any]) -> dict[str, float] | None:
+    """One stage's wall time and its parts; None for a stage recorded before the timings existed."""
+    if not all(f"{part}_seconds" in stats for part in ("startup", "io", "work")):
+        return None
+    parts = {part: float(stats.get(f"{part}_seconds", 0.0)) for part in MEASURED}
+    wall = float(stats["wall_seconds"])
+    return {"wall": wall, **parts, "ray": wall - sum(parts.values())}
+
+
+def round_breakdown(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The rows of one round's table: its stages, ray.init, the driver between stages, and the round.
+
+    Every second of the round lands in exactly one column, so each row's parts add up to its wall
+    time and the round's percentages to 100. A round without the timings raises PipelineError.
+    """
+    stages = metrics.get("stages", {})
+    rows: dict[str, dict[str, float]] = {}
+    for stage in STAGES:
+        row = stage_breakdown(stages.get(stage, {}))
+        if row is None:
+            raise PipelineError(f"round {metrics.get('round')}'s {stage} stage has no start-up/io/work timings: "
+                                "it was run before they were recorded")
+        rows[stage] = row
+    if "ray_init_seconds" not in metrics or "round_seconds" not in metrics:
+        raise PipelineError(f"round {metrics.get('round')}'s metrics.json has no ray_init_seconds/round_seconds")
+    empty = dict.fromkeys(MEASURED, 0.0)
+    ray_init = float(metrics["ray_init_seconds"])
+    rows["ray.init"] = {"wall": ray_init, **empty, "ray": ray_init}
+    between = float(metrics["round_seconds"]) - ray_init - sum(rows[stage]["wall"] for stage in STAGES)
+    rows["driver"] = {"wall": between, **empty, "ray": between}
+    rows["round"] = {key: sum(row[key] for row in rows.values()) for key, _ in COLUMNS}
+    return {"round": metrics.get("round"), "rows": rows,
+            "baseline_seconds": stages.get("evaluate", {}).get("baseline_seconds")}
+
+
+def mean_rows(breakdowns: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Each cell's mean over rounds (one round: that round)."""
+    names = breakdowns[0]["rows"]
+    return {name: {key: sum(b["rows"][name][key] for b in breakdowns) / len(breakdowns) for key, _ in COLUMNS}
+            for name in names}
+
+
+ROW_LABELS = {"ray.init": "`ray.init` (driver)", "driver": "driver, between stages", "round": "**round**"}
+
+
+def breakdown_table(rows: dict[str, dict[str, float]]) -> str:
+    """Markdown: per row, each column in seconds and in % of the round."""
+    total = rows["round"]["wall"]
+
+    def cell(seconds: float) -> str:
+        share = f" ({seconds / total * 100:.1f}%)" if total else ""
+        return f"{seconds:.1f} s{share}"
+
+    lines = ["| | " + " | ".join(header for _, header in COLUMNS) + " |",
+             "|---|" + "---:|" * len(COLUMNS)]
+    for name, row in rows.items():
+        # "-": a part this row cannot have (ray.init does no I/O; only train saves a checkpoint).
+        has = {key for key, _ in COLUMNS if row[key] or name == "round" or (name in STAGES and key != "save")}
+        cells = [cell(row[key]) if key in has | {"wall"} else "-" for key, _ in COLUMNS]
+        if name == "round":
+            cells = [f"**{c}**" for c in cells]
+        lines.append(f"| {ROW_LABELS.get(name, name)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# --- the section -----------------------------------------------------------------
+
+def settings_sentence(config: dict[str, Any]) -> str:
+    """What the round did, from the run's resolved config.yaml."""
+    if not config:
+        return ""
+    def get(section: str, key: str) -> Any:
+        return config.get(section, {}).get(key)
+
+    return (f"Model `{get('model', 'name')}`, {get('prompts', 'per_round')} prompts x {get('generate', 'num_samples')} "
+            f"samples x up to {get('generate', 'max_tokens')} new tokens, objective `{get('train', 'objective')}`, "
+            f"{get('train', 'num_workers')} Ray Train worker(s), {get('generate', 'num_actors')} generation actor(s), "
+            f"{get('prompts', 'eval_size')} held-out prompts. ")
+
+
+def round_section(results: dict[str, Any]) -> str:
+    rounds = [b["round"] for b in results["rounds"]]
+    which = f"round {rounds[0]}" if len(rounds) == 1 else f"the mean of rounds {', '.join(map(str, rounds))}"
+    lines = [
+        "## Where a round's time goes (`make bench-round`)",
+        "",
+        f"Machine: {machine_line(results['machine'], results['versions'])}. "
+        f"Run `{results['run']}`, {which}. " + settings_sentence(results.get("config", {}))
+        + f"Raw numbers: `{results['json']}`.",
+        "",
+        breakdown_table(results["rows"]),
+        "",
+        ("Measured inside the process that does each part (`pipeline/timing.py`): start-up is imports and model "
+         "or engine load in the Ray actor, task or Ray Train worker; Parquet I/O the stage's shard reads and "
+         "writes; work the sampling, scoring, reference log-probs and training steps; checkpoint save the trained "
+         "policy's. Ray & orchestration is the rest of each stage's wall time (actor and worker processes, their "
+         "runtime envs, Ray Train's worker group, scheduling, moving data between processes), plus `ray.init` and "
+         "the driver's time between stages."),
+    ]
+    notes = []
+    if any(row["ray"] < 0 for row in results["rows"].values()):
+        notes.append("A negative Ray & orchestration share means measured parts overlapped (with several actors "
+                     "the driver writes one actor's shard while another still samples) or, in the driver row, "
+                     "that the round was resumed: its earlier stages ran under another command.")
+    baseline = [b["baseline_seconds"] for b in results["rounds"] if b.get("baseline_seconds")]
+    if baseline:
+        notes.append(f"The evaluate stage includes {sum(baseline) / len(results['rounds']):.1f} s "
+                     f"{'per round ' if len(results['rounds']) > 1 else ''}of evaluating round 0 (the base "
+                     "model's held-out answers), done once per run by its first round.")
+    if results.get("process_seconds") is not None:
+        outside = results["process_seconds"] - results["rows"]["round"]["wall"]
+        notes.append(f"The `{results['command']}` command took {results['process_seconds']:.1f} s in all; the "
+                     f"{outside:.1f} s outside the round are Python's start-up and imports, planning (tokenizer, "
+                     "prompts, checks) and Ray's shutdown.")
+    if notes:
+        lines += ["", " ".join(notes)]
+    return "\n".join(lines) + "\n"
+
+
+# --- reading and running ---------------------------------------------------------
+
+def read_rounds(run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The breakdown of every finished round (1 and later) of a run, and the last one's resolved config."""
+    import yaml
+
+    from pipeline.report import read_run
+
+    metrics = [m for m, _ in read_run(run_dir) if m.get("round", 0) >= 1]
+    if not metrics:
+        raise PipelineError(f"{run_dir} has no finished round after round 0")
+    config_path = run_dir / f"round_{metrics[-1]['round']:03d}" / "config.yaml"
+    config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
+    return [round_breakdown(m) for m in metrics], config
+
+
+def run_round(args: argparse.Namespace) -> tuple[Path, float, str]:
+    """Run round 1 as a fresh run; (its run directory, the command's wall seconds, the command)."""
+    run_dir = output_root(args) / args.run
+    if run_dir.exists():
+        print(f"removing the benchmark's previous run {run_dir}", flush=True)
+        shutil.rmtree(run_dir)
+    command = [sys.executable, "-m", "pipeline", "round", "1", "--config", args.config, "--run", args.run]
+    if args.output:
+        command += ["--output", args.output]
+    command += list(args.overrides)
+    shown = " ".join(["python", *command[1:6], _shown(Path(args.config)), *command[7:]])
+    print(f"== {shown}", flush=True)
+    start = time.perf_counter()
+    code = subprocess.run(command, check=False, cwd=REPO_ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+    seconds = time.perf_counter() - start
+    if code != 0:
+        raise PipelineError(f"the round failed (exit status {code}); its log: {run_dir / 'pipeline.log'}")
+    return run_dir, seconds, shown
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/default.yaml")
+    parser.add_argument("--run", default="bench-round", help="the run the benchmark makes (replaced each time)")
+    parser.add_argument("--output", help="output root of the run (default: the config's `output`)")
+    parser.add_argument("--from-run", help="only read this run's finished rounds, e.g. runs/default")
+    parser.add_argument("--results", default=str(RESULTS_MD), help="markdown file whose `round` section is written")
+    parser.add_argument("--json", default=str(ROUND_JSON), help="where the raw numbers go")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for the round")
+    args = parser.parse_intermixed_args(argv)
+    args.config = str(Path(args.config).resolve())
+    try:
+        process_seconds = command = None
+        if args.from_run:
+            run_dir = Path(args.from_run).resolve()
+        else:
+            run_dir, process_seconds, command = run_round(args)
+        breakdowns, config = read_rounds(run_dir)
+        results = {"run": _shown(run_dir), "json": _shown(Path(args.json)), "command": command,
+                   "process_seconds": process_seconds,
+                   "machine": machine(), "versions": versions(), "config": config,
+                   "rows": mean_rows(breakdowns), "rounds": breakdowns}
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    section = round_section(results)
+    replace_section(Path(args.results), "round", section)
+    print(section)
+    print(f"wrote {args.json} and the `round` section of {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

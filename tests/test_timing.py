@@ -1,0 +1,93 @@
+"""pipeline/timing.py on a fake clock, and the driver adding a stage's timings to its stats."""
+
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from pipeline import driver, timing
+from pipeline.layout import RunLayout
+from pipeline.timing import Timings
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """perf_counter as a number the test moves forward by hand."""
+    now = SimpleNamespace(t=100.0)
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: now.t)
+    return now
+
+
+def test_durations_add_up_by_name(clock):
+    timings = Timings()
+    with timings("startup"):
+        clock.t += 2.0
+    with timings("io"):
+        clock.t += 0.25
+    with timings("io"):
+        clock.t += 0.5
+    assert timings.seconds == {"startup": 2.0, "io": 0.75}
+
+
+def test_a_block_that_raises_is_still_counted(clock):
+    timings = Timings()
+    with pytest.raises(ValueError), timings("work"):
+        clock.t += 3.0
+        raise ValueError("boom")
+    assert timings.seconds == {"work": 3.0}
+
+
+def test_stats_name_every_part_and_round():
+    timings = Timings()
+    timings.add({"work": 1.23456, "save": 0.5})
+    timings.add({"work": 1.0})
+    assert timings.stats() == {"startup_seconds": 0.0, "io_seconds": 0.0, "work_seconds": 2.23,
+                               "save_seconds": 0.5}
+
+
+def test_timed_goes_to_the_active_timings_and_is_a_no_op_without_one(clock):
+    ran = []
+    with timing.timed("io"):  # no stage running: only runs the block
+        clock.t += 1.0
+        ran.append(1)
+    outer, inner = Timings(), Timings()
+    with outer.active():
+        with timing.timed("io"):
+            clock.t += 1.0
+        with inner.active(), timing.timed("io"):
+            clock.t += 5.0
+        timing.add(inner.seconds)
+        with timing.timed("work"):
+            clock.t += 2.0
+    assert ran == [1]
+    assert inner.seconds == {"io": 5.0}
+    assert outer.seconds == {"io": 6.0, "work": 2.0}
+    timing.add({"io": 9.0})  # no active Timings: dropped
+    assert outer.seconds == {"io": 6.0, "work": 2.0}
+
+
+def test_add_slowest_takes_the_worker_that_spent_the_longest():
+    timings = Timings()
+    with timings.active():
+        timing.add_slowest([{"startup": 20.0, "work": 30.0}, {"startup": 22.0, "work": 31.0},
+                            {"startup": 25.0, "work": 20.0}])
+        timing.add_slowest([])
+    assert timings.seconds == {"startup": 22.0, "work": 31.0}
+
+
+def test_the_driver_adds_the_stage_timings_to_its_stats(tmp_path, monkeypatch):
+    def run_stage(plan, out_dir):
+        with timing.timed("io"):
+            (out_dir / "part-00000.parquet").write_bytes(b"")
+        timing.add({"startup": 1.5, "work": 2.5})
+        return {"lists": 3}
+
+    monkeypatch.setitem(sys.modules, "fake_stage", SimpleNamespace(run_stage=run_stage))
+    monkeypatch.setitem(driver.STAGE_MODULES, "rerank", "fake_stage")
+    plan = SimpleNamespace(round=RunLayout(tmp_path / "run").round(1))
+    driver.run_one_stage(plan, "rerank", lambda *args: None)
+    stats = plan.round.stage_stats("rerank")
+    assert stats["lists"] == 3
+    assert stats["startup_seconds"] == 1.5 and stats["work_seconds"] == 2.5
+    assert 0.0 <= stats["io_seconds"] <= stats["wall_seconds"]
+    assert "peak_memory_gib" in stats
