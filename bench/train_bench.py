@@ -13,6 +13,9 @@ Each case runs in its own process so that its peak memory (max RSS) is its own:
                TRL at the same micro-batch as ours-k2-lean
 
 Usage: python bench/train_bench.py [--model DIR] [--prompts 16] [--batch 4] [--steps 3] [--out FILE]
+       python bench/train_bench.py --summarize-only   # only rewrite the Trainer section of docs/results.md
+After a run, the Trainer section of docs/results.md is rewritten from every docs/bench/train*.json
+(each file one session's cases, measured side by side: ratios are only taken within a file).
 Tokens/s counts the non-padding tokens (prompt + response) of every sequence a step trains on.
 """
 
@@ -156,6 +159,84 @@ CASES = {
 }
 
 
+LABELS = {
+    "ours-k2": "ours, pairwise DPO (K=2), fp32 AdamW, 8 sequences per forward pass",
+    "ours-k4": "ours, listwise contrastive (K=4), same sequences per forward pass",
+    "ours-k2-gc": "ours, K=2, fp32 AdamW, 8 sequences per forward pass, gradient checkpointing",
+    "ours-k2-lean": "ours, K=2, bf16 AdamW moments, one prompt per forward pass",
+    "ours-k2-lean-gc": "ours, K=2, bf16 AdamW moments, one prompt per forward pass, gradient checkpointing",
+    "trl": "TRL DPOTrainer, defaults (reference model scored every step)",
+    "trl-precomp": "TRL DPOTrainer, precompute_ref_log_probs=True",
+    "trl-micro1": "TRL DPOTrainer, precomputed reference, one prompt per forward pass",
+}
+SPEED_TARGET, MEMORY_TARGET, K4_TARGET = 1.5, 0.6, 2.2
+
+
+def trainer_section(tables: dict[str, dict], machine_text: str) -> str:
+    """The Trainer section of docs/results.md: each file's cases against that file's TRL default case.
+
+    A case meets the objectives issue's joint target when, against TRL's default
+    case of the same file, it has at least 1.5x the tokens/s at no more than 0.6x
+    the peak memory.
+    """
+    intro = (f"Machine: {machine_text}. SmolLM2-135M-Instruct, the same prompts, pairs and batch for every case, "
+             "each case in its own process (peak memory = its max RSS). Cases of one file ran side by side in one "
+             "session; the ratios compare only within a file, because the same case moves by about 15% between "
+             "sessions on this shared machine. Details and the explanation: docs/benchmarks.md.")
+    lines = ["## Trainer against TRL (`make bench-train`)", "", intro, ""]
+    met, k4 = [], []
+    for name, results in tables.items():
+        settings = results.get("settings", {})
+        trl = results.get("trl")
+        lines += [f"`{name}` ({settings.get('prompts')} prompts, {settings.get('batch')} per step, "
+                  f"{settings.get('steps')} timed steps):", "",
+                  "| case | tokens/s | s per prompt | peak RSS (GiB) | speed vs TRL | memory vs TRL |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for case, label in LABELS.items():
+            row = results.get(case)
+            if not row:
+                continue
+            speed = row["tokens_per_second"] / trl["tokens_per_second"] if trl else None
+            memory = row["peak_rss_gib"] / trl["peak_rss_gib"] if trl else None
+            if case.startswith("ours") and speed and memory and speed >= SPEED_TARGET and memory <= MEMORY_TARGET:
+                met.append(f"{case} in `{name}`")
+            lines.append(f"| {label} | {row['tokens_per_second']:.1f} | {row['seconds_per_prompt']:.2f} | "
+                         f"{row['peak_rss_gib']:.2f} | " + (f"{speed:.2f}x | {memory:.2f}x |" if trl else "- | - |"))
+        if results.get("ours-k2") and results.get("ours-k4"):
+            k4.append(results["ours-k4"]["seconds_per_prompt"] / results["ours-k2"]["seconds_per_prompt"])
+        lines.append("")
+    if met:
+        lines.append(f"**Joint target (at least {SPEED_TARGET}x TRL's tokens/s at no more than {MEMORY_TARGET}x its "
+                     f"peak memory) met by: {', '.join(met)}.**")
+    else:
+        lines.append(f"**Joint target (at least {SPEED_TARGET}x TRL's tokens/s at no more than {MEMORY_TARGET}x its "
+                     "peak memory, in one setting): not met by any case.**")
+    if k4:
+        lines.append(f"Listwise K=4 costs {max(k4):.2f}x pairwise K=2 per prompt (target at most {K4_TARGET}x).")
+    return "\n".join(lines) + "\n"
+
+
+def bench_files() -> list[Path]:
+    """Every session's result file under docs/bench/ (read after this run wrote its own)."""
+    return sorted((REPO_ROOT / "docs/bench").glob("train*.json"))
+
+
+def summarize(paths: list[Path], results_md: Path) -> str:
+    from bench.experiment import replace_section
+    from bench.generate_bench import machine, machine_line, versions
+
+    tables = {str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path):
+              json.loads(path.read_text()) for path in paths}
+    if not tables:
+        raise SystemExit("no trainer benchmark results (docs/bench/train*.json): run `make bench-train` first")
+    first = next(iter(tables.values()))
+    # Files from before the machine was recorded ran on this same machine (docs/benchmarks.md says which).
+    machine_text = machine_line(first.get("machine") or machine(), first.get("versions") or versions())
+    body = trainer_section(tables, machine_text)
+    replace_section(results_md, "trainer", body)
+    return body
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(REPO_ROOT / ".cache/models/smollm2-135m-instruct"))
@@ -169,7 +250,13 @@ def main() -> None:
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
     parser.add_argument("--scratch", default="/tmp/larpo-bench")
     parser.add_argument("--out", default=str(REPO_ROOT / "docs/bench/train.json"))
+    parser.add_argument("--results", default=str(REPO_ROOT / "docs/results.md"),
+                        help="markdown file whose Trainer section is rewritten")
+    parser.add_argument("--summarize-only", action="store_true", help="only rewrite the Trainer section")
     args = parser.parse_args()
+    if args.summarize_only:
+        print(summarize(bench_files(), Path(args.results)))
+        return
 
     if args.case:
         print("RESULT " + json.dumps(CASES[args.case](args)), flush=True)
@@ -177,7 +264,8 @@ def main() -> None:
     results = {}
     for case in args.cases.split(","):
         command = [sys.executable, __file__, "--case", case] + [
-            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("case", "cases", "out")]
+            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+            if k not in ("case", "cases", "out", "results", "summarize_only")]
         output = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         line = next((l for l in output.stdout.splitlines() if l.startswith("RESULT ")), None)
         if line is None:
@@ -203,10 +291,17 @@ def main() -> None:
     if ours and results.get("ours-k4"):
         results.setdefault("ratios", {})["k4_vs_k2_per_prompt"] = (results["ours-k4"]["seconds_per_prompt"]
                                                                    / ours["seconds_per_prompt"])
-    results["settings"] = {k: v for k, v in vars(args).items() if k not in ("case", "scratch", "out")}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    results["settings"] = {k: v for k, v in vars(args).items()
+                           if k not in ("case", "scratch", "out", "results", "summarize_only")}
+    from bench.generate_bench import machine, versions
+
+    results["machine"], results["versions"] = machine(), versions()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results.get("ratios", {}), indent=2))
+    if out.resolve().parent == (REPO_ROOT / "docs/bench").resolve():
+        summarize(bench_files(), Path(args.results))
 
 
 if __name__ == "__main__":
