@@ -54,6 +54,8 @@ METHODS: dict[str, tuple[str, list[str]]] = {
                  "lists.strategy=top_bottom", "lists.num_positives=2", "lists.num_negatives=2"]),
 }
 PAIRWISE = "dpo"
+# Its overrides are configs/default.yaml's own lists and objective: its run is a default run.
+DEFAULT_METHOD = "contrastive"
 LARPO = ("contrastive", "lambdarank", "listmle")
 SHORT = {"dpo": "iterative DPO", "contrastive": "contrastive", "lambdarank": "LambdaRank", "listmle": "ListMLE"}
 
@@ -233,6 +235,8 @@ def summarize(root: Path, prefix: str, methods: list[str], results_md: Path = RE
                             "run `make experiment` first")
     held, sentence = judge(results)
     png = results_md.with_suffix(".png")
+    default_png = results_md.parent / "default-run.png"
+    default_text = default_run(root, prefix, results, default_png)
     body = "\n".join([
         "## Alignment gains (`make experiment`)",
         "",
@@ -245,12 +249,38 @@ def summarize(root: Path, prefix: str, methods: list[str], results_md: Path = RE
         "",
         results_table(results),
         f"![held-out reward, win rate and pass rate per round]({png.name})",
+        *default_text,
     ])
     replace_section(results_md, "experiment", body)
     atomic_write_bytes(png, plot_results(results))
     print(results_table(results) + "\n" + sentence)
     print(f"wrote {results_md} and {png}")
     return held
+
+
+def default_run(root: Path, prefix: str, results: dict[str, Any], png: Path) -> list[str]:
+    """The default method's run as `python -m pipeline report` plots it (written to png), and
+    whether it raised the held-out mean reward over round 0; no lines when it has no rounds."""
+    from pipeline.layout import atomic_write_bytes
+    from pipeline.report import plot_png, read_run, table_row
+
+    rows = results.get(DEFAULT_METHOD)
+    if not rows:
+        return []
+    rounds = read_run(root / f"{prefix}-{DEFAULT_METHOD}")
+    atomic_write_bytes(png, plot_png([table_row(m, log) for m, log in rounds], [log for _, log in rounds]))
+    by_round = {row["round"]: _num(row["reward_mean"]) for row in rows}
+    last = max(by_round)
+    if 0 in by_round and last > 0 and None not in (by_round[0], by_round[last]):
+        raised = "raised" if by_round[last] > by_round[0] else "did not raise"
+        verdict = (f"The default config ({SHORT[DEFAULT_METHOD]}, its run `{prefix}-{DEFAULT_METHOD}`) {raised} "
+                   f"the held-out mean reward over round 0 by round {last}: {by_round[0]:.3f} → {by_round[last]:.3f} "
+                   "(round by round: " + ", ".join(f"{by_round[r]:.3f}" for r in sorted(by_round)) + ").")
+    else:
+        verdict = f"The default config's run `{prefix}-{DEFAULT_METHOD}` has no trained round to compare with round 0."
+    return ["", "### A default run", "", verdict, "",
+            "Its `python -m pipeline report` plot: reward and pass rate, win rate and length per round, and the "
+            "training loss of every step:", "", f"![the default run, round by round]({png.name})"]
 
 
 def _shown(path: Path) -> str:

@@ -179,3 +179,21 @@ def test_a_broken_metrics_file_is_named_not_skipped(root, tmp_path, capsys):
     (root / "experiment-listmle" / "round_002" / "metrics.json").write_text("{not json")
     assert main(["--summarize-only", "--output", str(root), "--results", str(tmp_path / "r.md")]) == 2
     assert "experiment-listmle/round_002/metrics.json is not valid JSON" in capsys.readouterr().err
+
+
+def test_default_run_plot_and_verdict(root, tmp_path):
+    results_md = tmp_path / "docs" / "results.md"
+    summarize(root, "experiment", ["dpo", "contrastive", "lambdarank", "listmle"], results_md)
+    text = results_md.read_text()
+    assert ("The default config (contrastive, its run `experiment-contrastive`) raised the held-out mean reward "
+            "over round 0 by round 3: 0.400 → 0.550") in text
+    assert "(default-run.png)" in text
+    assert (tmp_path / "docs" / "default-run.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_default_run_that_did_not_gain_is_said(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs, "contrastive", [0.41, 0.38])
+    results_md = tmp_path / "results.md"
+    summarize(runs, "experiment", ["contrastive"], results_md)
+    assert "did not raise the held-out mean reward over round 0 by round 2: 0.400 → 0.380" in results_md.read_text()
