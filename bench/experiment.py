@@ -243,7 +243,11 @@ def summarize(root: Path, prefix: str, methods: list[str], results_md: Path = RE
         f"Written by `bench/experiment.py` from `{_shown(root)}/{prefix}-<method>/round_NNN/metrics.json`. "
         + run_settings(root, prefix, results)
         + "Every method ran on the same config, prompts and seed; round 0 is the base model, the baseline of "
-          "every win rate. One seed per method: differences of a few hundredths are not evidence.",
+          "every win rate. One seed per method: differences of a few hundredths are not evidence. "
+          "As the issue asks, iterative DPO samples 2 answers per prompt and the LarPO methods 4, so the "
+          "comparison is of the whole recipe (how many candidates are ranked, and how they are trained on), "
+          "not of the loss alone; with a reward of few distinct values, 2 samples also tie more often and "
+          "leave fewer prompts with a list (the `lists` column of `python -m pipeline report`).",
         "",
         f"**{sentence}**",
         "",

@@ -257,7 +257,14 @@ def machine() -> dict:
         model = platform.processor()
     simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
     return {"cpu": model, "cores": os.cpu_count(), "simd": simd,
-            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "gpu": None, "python": platform.python_version()}
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "gpu": gpu_name(),
+            "python": platform.python_version()}
+
+
+def gpu_name() -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
 def versions() -> dict:
@@ -275,14 +282,16 @@ def versions() -> dict:
 def machine_line(m: dict, found_versions: dict) -> str:
     """One line on the machine and the versions that ran a benchmark (machine() and versions())."""
     simd = ("AVX2 only" if m["simd"] == ["avx2"] else ", ".join(f.upper() for f in m["simd"]) or "no AVX2")
-    return (f"{m['cores']}-core {m['cpu']} ({simd}, no GPU), {m['memory_gib']:.0f} GiB, Python {m['python']}, "
+    gpu = f"GPU {m['gpu']}" if m.get("gpu") else "no GPU"
+    return (f"{m['cores']}-core {m['cpu']} ({simd}, {gpu}), {m['memory_gib']:.0f} GiB, Python {m['python']}, "
             + ", ".join(f"{k} {v}" for k, v in found_versions.items()))
 
 
 def speed_section(results: dict) -> str:
     """The "Speed" section of docs/results.md."""
     s, m = results["settings"], results["machine"]
-    rows = ["| case | start-up, imports included (s) | generation (s) | tokens | tok/s, generation | tok/s, end to end | "
+    rows = ["| case | start-up, imports included (s) | generation (s) | tokens | tok/s, generation | "
+            "tok/s, end to end (ours: `ray.init` excluded) | "
             "load average (before / after) |", "|---|---:|---:|---:|---:|---:|---|"]
     labels = {"ours": "ours: generate stage (Ray actor + vLLM + Parquet shard)",
               "vllm": "vLLM `LLM.chat` called directly", "transformers": "transformers `generate`"}
@@ -312,7 +321,8 @@ def speed_section(results: dict) -> str:
         runs_note = ("" if len(overhead.get("percent_all", [])) < 2 else
                      f", the median of {len(overhead['percent_all'])} runs (" + "%, ".join(
                          f"{p:.1f}" for p in overhead["percent_all"]) + "%)")
-        text = (f"Our orchestration overhead: {overhead['percent']:.1f}% ({overhead['seconds']:.1f} s){runs_note}, {verdict} the "
+        text = (f"Our orchestration overhead: {overhead['percent']:.1f}% of the actor's own time "
+                f"({overhead['seconds']:.1f} s){runs_note}, {verdict} the "
                 f"{OVERHEAD_TARGET_PERCENT:.0f}% target: the generate stage's wall time beyond what its Ray actor "
                 "spent importing vLLM, starting the engine and sampling, measured in the same run (the actor's "
                 "process and runtime env, scheduling, moving the samples to the driver, writing the shard). "
@@ -325,7 +335,8 @@ def speed_section(results: dict) -> str:
                      f"{direct['tokens']} tokens sampled): {overhead['vs_direct_percent']:+.1f}% seconds per token; "
                      f"start-up {ours['start_seconds']:.1f} s in our actor against {direct['start_seconds']:.1f} s, "
                      f"sampling {ours['generate_seconds']:.1f} s against {direct['generate_seconds']:.1f} s, and "
-                     f"{overhead['seconds']:.1f} s outside the actor.")
+                     f"{ours['orchestration_seconds']:.1f} s outside the actor (all three from the same, fastest run; "
+                     "`ray.init` is not counted here, as above).")
             if ours.get("repeats", 1) > 1:
                 text += (" Per run, end-to-end tok/s: ours " + ", ".join(map(str, ours["tokens_per_second_all"]))
                          + "; vLLM directly " + ", ".join(map(str, direct["tokens_per_second_all"])) + ".")
@@ -352,8 +363,15 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO_ROOT / "docs/bench/generate.json"))
     parser.add_argument("--results", default=str(REPO_ROOT / "docs/results.md"))
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
+    parser.add_argument("--summarize-only", action="store_true",
+                        help="only rewrite the Speed section of --results from --out's numbers")
     args = parser.parse_args()
 
+    if args.summarize_only:
+        from bench.experiment import replace_section
+
+        replace_section(Path(args.results), "speed", speed_section(json.loads(Path(args.out).read_text())))
+        return
     if args.case:
         result = RUNNERS[args.case](args)
         result["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)

@@ -229,9 +229,13 @@ def summarize(paths: list[Path], results_md: Path) -> str:
               json.loads(path.read_text()) for path in paths}
     if not tables:
         raise SystemExit("no trainer benchmark results (docs/bench/train*.json): run `make bench-train` first")
-    first = next(iter(tables.values()))
-    # Files from before the machine was recorded ran on this same machine (docs/benchmarks.md says which).
-    machine_text = machine_line(first.get("machine") or machine(), first.get("versions") or versions())
+    recorded = [t for t in tables.values() if t.get("machine")]
+    if recorded:
+        machine_text = machine_line(recorded[-1]["machine"], recorded[-1].get("versions", {}))
+    else:
+        # The files predate recording the machine; docs/benchmarks.md names the machine they ran on.
+        machine_text = ("not recorded in these files (docs/benchmarks.md: the project's machine); "
+                        "this summary was written on " + machine_line(machine(), versions()))
     body = trainer_section(tables, machine_text)
     replace_section(results_md, "trainer", body)
     return body
