@@ -2,8 +2,10 @@
 
 Runs `python -m pipeline round 1 --config configs/default.yaml --run bench-round`
 and times the whole command (the run is the benchmark's own: one left by an
-earlier benchmark is removed first, so the round really runs), or, with
---from-run, only reads the finished rounds of an existing run. Each stage's
+earlier benchmark, known by its `.bench-round` marker file, is removed first so
+the round really runs; a directory without the marker is never touched), or,
+with --from-run, only reads the finished rounds of an existing run, leaving out
+those recorded before the per-stage timings existed. Each stage's
 wall time is split with the timings the driver records in the stage's stats
 (round_NNN/metrics.json, `stages.<stage>`; see pipeline/timing.py), each
 measured where it happens:
@@ -55,6 +57,8 @@ ROUND_JSON = REPO_ROOT / "docs" / "bench" / "round.json"
 COLUMNS = [("wall", "wall"), ("startup", "start-up"), ("ray", "Ray & orchestration"), ("io", "Parquet I/O"),
            ("save", "checkpoint save"), ("work", "work")]
 MEASURED = ("startup", "io", "save", "work")
+# Written into a run directory the benchmark creates: only such a directory is ever removed.
+MARKER = ".bench-round"
 
 
 # --- the breakdown ---------------------------------------------------------------
@@ -139,6 +143,17 @@ def settings_sentence(config: dict[str, Any]) -> str:
             f"{get('prompts', 'eval_size')} held-out prompts. ")
 
 
+def left_out_sentence(left_out: list[int]) -> str:
+    """Which rounds of the run the table leaves out, and why; "" when none."""
+    if not left_out:
+        return ""
+    if len(left_out) == 1:
+        return (f"Round {left_out[0]} is left out: it ran, at least in part, before the per-stage timings were "
+                "recorded. ")
+    return (f"Rounds {', '.join(map(str, left_out))} are left out: they ran, at least in part, before the per-stage "
+            "timings were recorded. ")
+
+
 def round_section(results: dict[str, Any]) -> str:
     rounds = [b["round"] for b in results["rounds"]]
     which = f"round {rounds[0]}" if len(rounds) == 1 else f"the mean of rounds {', '.join(map(str, rounds))}"
@@ -146,8 +161,8 @@ def round_section(results: dict[str, Any]) -> str:
         "## Where a round's time goes (`make bench-round`)",
         "",
         f"Machine: {machine_line(results['machine'], results['versions'])}. "
-        f"Run `{results['run']}`, {which}. " + settings_sentence(results.get("config", {}))
-        + f"Raw numbers: `{results['json']}`.",
+        f"Run `{results['run']}`, {which}. " + left_out_sentence(results.get("left_out", []))
+        + settings_sentence(results.get("config", {})) + f"Raw numbers: `{results['json']}`.",
         "",
         breakdown_table(results["rows"]),
         "",
@@ -180,8 +195,9 @@ def round_section(results: dict[str, Any]) -> str:
 
 # --- reading and running ---------------------------------------------------------
 
-def read_rounds(run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The breakdown of every finished round (1 and later) of a run, and the last one's resolved config."""
+def read_rounds(run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any], list[int]]:
+    """The breakdown of every finished round (1 and later) of a run that has the timings, the last such
+    round's resolved config, and the numbers of the finished rounds left out for predating the timings."""
     import yaml
 
     from pipeline.report import read_run
@@ -189,17 +205,31 @@ def read_rounds(run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     metrics = [m for m, _ in read_run(run_dir) if m.get("round", 0) >= 1]
     if not metrics:
         raise PipelineError(f"{run_dir} has no finished round after round 0")
-    config_path = run_dir / f"round_{metrics[-1]['round']:03d}" / "config.yaml"
+    breakdowns, left_out = [], []
+    for m in metrics:
+        try:
+            breakdowns.append(round_breakdown(m))
+        except PipelineError:  # recorded before the per-stage timings existed
+            left_out.append(m.get("round"))
+    if not breakdowns:
+        raise PipelineError(f"no finished round of {run_dir} has per-stage timings: each ran, at least in part, "
+                            "before they were recorded")
+    config_path = run_dir / f"round_{breakdowns[-1]['round']:03d}" / "config.yaml"
     config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
-    return [round_breakdown(m) for m in metrics], config
+    return breakdowns, config, left_out
 
 
 def run_round(args: argparse.Namespace) -> tuple[Path, float, str]:
     """Run round 1 as a fresh run; (its run directory, the command's wall seconds, the command)."""
     run_dir = output_root(args) / args.run
     if run_dir.exists():
+        if not (run_dir / MARKER).is_file():
+            raise PipelineError(f"{run_dir} exists and was not made by this benchmark (no {MARKER} file); "
+                                "pass another --run or remove it yourself")
         print(f"removing the benchmark's previous run {run_dir}", flush=True)
         shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    (run_dir / MARKER).write_text("made by bench/round_breakdown.py, which removes this run before each round\n")
     command = [sys.executable, "-m", "pipeline", "round", "1", "--config", args.config, "--run", args.run]
     if args.output:
         command += ["--output", args.output]
@@ -217,7 +247,8 @@ def run_round(args: argparse.Namespace) -> tuple[Path, float, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/default.yaml")
-    parser.add_argument("--run", default="bench-round", help="the run the benchmark makes (replaced each time)")
+    parser.add_argument("--run", default="bench-round",
+                        help=f"the run the benchmark makes (replaced each time; never a directory without {MARKER})")
     parser.add_argument("--output", help="output root of the run (default: the config's `output`)")
     parser.add_argument("--from-run", help="only read this run's finished rounds, e.g. runs/default")
     parser.add_argument("--results", default=str(RESULTS_MD), help="markdown file whose `round` section is written")
@@ -231,11 +262,11 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = Path(args.from_run).resolve()
         else:
             run_dir, process_seconds, command = run_round(args)
-        breakdowns, config = read_rounds(run_dir)
+        breakdowns, config, left_out = read_rounds(run_dir)
         results = {"run": _shown(run_dir), "json": _shown(Path(args.json)), "command": command,
                    "process_seconds": process_seconds,
                    "machine": machine(), "versions": versions(), "config": config,
-                   "rows": mean_rows(breakdowns), "rounds": breakdowns}
+                   "rows": mean_rows(breakdowns), "rounds": breakdowns, "left_out": left_out}
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

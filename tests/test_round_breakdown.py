@@ -132,17 +132,62 @@ def test_from_run_without_finished_rounds_is_an_error(tmp_path, capsys):
     assert not (tmp_path / "r.md").exists()
 
 
+def old_round(number: int) -> dict:
+    """A round's metrics.json from before the per-stage timings: no `<part>_seconds`, no round_seconds."""
+    old = metrics(number)
+    for stats in old["stages"].values():
+        for part in ("startup", "io", "work", "save"):
+            stats.pop(f"{part}_seconds", None)
+    del old["ray_init_seconds"], old["round_seconds"]
+    return old
+
+
+def test_from_run_leaves_out_rounds_from_before_the_timings_and_says_so(tmp_path):
+    run = tmp_path / "runs" / "mixed"
+    no_round_seconds = metrics(2)
+    del no_round_seconds["round_seconds"]
+    write_run(run, [old_round(1), no_round_seconds, metrics(3), metrics(4, scale=2.0)])
+    results_md, out_json = tmp_path / "results.md", tmp_path / "round.json"
+    assert main(["--from-run", str(run), "--results", str(results_md), "--json", str(out_json)]) == 0
+
+    raw = json.loads(out_json.read_text())
+    assert [r["round"] for r in raw["rounds"]] == [3, 4] and raw["left_out"] == [1, 2]
+    assert raw["rows"]["round"]["wall"] == pytest.approx(300.0)
+    section = results_md.read_text()
+    assert "the mean of rounds 3, 4. " in section
+    assert ("Rounds 1, 2 are left out: they ran, at least in part, before the per-stage timings were "
+            "recorded.") in section
+
+    one = tmp_path / "runs" / "one-old"
+    write_run(one, [old_round(1), metrics(2)])
+    assert main(["--from-run", str(one), "--results", str(results_md), "--json", str(out_json)]) == 0
+    assert (", round 2. Round 1 is left out: it ran, at least in part, before the per-stage timings were "
+            "recorded.") in results_md.read_text()
+
+
+def test_from_run_with_every_round_from_before_the_timings_is_a_one_line_error(tmp_path, capsys):
+    run = tmp_path / "runs" / "old"
+    write_run(run, [old_round(1), old_round(2)])
+    assert main(["--from-run", str(run), "--results", str(tmp_path / "r.md"), "--json", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: no finished round of {run} has per-stage timings: each ran, at least in part, "
+                   "before they were recorded\n")
+    assert not (tmp_path / "r.md").exists() and not (tmp_path / "r.json").exists()
+
+
 def test_a_run_it_makes_replaces_its_own_previous_run_and_reports_the_command(tmp_path, monkeypatch):
     import bench.round_breakdown as bench
 
     run = tmp_path / "runs" / "bench-round"
     (run / "round_001").mkdir(parents=True)
     (run / "round_001" / "stale").write_text("from an earlier benchmark")
+    (run / ".bench-round").write_text("")  # the benchmark made it
     commands = []
 
     def fake_round(command, **kwargs):
         commands.append(command)
-        assert not run.exists(), "the previous run must be gone before the round starts"
+        assert not (run / "round_001").exists(), "the previous run must be gone before the round starts"
+        assert (run / ".bench-round").is_file(), "the fresh run is marked as the benchmark's own"
         write_run(run, [metrics(1)])
         return SimpleNamespace(returncode=0)
 
@@ -156,6 +201,33 @@ def test_a_run_it_makes_replaces_its_own_previous_run_and_reports_the_command(tm
     assert "The `python -m pipeline round 1 --config configs/default.yaml --run bench-round --output " in text
     raw = json.loads(out_json.read_text())
     assert raw["process_seconds"] >= 0 and raw["command"].startswith("python -m pipeline round 1")
+    assert raw["left_out"] == [] and "left out" not in text
+    # Its next run replaces it again: the marker is still there.
+    commands.clear()
+    assert main(["--output", str(tmp_path / "runs"), "--results", str(results_md), "--json", str(out_json)]) == 0
+    assert len(commands) == 1 and (run / ".bench-round").is_file()
+
+
+@pytest.mark.parametrize("make", ["a user's run", "an empty directory"])
+def test_a_run_directory_it_did_not_make_is_never_removed(tmp_path, monkeypatch, capsys, make):
+    import bench.round_breakdown as bench
+
+    run = tmp_path / "runs" / "default"
+    run.mkdir(parents=True)
+    if make == "a user's run":
+        write_run(run, [metrics(1)])
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    commands = []
+    monkeypatch.setattr(bench.subprocess, "run",
+                        lambda command, **kwargs: commands.append(command) or SimpleNamespace(returncode=0))
+    assert main(["--output", str(tmp_path / "runs"), "--run", "default", "--results", str(tmp_path / "r.md"),
+                 "--json", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {run} exists and was not made by this benchmark (no .bench-round file); "
+                   "pass another --run or remove it yourself\n")
+    assert commands == [], "no round may run over someone else's run"
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    assert not (tmp_path / "r.md").exists()
 
 
 def test_a_failed_round_is_a_one_line_error(tmp_path, monkeypatch, capsys):
@@ -164,3 +236,5 @@ def test_a_failed_round_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench.subprocess, "run", lambda command, **kwargs: SimpleNamespace(returncode=1))
     assert main(["--output", str(tmp_path), "--results", str(tmp_path / "r.md"), "--json", str(tmp_path / "r.json")]) == 2
     assert "the round failed (exit status 1)" in capsys.readouterr().err
+    # The failed run is still marked as the benchmark's, so the next benchmark may replace it.
+    assert (tmp_path / "bench-round" / ".bench-round").is_file()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from pipeline import timing
 from pipeline.hardware import cluster_has_gpus
 from pipeline.layout import shard_name
 from stages.train.loop import TIMINGS_FILE, summarize, train_loop_per_worker
+
+log = logging.getLogger("pipeline")
 
 
 def scaling_config(num_workers: int) -> ScalingConfig:
@@ -56,4 +59,9 @@ def run_stage(plan, out_dir: Path) -> dict[str, Any]:
     if timings_file.is_file():
         timing.add(json.loads(timings_file.read_text()))
         timings_file.unlink()
+    else:
+        # Not worth failing the round over: only the train stage's time breakdown is lost.
+        log.warning("training wrote no %s: the breakdown of the train stage will be missing (its start-up, "
+                    "work and save seconds stay 0, and bench/round_breakdown.py would count all of train as "
+                    "Ray & orchestration)", timings_file)
     return {**summarize(history), "objective": config.train.objective, "policy_in": plan.policy_in}
