@@ -47,6 +47,14 @@ class PromptsConfig:
     # A prompt that does not fit the context with max_tokens of answer:
     # `drop` it (counted in the round's metrics) or stop with an `error`.
     too_long: Literal["drop", "error"] = "drop"
+    # The row's other columns that travel with the prompt as `metadata` (into every
+    # candidate row, and to the reward: ifeval reads `constraints`). null: all of
+    # them; a list: only these ([] none). A listed column absent from a row is
+    # absent from its metadata; one that no row of a set has is an error (a typo).
+    metadata_fields: list[str] | None = None
+    # A prompt_id seen again in a set: stop with an `error` naming both rows, or
+    # `drop` the later rows (the first is kept; the count is logged).
+    duplicates: Literal["error", "drop"] = "error"
 
 
 @dataclass
@@ -230,7 +238,9 @@ class Config:
 # Keys that define what a run is. Rounds of one run must agree on them;
 # everything else (learning rate, K, workers...) may change between rounds.
 RUN_IDENTITY_KEYS = ("seed", "model.name", "prompts.train", "prompts.heldout",
-                     "prompts.messages_field", "prompts.per_round", "reward.name",
+                     "prompts.messages_field", "prompts.per_round",
+                     # Dropping repeats changes the prompt list, so every round's slice.
+                     "prompts.duplicates", "reward.name",
                      "reference.policy", "reward.model", "reward.components", "reward.length_penalty",
                      # Round 0's held-out answers, every win rate's baseline, were made with these.
                      "evaluate.temperature", "evaluate.max_tokens")
@@ -240,6 +250,8 @@ _RANGE_CHECKS: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("model.max_model_len", lambda v: v > 0, "positive"),
     ("prompts.per_round", lambda v: v > 0, "positive"),
     ("prompts.eval_size", lambda v: v >= 0, "zero or more"),
+    ("prompts.metadata_fields", lambda v: v is None or (all(v) and len(set(v)) == len(v)),
+     "null (all columns) or a list of column names, without empty names or repeats"),
     ("generate.num_samples", lambda v: v >= 2, "at least 2 (a list needs a positive and a negative)"),
     ("generate.temperature", lambda v: v >= 0, "zero or more"),
     ("generate.temperatures", lambda v: all(t >= 0 for t in v) and len(set(v)) == len(v),
@@ -350,11 +362,13 @@ def _coerce(value: Any, hint: Any, dotted: str, source: str) -> Any:
         return value
     if origin is list:
         # A YAML list, or a comma-separated string on the command line (temperatures=0.6,1.0).
+        (item_hint,) = typing.get_args(hint)
         if isinstance(value, str):
-            value = [yaml.safe_load(part) for part in value.split(",") if part.strip()]
+            # Names stay strings as written (a column may be called `1` or `true`).
+            value = [part.strip() if item_hint is str else yaml.safe_load(part)
+                     for part in value.split(",") if part.strip()]
         if not isinstance(value, list):
             raise ConfigError(f"config key '{dotted}' ({source}) must be a list; got {type(value).__name__} {value!r}")
-        (item_hint,) = typing.get_args(hint)
         return [_coerce(item, item_hint, f"{dotted}[{i}]", source) for i, item in enumerate(value)]
     if origin is dict:
         # A YAML mapping, or `name:weight,name:weight` on the command line.
@@ -371,7 +385,7 @@ def _coerce(value: Any, hint: Any, dotted: str, source: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in typing.get_args(hint):
             return None
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        return _coerce(value, next(a for a in typing.get_args(hint) if a is not type(None)), dotted, source)
     # bool is an int in Python; a `true` given for a number is a mistake.
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
@@ -424,6 +438,8 @@ def _apply_override(config: Config, item: str) -> None:
     hint = typing.get_type_hints(type(section))[leaf]
     if hint is str and not isinstance(value, str):
         value = text  # `run=123` or `name=true` are strings when a string is expected
+    if typing.get_origin(hint) in (types.UnionType, typing.Union) and value is not None:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))  # `key=null` stays None
     if typing.get_origin(hint) in (list, dict) and not isinstance(value, (list, dict)):
         value = text  # `temperatures=0.6,1.0` reads as a string; _coerce splits it
     setattr(section, leaf, _coerce(value, hint, key, source))
@@ -437,6 +453,10 @@ def _check_ranges(config: Config) -> None:
     if len(config.generate.temperatures) > config.generate.num_samples:
         raise ConfigError(f"config key 'generate.temperatures' has {len(config.generate.temperatures)} values but "
                           f"generate.num_samples is {config.generate.num_samples}: each temperature needs a sample")
+    reserved = {"prompt_id", config.prompts.messages_field} & set(config.prompts.metadata_fields or ())
+    if reserved:
+        raise ConfigError(f"config key 'prompts.metadata_fields' must not name '{min(reserved)}': the prompt "
+                          "itself (prompt_id and prompts.messages_field) is never metadata")
     if config.train.sharding == "fsdp" and config.train.lora_rank:
         raise ConfigError("config key 'train.sharding' must be none with LoRA (train.lora_rank > 0): "
                           "merging adapters into FSDP-sharded weights is not supported")

@@ -67,7 +67,7 @@ def plan_round(config: Config, run_name: str, number: int) -> RoundPlan:
     # Room for the answer in the engine's context, and for at least one answer
     # token in the trainer's (which cuts long answers, never prompts).
     budget = min(config.model.max_model_len - config.generate.max_tokens, config.train.max_length - 1)
-    pool = load_prompts(config.prompts.train, config.prompts.messages_field)
+    pool = load_prompts(config.prompts.train, **prompt_options(config))
     chosen = round_slice(pool, number, config.prompts.per_round, config.seed)
     prompts, dropped = fit_to_context(chosen, tokenizer, budget, config.prompts.too_long)
     if not prompts:
@@ -75,13 +75,19 @@ def plan_round(config: Config, run_name: str, number: int) -> RoundPlan:
                             "(model.max_model_len minus generate.max_tokens, and train.max_length)")
     heldout: list[Prompt] = []
     if config.prompts.eval_size:
-        held = load_prompts(config.prompts.heldout, config.prompts.messages_field)[:config.prompts.eval_size]
+        held = load_prompts(config.prompts.heldout, **prompt_options(config))[:config.prompts.eval_size]
         eval_budget = config.model.max_model_len - config.evaluate.max_tokens
         heldout, _ = fit_to_context(held, tokenizer, eval_budget, config.prompts.too_long)
         from stages.evaluate import check_baseline
 
         check_baseline(run, heldout, config)
     return RoundPlan(config, run, this_round, base_model, policy_in, reference, prompts, heldout, dropped)
+
+
+def prompt_options(config: Config) -> dict[str, Any]:
+    """How `load_prompts` reads a prompt set of this config (train and held-out alike)."""
+    return {"messages_field": config.prompts.messages_field, "metadata_fields": config.prompts.metadata_fields,
+            "duplicates": config.prompts.duplicates}
 
 
 def check_compatible(run: RunLayout, config: Config) -> None:

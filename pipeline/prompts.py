@@ -3,14 +3,16 @@
 Every row must carry chat messages (a list of {role, content}) in the
 `messages_field` column, or, in every row, a plain string there (UltraFeedback's
 `instruction`), which becomes one user message. `prompt_id` is taken from the
-row or derived from the messages; all other fields travel with the prompt as
-`metadata` (the instruction-following reward reads its `constraints` from there).
+row or derived from the messages; the other fields (all of them, or those named
+by `metadata_fields`) travel with the prompt as `metadata` (the
+instruction-following reward reads its `constraints` from there).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,8 @@ from pipeline.errors import PipelineError
 
 ROLES = {"system", "user", "assistant"}
 
+log = logging.getLogger("pipeline")
+
 
 @dataclass(frozen=True)
 class Prompt:
@@ -28,24 +32,45 @@ class Prompt:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def load_prompts(source: str, messages_field: str = "messages") -> list[Prompt]:
-    """Read and validate a whole prompt set; the error names the file and row at fault."""
+def load_prompts(source: str, messages_field: str = "messages", *,
+                 metadata_fields: list[str] | None = None, duplicates: str = "error") -> list[Prompt]:
+    """Read and validate a whole prompt set; the error names the file and row at fault.
+
+    `metadata_fields`: the other columns kept as metadata (None: all of them);
+    one that no row has is an error (a typo). `duplicates`: a repeated
+    prompt_id is an `error` naming both rows, or `drop`ped (the first is kept
+    and the count logged).
+    """
     rows = _read_rows(source)
-    # A column of plain strings, in every row, holds one user turn each. The
-    # choice is made for the whole column, so a stray string among chat
-    # messages is still an error that names its row.
-    plain = bool(rows) and all(isinstance(row.get(messages_field), str) for row in rows)
+    # The first row that has the column decides its kind for the whole set: a
+    # plain string is one user turn, anything else must be chat messages. A row
+    # of the other kind is then an error that names that row.
+    first = next((i for i, row in enumerate(rows, start=1) if row.get(messages_field) is not None), None)
+    plain = first is not None and isinstance(rows[first - 1][messages_field], str)
     prompts: list[Prompt] = []
     seen: dict[str, int] = {}
+    dropped = 0
     for index, row in enumerate(rows, start=1):
-        prompt = _parse_row(row, index, source, messages_field, plain)
+        prompt = _parse_row(row, index, source, messages_field, plain, first, metadata_fields)
         if prompt.prompt_id in seen:
+            if duplicates == "drop":
+                dropped += 1
+                continue
             raise PipelineError(f"prompt set {source}: prompt_id '{prompt.prompt_id}' appears in rows "
-                                f"{seen[prompt.prompt_id]} and {index}")
+                                f"{seen[prompt.prompt_id]} and {index} (prompts.duplicates=drop keeps the first)")
         seen[prompt.prompt_id] = index
         prompts.append(prompt)
     if not prompts:
         raise PipelineError(f"prompt set {source} is empty")
+    if metadata_fields is not None:
+        present = set().union(*rows)
+        absent = [name for name in metadata_fields if name not in present]
+        if absent:
+            raise PipelineError(f"prompt set {source}: prompts.metadata_fields names '{absent[0]}', "
+                                "a column that no row has")
+    if dropped:
+        log.warning("prompt set %s: dropped %d repeated prompt(s), keeping each one's first row "
+                    "(prompts.duplicates=drop); %d remain", source, dropped, len(prompts))
     return prompts
 
 
@@ -131,13 +156,17 @@ def _read_hf_dataset(spec: str, source: str) -> list[dict[str, Any]]:
     return list(dataset)
 
 
-def _parse_row(row: dict[str, Any], index: int, source: str, messages_field: str, plain: bool = False) -> Prompt:
+def _parse_row(row: dict[str, Any], index: int, source: str, messages_field: str, plain: bool = False,
+               kind_row: int | None = None, metadata_fields: list[str] | None = None) -> Prompt:
     given_id = row.get("prompt_id")
     where = f"prompt set {source}: row {index}" + (f" (prompt_id '{given_id}')" if given_id is not None else "")
     messages = row.get(messages_field)
     if messages is None:
         raise PipelineError(f"{where} has no '{messages_field}'")
     if plain:
+        if not isinstance(messages, str):
+            raise PipelineError(f"{where}: '{messages_field}' must be a plain string, as in row {kind_row} "
+                                f"(the column's first); got {type(messages).__name__}")
         if not messages.strip():
             raise PipelineError(f"{where}: '{messages_field}' is an empty string")
         messages = [{"role": "user", "content": messages}]
@@ -151,7 +180,10 @@ def _parse_row(row: dict[str, Any], index: int, source: str, messages_field: str
                                 "and a string content")
     messages = [{"role": m["role"], "content": m["content"]} for m in messages]
     prompt_id = str(given_id) if given_id not in (None, "") else _derive_id(messages)
-    metadata = {k: v for k, v in row.items() if k not in ("prompt_id", messages_field)}
+    if metadata_fields is None:
+        metadata = {k: v for k, v in row.items() if k not in ("prompt_id", messages_field)}
+    else:
+        metadata = {k: row[k] for k in metadata_fields if k in row}
     return Prompt(prompt_id, messages, metadata)
 
 

@@ -114,6 +114,18 @@ def test_prompt_longer_than_context_is_dropped_and_counted(tmp_path, output, tin
     assert_no_run_dir(output)
 
 
+def test_prompt_options_reach_the_round_plan(tmp_path, output, tiny_model):
+    rows = [good_row("a"), {**good_row("b"), "source": "x"}, good_row("a", "Say bye.")]
+    prompts = write_prompts(tmp_path / "prompts.jsonl", rows)
+    config = load_config("configs/smoke.yaml", [f"prompts.train={prompts}", "prompts.duplicates=drop",
+                                                "prompts.metadata_fields=constraints", f"output={output}"])
+    plan = plan_round(config, "r", 1)
+    kept = {p.prompt_id: p.messages[0]["content"] for p in plan.prompts}  # in the round's shuffled order
+    assert kept == {"a": rows[0]["messages"][0]["content"], "b": rows[1]["messages"][0]["content"]}
+    assert all(set(p.metadata) == {"constraints"} for p in plan.prompts + plan.heldout)
+    assert_no_run_dir(output)
+
+
 def test_previous_round_missing(output):
     result = run_cli("round", "2", "--config", "configs/smoke.yaml", "--run", "r", "--output", str(output))
     assert_one_line_error(result, "round 1", "not finished", "round_001")

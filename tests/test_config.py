@@ -179,6 +179,71 @@ def test_literal_choice_yaml(tmp_path):
     assert "'generate.dtype'" in message and "bfloat16" in message
 
 
+@pytest.mark.parametrize("where", ["override", "yaml"])
+def test_bad_duplicates_choice_names_the_key(tmp_path, where):
+    message = (config_error(None, ["prompts.duplicates=maybe"]) if where == "override"
+               else config_error(write(tmp_path, "prompts:\n  duplicates: maybe\n")))
+    assert "'prompts.duplicates'" in message and "error" in message and "drop" in message and "'maybe'" in message
+
+
+def test_prompt_options_defaults_keep_todays_behaviour():
+    config = load_config(None)
+    assert config.prompts.metadata_fields is None and config.prompts.duplicates == "error"
+    assert load_config(None, ["prompts.duplicates=drop"]).prompts.duplicates == "drop"
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("prompts.metadata_fields=constraints", ["constraints"]),
+    ("prompts.metadata_fields=constraints, source", ["constraints", "source"]),
+    ("prompts.metadata_fields=[constraints, '1']", ["constraints", "1"]),
+    ("prompts.metadata_fields=1,true", ["1", "true"]),
+    ("prompts.metadata_fields=[]", []),
+    ("prompts.metadata_fields=", []),
+    ("prompts.metadata_fields=null", None),
+])
+def test_metadata_fields_override(override, expected):
+    assert load_config(None, [override]).prompts.metadata_fields == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("metadata_fields: [constraints]", ["constraints"]),
+    ("metadata_fields: []", []),
+    ("metadata_fields: null", None),
+])
+def test_metadata_fields_yaml_and_round_trip(tmp_path, text, expected):
+    import yaml
+
+    config = load_config(write(tmp_path, f"prompts:\n  {text}\n"))
+    assert config.prompts.metadata_fields == expected
+    assert config_from_dict(yaml.safe_load(yaml.safe_dump(config.to_dict()))) == config
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("metadata_fields: 5", "must be a list"),
+    ("metadata_fields: constraints", None),  # a bare name is a one-item list, as on the command line
+    ("metadata_fields: [1]", "'prompts.metadata_fields[0]'"),
+    ("metadata_fields: {a: 1}", "must be a list"),
+    ("metadata_fields: [a, a]", "repeats"),
+    ("metadata_fields: ['']", "empty"),
+    ("metadata_fields: [prompt_id]", "'prompt_id'"),
+    ("messages_field: instruction\n  metadata_fields: [instruction]", "'instruction'"),
+])
+def test_bad_metadata_fields_name_the_key(tmp_path, text, fragment):
+    path = write(tmp_path, f"prompts:\n  {text}\n")
+    if fragment is None:
+        assert load_config(path).prompts.metadata_fields == ["constraints"]
+        return
+    message = config_error(path)
+    assert "prompts.metadata_fields" in message and fragment in message
+
+
+def test_run_identity_has_duplicates_but_not_metadata_fields():
+    from pipeline.config import RUN_IDENTITY_KEYS
+
+    assert "prompts.duplicates" in RUN_IDENTITY_KEYS
+    assert "prompts.metadata_fields" not in RUN_IDENTITY_KEYS
+
+
 def test_literal_choices_accepted():
     config = load_config(None, ["prompts.too_long=error", "reference.policy=initial", "train.dtype=bfloat16"])
     assert config.prompts.too_long == "error"

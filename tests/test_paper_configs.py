@@ -61,6 +61,10 @@ def test_paper_config_loads_and_keeps_the_papers_settings(path):
     assert config.prompts.messages_field == "instruction"
     # Three rounds of disjoint prompts out of about 62.7k (98% of 63,967).
     assert 3 * config.prompts.per_round <= 62_000
+    # hf_classifier reads no metadata, and UltraFeedback's `completions` would be copied into every
+    # candidate row; a repeated instruction is dropped (and counted), not a stopped round.
+    assert config.prompts.metadata_fields == []
+    assert config.prompts.duplicates == "drop"
 
     # GPU settings.
     assert config.generate.dtype == "bfloat16" and config.reward.dtype == "bfloat16"
@@ -83,6 +87,8 @@ def test_header_says_how_to_run_three_rounds(path):
     header = text[:text.index("\nseed:")]
     assert all(line.startswith("#") for line in header.splitlines()), "the header is comments only"
     assert f"make rounds N=3 CONFIG=configs/paper/{path.name}" in header
+    # The header's check of the prompt set reads it as the recipe does: repeats dropped, not refused.
+    assert "duplicates='drop'" in header and "refused" not in header
     # Every knob is written out (torchtune style), not left to defaults.
     raw = yaml.safe_load(text)
     for section in ("model", "prompts", "generate", "reward", "lists", "reference", "train", "evaluate"):
@@ -141,6 +147,20 @@ def test_repeated_string_prompt_is_refused_naming_both_rows(tmp_path):
     with pytest.raises(PipelineError) as info:
         load_prompts(str(write_jsonl(tmp_path / "uf.jsonl", rows)), "instruction")
     assert "rows 2 and 4" in str(info.value)
+
+
+@pytest.mark.parametrize("path", PAPER_FILES[:1], ids=lambda p: p.stem)
+def test_recipe_prompt_options_on_ultrafeedback_rows(tmp_path, caplog, path):
+    from pipeline.driver import prompt_options
+
+    rows = [{**r, "completions": [{"response": "an answer", "critique": "fine"}] * 4} for r in UF_ROWS]
+    rows.insert(5, dict(rows[2], source="sharegpt"))  # the same instruction from another source
+    options = prompt_options(load_config(path))
+    with caplog.at_level("INFO", logger="pipeline"):
+        prompts = load_prompts(str(write_jsonl(tmp_path / "uf.jsonl", rows)), **options)
+    assert [p.messages[0]["content"] for p in prompts] == [r["instruction"] for r in UF_ROWS]
+    assert all(p.metadata == {} for p in prompts)
+    assert any("dropped 1 " in r.getMessage() for r in caplog.records)
 
 
 def test_held_out_slice_of_the_one_split_is_disjoint(tmp_path, monkeypatch):

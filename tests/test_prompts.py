@@ -131,6 +131,30 @@ def test_repository_prompt_files_load():
     assert all("constraints" in p.metadata for p in prompts)
 
 
+# --- metadata fields --------------------------------------------------------------
+
+def test_metadata_fields_keep_only_the_listed_columns(tmp_path):
+    rows = ROWS + [{"prompt_id": "d", "messages": user("no constraints"), "source": "w"}]
+    prompts = load_prompts(str(write_jsonl(tmp_path / "p.jsonl", rows)), metadata_fields=["constraints"])
+    assert [p.metadata for p in prompts] == [{"constraints": [{"kind": "lowercase"}]}, {"constraints": []},
+                                             {"constraints": []}, {}]  # absent from row 4: absent, no error
+
+
+def test_metadata_fields_none_keeps_every_column_and_empty_keeps_none(tmp_path):
+    path = str(write_jsonl(tmp_path / "p.jsonl", ROWS))
+    check_rows(load_prompts(path, metadata_fields=None))
+    assert all(p.metadata == {} for p in load_prompts(path, metadata_fields=[]))
+
+
+def test_metadata_field_in_no_row_is_an_error(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", ROWS)
+    with pytest.raises(PipelineError) as info:
+        load_prompts(str(path), metadata_fields=["constraints", "constraint"])
+    message = str(info.value)
+    assert "'constraint'" in message and str(path) in message and "metadata_fields" in message
+    assert "\n" not in message
+
+
 # --- derived prompt ids --------------------------------------------------------------
 
 def test_derived_prompt_id_is_stable_and_content_based(tmp_path):
@@ -179,6 +203,23 @@ def test_messages_not_a_non_empty_list(tmp_path, messages):
     assert str(path) in message and "row 3" in message and "'m3'" in message
 
 
+@pytest.mark.parametrize("broken", [{"instruction": None}, {}, {"instruction": user("chat")}])
+def test_a_broken_row_in_a_string_column_is_the_one_named(tmp_path, broken):
+    # The column's kind comes from its first row (a string), so rows 1-2 are fine and row 3 is named.
+    rows = [{"instruction": "one"}, {"instruction": "two"}, {"prompt_id": "r3", **broken}, {"instruction": "four"}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    message = pipeline_error(str(path), "instruction")
+    assert "row 3" in message and "'r3'" in message and "'instruction'" in message
+    if "instruction" in broken and broken["instruction"] is not None:
+        assert "plain string" in message and "row 1" in message and "list" in message
+
+
+def test_string_column_kind_comes_from_the_first_row_that_has_it(tmp_path):
+    rows = [{"prompt_id": "r1"}, {"instruction": "two"}]
+    message = pipeline_error(str(write_jsonl(tmp_path / "p.jsonl", rows)), "instruction")
+    assert "row 1" in message and "has no 'instruction'" in message
+
+
 @pytest.mark.parametrize("bad", [
     {"content": "no role"},
     {"role": "user"},
@@ -214,6 +255,30 @@ def test_duplicate_prompt_id(tmp_path):
     message = pipeline_error(str(path))
     assert str(path) in message and "'dup'" in message
     assert "rows 1 and 3" in message
+
+
+def test_duplicates_error_is_the_default(tmp_path):
+    rows = [{"prompt_id": "dup", "messages": user("one")}, {"prompt_id": "dup", "messages": user("two")}]
+    with pytest.raises(PipelineError, match="rows 1 and 2"):
+        load_prompts(str(write_jsonl(tmp_path / "p.jsonl", rows)), duplicates="error")
+
+
+def test_duplicates_drop_keeps_the_first_and_logs_the_count(tmp_path, caplog):
+    rows = [{"prompt_id": "dup", "messages": user("one")}, {"prompt_id": "other", "messages": user("two")},
+            {"prompt_id": "dup", "messages": user("three")}, {"messages": user("same")},
+            {"messages": user("same")}, {"prompt_id": "dup", "messages": user("four")}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    with caplog.at_level("INFO", logger="pipeline"):
+        prompts = load_prompts(str(path), duplicates="drop")
+    assert [p.messages[0]["content"] for p in prompts] == ["one", "two", "same"]
+    [record] = [r for r in caplog.records if r.name == "pipeline"]
+    assert "dropped 3 " in record.getMessage() and str(path) in record.getMessage()
+
+
+def test_duplicates_drop_logs_nothing_without_repeats(tmp_path, caplog):
+    with caplog.at_level("INFO", logger="pipeline"):
+        load_prompts(str(write_jsonl(tmp_path / "p.jsonl", ROWS)), duplicates="drop")
+    assert not [r for r in caplog.records if r.name == "pipeline"]
 
 
 def test_duplicate_derived_prompt_id(tmp_path):
