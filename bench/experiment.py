@@ -240,7 +240,7 @@ def summarize(root: Path, prefix: str, methods: list[str], results_md: Path = RE
     body = "\n".join([
         "## Alignment gains (`make experiment`)",
         "",
-        f"Written by `bench/experiment.py` from `{_shown(root)}/{prefix}-<method>/round_NNN/metrics.json`. "
+        f"Written by `bench/experiment.py` from `{repo_relative(root)}/{prefix}-<method>/round_NNN/metrics.json`. "
         + run_settings(root, prefix, results)
         + "Every method ran on the same config, prompts and seed; round 0 is the base model, the baseline of "
           "every win rate. One seed per method: differences of a few hundredths are not evidence. "
@@ -287,7 +287,8 @@ def default_run(root: Path, prefix: str, results: dict[str, Any], png: Path) -> 
             "training loss of every step:", "", f"![the default run, round by round]({png.name})"]
 
 
-def _shown(path: Path) -> str:
+def repo_relative(path: Path) -> str:
+    """The path as docs show it: relative to the repository when inside it."""
     try:
         return str(path.resolve().relative_to(REPO_ROOT))
     except ValueError:

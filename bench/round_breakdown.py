@@ -47,7 +47,7 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from bench.experiment import RESULTS_MD, _shown, output_root, replace_section
+from bench.experiment import RESULTS_MD, repo_relative, output_root, replace_section
 from bench.generate_bench import machine, machine_line, versions
 from pipeline.errors import PipelineError
 from pipeline.layout import STAGES
@@ -234,7 +234,7 @@ def run_round(args: argparse.Namespace) -> tuple[Path, float, str]:
     if args.output:
         command += ["--output", args.output]
     command += list(args.overrides)
-    shown = " ".join(["python", *command[1:6], _shown(Path(args.config)), *command[7:]])
+    shown = " ".join(["python", *command[1:6], repo_relative(Path(args.config)), *command[7:]])
     print(f"== {shown}", flush=True)
     start = time.perf_counter()
     code = subprocess.run(command, check=False, cwd=REPO_ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run_dir, process_seconds, command = run_round(args)
         breakdowns, config, left_out = read_rounds(run_dir)
-        results = {"run": _shown(run_dir), "json": _shown(Path(args.json)), "command": command,
+        results = {"run": repo_relative(run_dir), "json": repo_relative(Path(args.json)), "command": command,
                    "process_seconds": process_seconds,
                    "machine": machine(), "versions": versions(), "config": config,
                    "rows": mean_rows(breakdowns), "rounds": breakdowns, "left_out": left_out}

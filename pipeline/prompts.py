@@ -46,12 +46,12 @@ def load_prompts(source: str, messages_field: str = "messages", *,
     # plain string is one user turn, anything else must be chat messages. A row
     # of the other kind is then an error that names that row.
     first = next((i for i, row in enumerate(rows, start=1) if row.get(messages_field) is not None), None)
-    plain = first is not None and isinstance(rows[first - 1][messages_field], str)
+    plain_row = first if first is not None and isinstance(rows[first - 1][messages_field], str) else None
     prompts: list[Prompt] = []
     seen: dict[str, int] = {}
     dropped = 0
     for index, row in enumerate(rows, start=1):
-        prompt = _parse_row(row, index, source, messages_field, plain, first, metadata_fields)
+        prompt = _parse_row(row, index, source, messages_field, plain_row, metadata_fields)
         if prompt.prompt_id in seen:
             if duplicates == "drop":
                 dropped += 1
@@ -156,16 +156,17 @@ def _read_hf_dataset(spec: str, source: str) -> list[dict[str, Any]]:
     return list(dataset)
 
 
-def _parse_row(row: dict[str, Any], index: int, source: str, messages_field: str, plain: bool = False,
-               kind_row: int | None = None, metadata_fields: list[str] | None = None) -> Prompt:
+def _parse_row(row: dict[str, Any], index: int, source: str, messages_field: str, plain_row: int | None = None,
+               metadata_fields: list[str] | None = None) -> Prompt:
+    """One prompt; `plain_row`: the row that made the column plain strings (None: chat messages)."""
     given_id = row.get("prompt_id")
     where = f"prompt set {source}: row {index}" + (f" (prompt_id '{given_id}')" if given_id is not None else "")
     messages = row.get(messages_field)
     if messages is None:
         raise PipelineError(f"{where} has no '{messages_field}'")
-    if plain:
+    if plain_row is not None:
         if not isinstance(messages, str):
-            raise PipelineError(f"{where}: '{messages_field}' must be a plain string, as in row {kind_row} "
+            raise PipelineError(f"{where}: '{messages_field}' must be a plain string, as in row {plain_row} "
                                 f"(the column's first); got {type(messages).__name__}")
         if not messages.strip():
             raise PipelineError(f"{where}: '{messages_field}' is an empty string")
