@@ -3,14 +3,22 @@
 Each case runs in its own process so that its peak memory (max RSS) is its own:
   ours-k2      pairwise DPO on (chosen, rejected), reference log-probs precomputed (our design)
   ours-k4      listwise contrastive on 4 items per prompt, same prompts, same sequences per forward pass
+  ours-k2-unshared  ours-k2 with each item in its own row: its prompt run once per item, as TRL does
+               (every other ours-* case runs a list's prompt once: train.share_prompt)
   ours-k2-gc   ours-k2 with gradient checkpointing (train.gradient_checkpointing)
   ours-k2-lean ours-k2 with bf16 AdamW moments (train.optimizer: adamw_bf16) and one prompt per
                forward pass (train.micro_batch_size: 1), gradients accumulated over the batch
   ours-k2-lean-gc  ours-k2-lean with gradient checkpointing
   trl          TRL DPOTrainer, default settings (a reference model in memory, scored every step)
+  trl-thp      TRL DPOTrainer, default settings, in the allocator environment our trainer's workers get
+               (THP_MEM_ALLOC_ENABLE=1), to show what that setting alone does for TRL
   trl-precomp  TRL DPOTrainer with precompute_ref_log_probs=True (no reference model during steps)
   trl-micro1   trl-precomp with one prompt per forward pass (gradient_accumulation_steps = batch):
                TRL at the same micro-batch as ours-k2-lean
+
+The ours-* cases run in the environment the train stage gives its Ray Train workers
+(stages/train/stage.py worker_env: THP_MEM_ALLOC_ENABLE=1); the trl* cases in the
+caller's environment without that variable, except trl-thp.
 
 Usage: python bench/train_bench.py [--model DIR] [--prompts 16] [--batch 4] [--steps 3] [--out FILE]
        python bench/train_bench.py --summarize-only   # only rewrite the Trainer section of docs/results.md
@@ -54,10 +62,10 @@ def peak_rss_gib() -> float:
 
 
 def run_ours(args, items: int, objective: str, checkpointing: bool = False, optimizer_name: str = "adamw",
-             micro_seqs: int | None = None) -> dict:
+             micro_seqs: int | None = None, share_prompt: bool = True) -> dict:
     import torch
 
-    from stages.train.data import ListExample, load_policy, use_all_cpu_threads
+    from stages.train.data import ListExample, load_policy, use_all_cpu_threads, use_sparse_embedding_grad
     from stages.train.logprobs import tokenize_example
     from stages.train.loop import list_scores
     from stages.train.objectives import OBJECTIVES
@@ -69,6 +77,7 @@ def run_ours(args, items: int, objective: str, checkpointing: bool = False, opti
     model.train()
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    use_sparse_embedding_grad(model)  # as the training loop does
     rows = make_rows(args.prompts, items, args.words)
     examples = [ListExample(r["prompt_id"],
                             [tokenize_example(tokenizer, r["prompt"], resp, args.max_length) for resp in r["responses"]],
@@ -82,7 +91,8 @@ def run_ours(args, items: int, objective: str, checkpointing: bool = False, opti
         batch = examples[(step * args.batch) % len(examples):][:args.batch]
         start = time.perf_counter()
         for begin in range(0, len(batch), micro):
-            scores, mask, _ = list_scores(model, batch[begin:begin + micro], tokenizer, objective, 0.1, 512)
+            scores, mask, _ = list_scores(model, batch[begin:begin + micro], tokenizer, objective, 0.1,
+                                          args.chunk_size, share_prompt)
             (OBJECTIVES[objective](scores, mask).sum() / len(batch)).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -146,14 +156,27 @@ def summary(times: list[float], tokens: list[int], batch: int) -> dict:
             "peak_rss_gib": round(peak_rss_gib(), 3)}
 
 
+def case_env(case: str) -> dict[str, str]:
+    """Our cases get the train stage's worker environment; TRL's the caller's, minus it (but trl-thp)."""
+    from stages.train.stage import worker_env
+
+    env = {key: value for key, value in os.environ.items() if key not in worker_env()}
+    if case.startswith("ours") or case == "trl-thp":
+        env.update(worker_env())
+    return {**env, "PYTHONUNBUFFERED": "1"}
+
+
 CASES = {
     "ours-k2": lambda args: run_ours(args, 2, "dpo"),
     "ours-k4": lambda args: run_ours(args, 4, "contrastive"),
+    "ours-k2-unshared": lambda args: run_ours(args, 2, "dpo", share_prompt=False),
     "ours-k2-gc": lambda args: run_ours(args, 2, "dpo", checkpointing=True),
     "ours-k2-lean": lambda args: run_ours(args, 2, "dpo", optimizer_name="adamw_bf16", micro_seqs=2),
+    "ours-k2-bf16-gc": lambda args: run_ours(args, 2, "dpo", checkpointing=True, optimizer_name="adamw_bf16"),
     "ours-k2-lean-gc": lambda args: run_ours(args, 2, "dpo", checkpointing=True, optimizer_name="adamw_bf16",
                                              micro_seqs=2),
     "trl": lambda args: run_trl(args, precompute=False),
+    "trl-thp": lambda args: run_trl(args, precompute=False),
     "trl-precomp": lambda args: run_trl(args, precompute=True),
     "trl-micro1": lambda args: run_trl(args, precompute=True, micro=1),
 }
@@ -162,10 +185,13 @@ CASES = {
 LABELS = {
     "ours-k2": "ours, pairwise DPO (K=2), fp32 AdamW, 8 sequences per forward pass",
     "ours-k4": "ours, listwise contrastive (K=4), same sequences per forward pass",
+    "ours-k2-unshared": "ours-k2 with every item in its own row (train.share_prompt: false)",
     "ours-k2-gc": "ours, K=2, fp32 AdamW, 8 sequences per forward pass, gradient checkpointing",
     "ours-k2-lean": "ours, K=2, bf16 AdamW moments, one prompt per forward pass",
+    "ours-k2-bf16-gc": "ours, K=2, bf16 AdamW moments, 8 sequences per forward pass, gradient checkpointing",
     "ours-k2-lean-gc": "ours, K=2, bf16 AdamW moments, one prompt per forward pass, gradient checkpointing",
     "trl": "TRL DPOTrainer, defaults (reference model scored every step)",
+    "trl-thp": "TRL DPOTrainer, defaults, with our trainer's THP_MEM_ALLOC_ENABLE=1",
     "trl-precomp": "TRL DPOTrainer, precompute_ref_log_probs=True",
     "trl-micro1": "TRL DPOTrainer, precomputed reference, one prompt per forward pass",
 }
@@ -250,6 +276,7 @@ def main() -> None:
     parser.add_argument("--words", type=int, default=60)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--micro-seqs", type=int, default=8, help="sequences per forward pass (ours)")
+    parser.add_argument("--chunk-size", type=int, default=512, help="train.logprob_chunk_size (ours)")
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
     parser.add_argument("--scratch", default="/tmp/larpo-bench")
@@ -270,7 +297,7 @@ def main() -> None:
         command = [sys.executable, __file__, "--case", case] + [
             f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
             if k not in ("case", "cases", "out", "results", "summarize_only")]
-        output = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        output = subprocess.run(command, capture_output=True, text=True, env=case_env(case))
         line = next((l for l in output.stdout.splitlines() if l.startswith("RESULT ")), None)
         if line is None:
             raise SystemExit(f"case {case} failed:\n{output.stderr[-3000:]}")

@@ -206,6 +206,10 @@ class TrainConfig:
     save_dtype: Literal["float32", "bfloat16"] = "float32"
     # Positions per chunk of the vocabulary projection (bounds [chunk, vocab] memory).
     logprob_chunk_size: int = 512
+    # Run a list's shared prompt through the model once, its K responses attending to
+    # it through a packed attention mask, instead of once per item: the same log-probs
+    # for fewer tokens (reference stage too). Needs sdpa or eager attention.
+    share_prompt: bool = True
 
 
 @dataclass

@@ -2,8 +2,9 @@
 
 The trainer then holds no reference model: it reads `ref_logp` from the
 train shard. Scoring runs in one Ray task through the trainer's own code
-(`stages.train.data`, `stages.train.logprobs`) and dtype, so that
-log pi_theta - log pi_ref is exactly zero before the first update.
+(`stages.train.data`, `stages.train.logprobs`), dtype and batch layout
+(`train.share_prompt`), so that log pi_theta - log pi_ref is zero, to fp32
+rounding, before the first update.
 """
 
 from __future__ import annotations
@@ -19,31 +20,46 @@ from pipeline.hardware import cluster_has_gpus
 from pipeline.layout import read_parquet_dir, shard_name, write_parquet
 
 
-def reference_logprobs(model_path: str, requests: list[tuple[list[dict], str]], dtype: str, max_length: int,
+def list_batches(sizes: list[int], lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices of lists, grouped so that a batch holds about ``batch_size`` items (at least one
+    list); lists of similar token counts go together, which wastes less compute on padding."""
+    batches, current, items = [], [], 0
+    for index in sorted((i for i in range(len(sizes)) if sizes[i]), key=lambda i: lengths[i]):
+        if current and items + sizes[index] > batch_size:
+            batches.append(current)
+            current, items = [], 0
+        current.append(index)
+        items += sizes[index]
+    return batches + [current] if current else batches
+
+
+def reference_logprobs(model_path: str, lists: list[tuple[list[dict], list[str]]], dtype: str, max_length: int,
                        batch_size: int, chunk_size: int, trust_remote_code: bool = False,
-                       autocast_setting: str = "off") -> list[float]:
-    """log pi(response | prompt) for each (messages, response), in the given order."""
+                       autocast_setting: str = "off", share_prompt: bool = True) -> list[list[float]]:
+    """log pi(response | prompt) of each response of each (messages, responses) list, in order."""
     with timing.timed("startup"):
         import torch
         from tqdm import tqdm
 
         from stages.train.data import autocast, load_policy, pad_token_id, use_all_cpu_threads
-        from stages.train.logprobs import collate, sequence_logprobs, tokenize_example
+        from stages.train.logprobs import collate, pack_lists, sequence_logprobs, tokenize_example
 
         use_all_cpu_threads()
         model, tokenizer = load_policy(model_path, dtype, trust_remote_code)
         model.eval()
     with timing.timed("work"), torch.no_grad(), autocast(autocast_setting):
-        examples = [tokenize_example(tokenizer, messages, response, max_length) for messages, response in requests]
-        # Similar lengths in a batch waste less compute on padding.
-        order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
-        results = [0.0] * len(examples)
-        for start in tqdm(range(0, len(order), batch_size), desc="reference log-probs", unit="batch"):
-            index = order[start:start + batch_size]
-            batch = {k: v.to(model.device) for k, v in collate([examples[i] for i in index],
-                                                               pad_token_id(tokenizer)).items()}
-            for i, value in zip(index, sequence_logprobs(model, batch, chunk_size).tolist()):
-                results[i] = value
+        tokens = [[tokenize_example(tokenizer, messages, response, max_length) for response in responses]
+                  for messages, responses in lists]
+        batches = list_batches([len(items) for items in tokens],
+                               [sum(len(ids) for ids, _ in items) for items in tokens], batch_size)
+        results: list[list[float]] = [[] for _ in lists]
+        pad = pad_token_id(tokenizer)
+        for index in tqdm(batches, desc="reference log-probs", unit="batch"):
+            chosen = [tokens[i] for i in index]
+            batch = pack_lists(chosen, pad) if share_prompt else collate([t for items in chosen for t in items], pad)
+            values = iter(sequence_logprobs(model, {k: v.to(model.device) for k, v in batch.items()}, chunk_size).tolist())
+            for i in index:
+                results[i] = [next(values) for _ in tokens[i]]
     return results
 
 
@@ -60,19 +76,20 @@ def run_stage(plan, out_dir: Path) -> dict[str, Any]:
     config = plan.config
     with timing.timed("io"):
         rows = read_parquet_dir(plan.round.lists).to_pylist()
-    requests = [(row["prompt"], item["response"]) for row in rows for item in row["positives"] + row["negatives"]]
+    lists = [(row["prompt"], [item["response"] for item in row["positives"] + row["negatives"]]) for row in rows]
     gpus = 1 if cluster_has_gpus() else 0
-    logps: list[float] = []
-    if requests:
+    logps: list[list[float]] = []
+    if rows:
         logps, seconds = ray.get(score_items.options(num_gpus=gpus).remote(
-            plan.reference, requests, config.train.dtype, config.train.max_length, config.reference.batch_size,
-            config.train.logprob_chunk_size, config.model.trust_remote_code, config.train.autocast))
+            plan.reference, lists, config.train.dtype, config.train.max_length, config.reference.batch_size,
+            config.train.logprob_chunk_size, config.model.trust_remote_code, config.train.autocast,
+            config.train.share_prompt))
         timing.add(seconds)
-    values = iter(logps)
-    for row in rows:
+    for row, values in zip(rows, logps):
+        values = iter(values)
         row["positives"] = [{**item, "ref_logp": next(values)} for item in row["positives"]]
         row["negatives"] = [{**item, "ref_logp": next(values)} for item in row["negatives"]]
         row["reference"] = plan.reference
     with timing.timed("io"):
         write_parquet(pa.Table.from_pylist(rows, schema=schema.TRAIN), out_dir / shard_name(0))
-    return {"lists": len(rows), "items": len(requests), "reference": plan.reference}
+    return {"lists": len(rows), "items": sum(len(responses) for _, responses in lists), "reference": plan.reference}

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from stages.train.logprobs import collate, sequence_logprobs, tokenize_example
+from stages.train.logprobs import collate, pack_lists, sequence_logprobs, tokenize_example
 
 PAD = 0
 
@@ -28,11 +28,14 @@ def tiny_llama(tie: bool) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).float().eval()
 
 
-def make_batch() -> dict[str, torch.Tensor]:
+def make_examples() -> list[tuple[list[int], int]]:
     generator = torch.Generator().manual_seed(1)
     lengths = [(5, 9), (3, 1), (8, 4), (2, 14)]  # (prompt, response): unequal, so rows are right-padded
-    examples = [(torch.randint(1, 300, (p + r,), generator=generator).tolist(), p) for p, r in lengths]
-    return collate(examples, pad_id=PAD)
+    return [(torch.randint(1, 300, (p + r,), generator=generator).tolist(), p) for p, r in lengths]
+
+
+def make_batch() -> dict[str, torch.Tensor]:
+    return collate(make_examples(), pad_id=PAD)
 
 
 def naive_logprobs(model, batch, average: bool) -> torch.Tensor:
@@ -92,33 +95,103 @@ def test_gradients_match_naive(tie):
         torch.testing.assert_close(p.grad, expected[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_no_vocab_sized_activation_is_kept_for_backward():
-    """Between forward and backward autograd holds no vocab-wide activation: chunks are recomputed."""
+def test_only_the_last_chunk_keeps_vocab_sized_activations_for_backward():
+    """Between forward and backward autograd holds one chunk's logits, the last one's (backward
+    needs them first); every other chunk is recomputed."""
     model, batch = tiny_llama(True), make_batch()
-    vocab_wide = []
+    vocab_wide = {}
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     def pack(tensor):  # weights (and views of them, like lm_head.weight.T) cost nothing extra
-        if tensor.untyped_storage().data_ptr() in weights:
-            return tensor
-        if 300 in tensor.shape:
-            vocab_wide.append(tuple(tensor.shape))
+        storage = tensor.untyped_storage().data_ptr()
+        if storage not in weights and 300 in tensor.shape:
+            vocab_wide[storage] = tuple(tensor.shape)
         return tensor
 
+    labels = int(batch["label_count"].sum())
+    assert labels == 28  # 6 chunks of 5, the last one of 3
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        logps = sequence_logprobs(model, batch, chunk_size=4)
+        logps = sequence_logprobs(model, batch, chunk_size=5)
     logps.sum().backward()
-    assert vocab_wide == []
+    assert list(vocab_wide.values()) == [(3, 300)]
 
 
 def test_padding_does_not_change_a_row():
-    model, batch = tiny_llama(False), make_batch()
+    model, examples = tiny_llama(False), make_examples()
     with torch.no_grad():
-        together = sequence_logprobs(model, batch, chunk_size=4)
-        for i in range(4):
-            length = int(batch["attention_mask"][i].sum())
-            alone = {key: value[i : i + 1, :length] for key, value in batch.items()}
+        together = sequence_logprobs(model, collate(examples, PAD), chunk_size=4)
+        for i, example in enumerate(examples):
+            alone = collate([example], PAD)
             torch.testing.assert_close(sequence_logprobs(model, alone)[0], together[i], atol=1e-5, rtol=1e-5)
+
+
+def make_lists() -> list[list[tuple[list[int], int]]]:
+    """Three lists: two share their prompts (of different lengths), the third's items have
+    different prompts, so it is packed as whole items."""
+    generator = torch.Generator().manual_seed(2)
+    tokens = lambda n: torch.randint(1, 300, (n,), generator=generator).tolist()  # noqa: E731
+    first, second = tokens(5), tokens(3)
+    return [[(first + tokens(r), 5) for r in (4, 9, 1)],
+            [(second + tokens(r), 3) for r in (7, 2)],
+            [(tokens(6), 2), (tokens(8), 3)]]
+
+
+def test_pack_lists_layout():
+    batch = pack_lists([[([7, 8, 9, 10], 2), ([7, 8, 11], 2)], [([5, 6], 1), ([4, 3, 2], 2)]], pad_id=PAD)
+    # Row 0: the prompt 7 8 once, then 9 10 and 11; row 1: no shared prompt, whole items, then padding.
+    assert batch["input_ids"].tolist() == [[7, 8, 9, 10, 11], [5, 6, 4, 3, 2]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2], [0, 1, 0, 1, 2]]
+    allowed = batch["attention_mask"][:, 0].int().tolist()
+    assert allowed[0] == [[1, 0, 0, 0, 0],
+                          [1, 1, 0, 0, 0],
+                          [1, 1, 1, 0, 0],
+                          [1, 1, 1, 1, 0],
+                          [1, 1, 0, 0, 1]]  # the second response sees the prompt, not the first response
+    assert allowed[1] == [[1, 0, 0, 0, 0],
+                          [1, 1, 0, 0, 0],
+                          [0, 0, 1, 0, 0],
+                          [0, 0, 1, 1, 0],
+                          [0, 0, 1, 1, 1]]
+    # Labels in item order: 9 10 (predicted by positions 1, 2), 11 (by 1), 6 (by row 1's 0), 2 (by its 3).
+    assert batch["labels"].tolist() == [9, 10, 11, 6, 2]
+    assert batch["label_index"].tolist() == [1, 2, 1, 5 + 0, 5 + 3]
+    assert batch["label_item"].tolist() == [0, 0, 1, 2, 3]
+    assert batch["label_count"].tolist() == [2, 1, 1, 1]
+
+
+def test_pack_lists_pads_rows_and_lets_padding_see_itself():
+    batch = pack_lists([[([1, 2, 3], 1)], [([4, 5, 6, 7, 8], 1)]], pad_id=PAD)
+    assert batch["input_ids"][0].tolist() == [1, 2, 3, PAD, PAD]
+    allowed = batch["attention_mask"][0, 0]
+    assert allowed[3].tolist() == [False, False, False, True, False]
+    assert not allowed[:3, 3:].any()  # real tokens never see padding
+    assert allowed.any(-1).all()  # no empty attention row (NaN in softmax)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("average", [False, True])
+def test_packed_lists_match_one_row_per_item(attention, average):
+    model, lists = tiny_llama(True), make_lists()
+    model.config._attn_implementation = attention
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 2.0, 0.25])  # a generic upstream gradient
+
+    expected = sequence_logprobs(model, collate([item for items in lists for item in items], PAD), 4, average)
+    (expected * weights).sum().backward()
+    expected_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    got = sequence_logprobs(model, pack_lists(lists, PAD), 4, average)
+    (got * weights).sum().backward()
+
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_packed_lists_need_an_attention_that_takes_a_mask():
+    model = tiny_llama(True)
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="train.share_prompt"):
+        sequence_logprobs(model, pack_lists(make_lists(), PAD))
 
 
 class CharTokenizer:

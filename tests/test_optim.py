@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from stages.train.optim import AdamWBf16, build_optimizer, round_to_bf16_stochastic
+from stages.train.optim import AdamWBf16, build_optimizer, round_to_bf16_stochastic, uniform_noise
 
 
 def test_stochastic_rounding_is_unbiased_and_lands_on_neighbours():
@@ -11,7 +11,7 @@ def test_stochastic_rounding_is_unbiased_and_lands_on_neighbours():
     # 1 + 0.3 ulp of bf16 (ulp at 1.0 is 2**-7), and its negative.
     for value in (1 + 0.3 * 2 ** -7, -(1 + 0.3 * 2 ** -7)):
         x = torch.full((200_000,), value)
-        rounded = round_to_bf16_stochastic(x, generator).float()
+        rounded = round_to_bf16_stochastic(x, uniform_noise(x.numel(), generator)).float()
         neighbours = {abs(value) - 0.3 * 2 ** -7, abs(value) + 0.7 * 2 ** -7}
         assert set(rounded.abs().unique().tolist()) == neighbours
         assert rounded.mean().item() == pytest.approx(value, abs=2e-5)
@@ -21,7 +21,7 @@ def test_stochastic_rounding_is_unbiased_and_lands_on_neighbours():
 
 def test_exactly_representable_values_are_unchanged():
     x = torch.tensor([0.0, 1.0, -2.5, 3.0e-5]).to(torch.bfloat16).float()
-    assert torch.equal(round_to_bf16_stochastic(x, torch.Generator().manual_seed(1)).float(), x)
+    assert torch.equal(round_to_bf16_stochastic(x, uniform_noise(4, torch.Generator().manual_seed(1))).float(), x)
 
 
 def test_second_moment_does_not_freeze():

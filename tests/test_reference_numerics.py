@@ -1,9 +1,10 @@
 """The reference stage and the trainer must compute log-probs identically:
 before the first update, every item's score beta * (log pi - log pi_ref) is zero."""
 
+import pytest
 import torch
 
-from stages.reference import reference_logprobs
+from stages.reference import list_batches, reference_logprobs
 from stages.train.data import ListExample, build_examples, load_policy
 from stages.train.loop import global_batches, list_scores, lr_lambda
 from stages.train.objectives import OBJECTIVES
@@ -20,20 +21,27 @@ def lists_rows():
              "negatives": [{"response": "Hello there, friend.", "reward": 0.0}]}]
 
 
-def with_reference(rows, model_path, dtype="float32"):
-    requests = [(row["prompt"], item["response"]) for row in rows for item in row["positives"] + row["negatives"]]
-    values = iter(reference_logprobs(str(model_path), requests, dtype, max_length=128, batch_size=3, chunk_size=7))
-    for row in rows:
+def as_lists(rows):
+    return [(row["prompt"], [item["response"] for item in row["positives"] + row["negatives"]]) for row in rows]
+
+
+def with_reference(rows, model_path, dtype="float32", share_prompt=True):
+    logps = reference_logprobs(str(model_path), as_lists(rows), dtype, max_length=128, batch_size=3, chunk_size=7,
+                               share_prompt=share_prompt)
+    for row, values in zip(rows, logps):
+        values = iter(values)
         for key in ("positives", "negatives"):
             row[key] = [{**item, "ref_logp": next(values)} for item in row[key]]
     return rows
 
 
-def test_scores_are_zero_before_training(tiny_model):
-    rows = with_reference(lists_rows(), tiny_model)
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_scores_are_zero_before_training(tiny_model, share_prompt):
+    rows = with_reference(lists_rows(), tiny_model, share_prompt=share_prompt)
     model, tokenizer = load_policy(str(tiny_model), "float32")
     examples = build_examples(rows, tokenizer, max_length=128, max_list_size=8)
-    scores, mask, rewards = list_scores(model, examples, tokenizer, "contrastive", beta=0.1, chunk_size=5)
+    scores, mask, rewards = list_scores(model, examples, tokenizer, "contrastive", beta=0.1, chunk_size=5,
+                                        share_prompt=share_prompt)
     assert mask.sum().item() == 6
     assert torch.allclose(scores[mask], torch.zeros(6), atol=1e-5)
     assert rewards[0, 0] == 1.0 and rewards[1, 1] == 0.0
@@ -43,14 +51,23 @@ def test_scores_are_zero_before_training(tiny_model):
         assert torch.isfinite(objective(scores, mask, beta=0.1, rewards=rewards)).all(), name
 
 
-def test_reference_logprobs_do_not_depend_on_batching(tiny_model):
-    rows = lists_rows()
-    requests = [(row["prompt"], item["response"]) for row in rows for item in row["positives"] + row["negatives"]]
-    one = reference_logprobs(str(tiny_model), requests, "float32", 128, batch_size=1, chunk_size=1024)
-    many = reference_logprobs(str(tiny_model), requests, "float32", 128, batch_size=16, chunk_size=3)
-    assert len(one) == len(requests)
-    assert all(v < 0 for v in one)
-    assert torch.allclose(torch.tensor(one), torch.tensor(many), atol=1e-4)
+def test_reference_logprobs_do_not_depend_on_batching_or_layout(tiny_model):
+    lists = as_lists(lists_rows()) + [([{"role": "user", "content": "Empty list."}], [])]
+    one = reference_logprobs(str(tiny_model), lists, "float32", 128, batch_size=1, chunk_size=1024)
+    many = reference_logprobs(str(tiny_model), lists, "float32", 128, batch_size=16, chunk_size=3)
+    unshared = reference_logprobs(str(tiny_model), lists, "float32", 128, batch_size=4, chunk_size=5,
+                                  share_prompt=False)
+    assert [len(values) for values in one] == [len(responses) for _, responses in lists] == [4, 2, 0]
+    assert all(v < 0 for values in one for v in values)
+    flat = lambda logps: torch.tensor([v for values in logps for v in values])  # noqa: E731
+    assert torch.allclose(flat(one), flat(many), atol=1e-4)
+    assert torch.allclose(flat(one), flat(unshared), atol=1e-4)
+
+
+def test_list_batches_hold_about_batch_size_items():
+    sizes, lengths = [4, 2, 2, 0, 5], [40, 10, 12, 0, 60]
+    batches = list_batches(sizes, lengths, batch_size=4)
+    assert batches == [[1, 2], [0], [4]]  # shortest first; an empty list is in no batch; a big list alone
 
 
 def test_list_items_keep_reward_order_and_are_cut_to_max_list_size(tiny_model):

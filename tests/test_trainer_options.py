@@ -3,7 +3,7 @@
 import torch
 from safetensors.torch import load_file
 
-from stages.train.data import add_lora, autocast, build_examples, load_policy
+from stages.train.data import add_lora, autocast, build_examples, load_policy, use_sparse_embedding_grad
 from stages.train.loop import list_scores
 from stages.train.objectives import OBJECTIVES
 from tests.test_reference_numerics import lists_rows, with_reference
@@ -77,3 +77,31 @@ def test_fp32_checkpoint_keeps_an_update_that_bf16_would_erase(tiny_model, tmp_p
     assert changed > 0.5 * total
     survives_bf16 = sum((saved[k].bfloat16() != base[k].bfloat16()).sum().item() for k in saved)
     assert survives_bf16 < 0.05 * changed
+
+
+def test_sparse_embedding_gradient_equals_the_dense_one(tiny_model):
+    rows = with_reference(lists_rows(), tiny_model)
+    grads = {}
+    for sparse in (False, True):
+        model, tokenizer = load_policy(str(tiny_model), "float32")
+        assert use_sparse_embedding_grad(model) if sparse else True
+        examples = build_examples(rows, tokenizer, max_length=128, max_list_size=8)
+        for micro in (examples[:1], examples[1:]):  # accumulated over two micro-batches
+            scores, mask, _ = list_scores(model, micro, tokenizer, "contrastive", beta=0.1, chunk_size=64)
+            OBJECTIVES["contrastive"](scores, mask).sum().backward()
+        grads[sparse] = {name: p.grad for name, p in model.named_parameters()}
+    for name, grad in grads[True].items():
+        assert grad.layout == torch.strided, name  # what AdamW, clipping and all_reduce need
+        torch.testing.assert_close(grad, grads[False][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_sparse_embedding_gradient_only_for_tied_embeddings():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=2)
+    untied = LlamaForCausalLM(LlamaConfig(**config, tie_word_embeddings=False))
+    assert not use_sparse_embedding_grad(untied)  # its gradient would stay sparse: AdamW refuses those
+    assert not untied.get_input_embeddings().sparse
+    tied = LlamaForCausalLM(LlamaConfig(**config, tie_word_embeddings=True))
+    assert use_sparse_embedding_grad(tied) and tied.get_input_embeddings().sparse

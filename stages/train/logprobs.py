@@ -3,8 +3,15 @@
 log p(y|x) = sum_{t in response} log softmax(W h_{t-1})[y_t]
 
 computed without a [N, T, V] tensor: only positions whose next token is a response token are
-projected, ``chunk_size`` at a time, and under autograd each chunk is recomputed in backward
-(activation checkpointing), so the logits held at any moment are about chunk_size x V.
+projected, ``chunk_size`` at a time, and under autograd each chunk but the last is recomputed in
+backward (activation checkpointing), so the logits held at any moment are about chunk_size x V.
+
+Two batch layouts feed it, both described by where each label's predicting hidden state sits:
+``collate`` puts every item in its own row; ``pack_lists`` puts one prompt's list in one row, the
+prompt once and then each response, with an attention mask that lets every response see the
+prompt and its own earlier tokens only. The second computes the prompt once instead of K times
+and gives the same log-probs (up to fp32 rounding), because a response token then attends to
+exactly the keys, at exactly the positions, that it would in its own row.
 """
 
 from __future__ import annotations
@@ -15,8 +22,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+Item = tuple[list[int], int]  # prompt + response token ids, number of prompt tokens
 
-def tokenize_example(tokenizer: Any, messages: list[dict], response: str, max_length: int) -> tuple[list[int], int]:
+
+def tokenize_example(tokenizer: Any, messages: list[dict], response: str, max_length: int) -> Item:
     """Token ids of chat prompt + response + eos, and the number of prompt tokens.
 
     The prompt is the chat template with the generation prompt (what the sampler saw); the
@@ -39,21 +48,110 @@ def tokenize_example(tokenizer: Any, messages: list[dict], response: str, max_le
     return prompt_ids + response_ids[: max_length - len(prompt_ids)], len(prompt_ids)
 
 
-def collate(examples: list[tuple[list[int], int]], pad_id: int) -> dict[str, Tensor]:
-    """Right-pad ``(ids, num_prompt_tokens)`` examples into a batch.
+def _label_layout(predictors: list[list[int]], labels: list[list[int]], width: int) -> dict[str, Tensor]:
+    """Flat indices (row * width + position) of each item's predicting states, its labels,
+    which item each label belongs to, and each item's label count."""
+    index = [p for item in predictors for p in item]
+    return {
+        "label_index": torch.tensor(index, dtype=torch.long),
+        "labels": torch.tensor([t for item in labels for t in item], dtype=torch.long),
+        "label_item": torch.tensor([i for i, item in enumerate(labels) for _ in item], dtype=torch.long),
+        "label_count": torch.tensor([len(item) for item in labels], dtype=torch.long),
+    }
 
-    Returns ``input_ids`` [N, T] long, ``attention_mask`` [N, T] long and ``completion_mask``
-    [N, T] bool, True at response tokens (the positions whose token is a label).
+
+def collate(examples: list[Item], pad_id: int) -> dict[str, Tensor]:
+    """Right-pad ``(ids, num_prompt_tokens)`` items into one row each.
+
+    Returns ``input_ids`` [N, T] long, ``attention_mask`` [N, T] long, ``completion_mask``
+    [N, T] bool (True at response tokens, the positions whose token is a label) and the label
+    layout ``sequence_logprobs`` reads.
     """
     width = max(len(ids) for ids, _ in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
     completion_mask = torch.zeros((len(examples), width), dtype=torch.bool)
+    predictors, labels = [], []
     for row, (ids, num_prompt) in enumerate(examples):
         input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, : len(ids)] = 1
         completion_mask[row, num_prompt : len(ids)] = True
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+        # Hidden state t predicts token t+1; a response token at position 0 has no predictor.
+        first = max(num_prompt, 1)
+        predictors.append([row * width + t - 1 for t in range(first, len(ids))])
+        labels.append(ids[first:])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
+            **_label_layout(predictors, labels, width)}
+
+
+def shared_prompt(items: list[Item]) -> int:
+    """Length of the prompt every item of a list starts with, or 0 if they differ (or have none)."""
+    num_prompt = items[0][1]
+    prompt = items[0][0][:num_prompt]
+    if num_prompt == 0 or any(n != num_prompt or ids[:n] != prompt for ids, n in items):
+        return 0
+    return num_prompt
+
+
+def pack_lists(lists: list[list[Item]], pad_id: int) -> dict[str, Tensor]:
+    """One row per list: its shared prompt once, then every item's response.
+
+    Returns ``input_ids`` and ``position_ids`` [B, L], a boolean ``attention_mask`` [B, 1, L, L]
+    (True where a query may attend a key) and the label layout. A response's positions continue
+    from the prompt's end, as in its own row. A list whose items do not share a prompt is packed
+    as whole items, each seeing only itself. Padding attends to itself alone, so no attention row
+    is empty (an empty row is NaN in softmax, and NaN times a zero gradient is still NaN).
+    """
+    segments: list[list[tuple[list[int], int, int]]] = []  # per row: (token ids, first position, parent)
+    predictors, labels = [], []
+    for items in lists:
+        num_prompt = shared_prompt(items)
+        row = []
+        if num_prompt:
+            row.append((items[0][0][:num_prompt], 0, -1))
+        for ids, n in items:
+            start = sum(len(tokens) for tokens, _, _ in row)
+            if num_prompt:
+                row.append((ids[num_prompt:], num_prompt, 0))
+                # The first response token is predicted by the prompt's last state.
+                predictors.append([num_prompt - 1] + [start + t for t in range(len(ids) - num_prompt - 1)])
+                labels.append(ids[num_prompt:])
+            else:
+                row.append((ids, 0, -1))
+                first = max(n, 1)
+                predictors.append([start + t - 1 for t in range(first, len(ids))])
+                labels.append(ids[first:])
+        segments.append(row)
+
+    width = max(sum(len(tokens) for tokens, _, _ in row) for row in segments)
+    input_ids = torch.full((len(lists), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(lists), width), dtype=torch.long)
+    segment_ids = torch.full((len(lists), width), -1, dtype=torch.long)
+    parent_ids = torch.full((len(lists), width), -1, dtype=torch.long)  # the segment a query may also see
+    offset_of_row = []
+    for row, parts in enumerate(segments):
+        end = 0
+        for segment, (tokens, first_position, parent) in enumerate(parts):
+            span = slice(end, end + len(tokens))
+            input_ids[row, span] = torch.tensor(tokens, dtype=torch.long)
+            position_ids[row, span] = torch.arange(first_position, first_position + len(tokens))
+            segment_ids[row, span] = segment
+            parent_ids[row, span] = parent
+            end += len(tokens)
+        offset_of_row.append(row * width)
+    real = segment_ids >= 0
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    same_segment = (segment_ids[:, :, None] == segment_ids[:, None, :]) & causal
+    sees_parent = parent_ids[:, :, None] == segment_ids[:, None, :]
+    allowed = (same_segment | sees_parent) & real[:, :, None] & real[:, None, :]
+    allowed |= ~real[:, :, None] & torch.eye(width, dtype=torch.bool)
+    attention_mask = allowed.unsqueeze(1)
+
+    # Item predictors were counted within their row; shift them to flat indices.
+    row_of_item = [row for row, items in enumerate(lists) for _ in items]
+    predictors = [[offset_of_row[row] + p for p in item] for row, item in zip(row_of_item, predictors)]
+    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask,
+            **_label_layout(predictors, labels, width)}
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -69,43 +167,58 @@ def _label_logprobs(head: nn.Module, hidden: Tensor, labels: Tensor) -> Tensor:
     return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def sequence_logprobs(model: nn.Module, batch: dict[str, Tensor], chunk_size: int = 1024, average: bool = False) -> Tensor:
-    """Sum (or, with ``average``, mean) over response tokens of log p(token | prefix), [N] fp32.
+def _model_mask(model: nn.Module, mask: Tensor) -> Tensor:
+    """A packed boolean mask as the model's attention wants it: sdpa takes booleans,
+    eager attention adds the mask to its scores."""
+    if mask.dim() != 4:
+        return mask
+    implementation = getattr(_unwrap(model).config, "_attn_implementation", "sdpa")
+    if implementation == "sdpa":
+        return mask
+    if implementation == "eager":
+        dtype = _unwrap(model).dtype
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    raise ValueError(f"train.share_prompt needs sdpa or eager attention; the model uses {implementation!r} "
+                     "(set train.share_prompt: false)")
 
-    ``model`` is a causal LM whose logits are ``get_output_embeddings()(last hidden state)``
-    (Llama, Qwen, Mistral, SmolLM; not models with logit soft-capping or scaling). It may be
-    wrapped (DDP): we call the wrapper's forward, so its gradient synchronisation still runs, and
-    ask it for logits of the last position only; the rest comes from the final hidden states.
-    Differentiable; matches a full log_softmax gather to fp32 rounding.
+
+def sequence_logprobs(model: nn.Module, batch: dict[str, Tensor], chunk_size: int = 1024, average: bool = False) -> Tensor:
+    """Sum (or, with ``average``, mean) over response tokens of log p(token | prefix), one per item, fp32.
+
+    ``batch`` comes from ``collate`` or ``pack_lists``. ``model`` is a causal LM whose logits are
+    ``get_output_embeddings()(last hidden state)`` (Llama, Qwen, Mistral, SmolLM; not models with
+    logit soft-capping or scaling). It may be wrapped (DDP): we call the wrapper's forward, so its
+    gradient synchronisation still runs, and ask it for logits of the last position only; the rest
+    comes from the final hidden states. Differentiable; matches a full log_softmax gather to fp32 rounding.
     """
-    input_ids, completion = batch["input_ids"], batch["completion_mask"].bool()
     out = model(
-        input_ids=input_ids,
-        attention_mask=batch["attention_mask"],
+        input_ids=batch["input_ids"],
+        attention_mask=_model_mask(model, batch["attention_mask"]),
+        position_ids=batch.get("position_ids"),
         output_hidden_states=True,
         logits_to_keep=1,
         use_cache=False,
     )
     hidden = out.hidden_states[-1]
     head = _unwrap(model).get_output_embeddings()
-
-    # Hidden state t predicts token t+1; a response token at position 0 has no predictor.
-    targets = completion[:, 1:]
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(-1).expand_as(targets)[targets]
-    states = hidden[:, :-1][targets]
-    labels = input_ids[:, 1:][targets]
+    states = hidden.reshape(-1, hidden.shape[-1])[batch["label_index"]]
+    labels = batch["labels"]
 
     pieces = []
     for start in range(0, labels.shape[0], chunk_size):
         args = (head, states[start : start + chunk_size], labels[start : start + chunk_size])
-        if torch.is_grad_enabled():
+        last = start + chunk_size >= labels.shape[0]
+        if torch.is_grad_enabled() and not last:
             # Keep only the chunk's hidden states for backward, not its chunk x V logits.
             pieces.append(checkpoint(_label_logprobs, *args, use_reentrant=False))
         else:
+            # The last chunk's logits are the first thing backward needs: keeping them from
+            # here costs no more peak memory than recomputing them there, and saves a matmul.
             pieces.append(_label_logprobs(*args))
     token_logprobs = torch.cat(pieces) if pieces else states.new_zeros(0, dtype=torch.float32)
 
-    totals = token_logprobs.new_zeros(input_ids.shape[0]).index_add(0, rows, token_logprobs)
+    counts = batch["label_count"]
+    totals = token_logprobs.new_zeros(counts.shape[0]).index_add(0, batch["label_item"], token_logprobs)
     if average:
-        return totals / targets.sum(-1).clamp(min=1).to(totals.dtype)
+        return totals / counts.clamp(min=1).to(totals.dtype)
     return totals

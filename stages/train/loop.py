@@ -21,8 +21,8 @@ import torch.distributed as dist
 
 from pipeline.timing import Timings
 from stages.train.data import (DTYPES, ListExample, add_lora, autocast, build_examples, load_policy,
-                               pad_token_id, use_all_cpu_threads)
-from stages.train.logprobs import collate, sequence_logprobs
+                               pad_token_id, use_all_cpu_threads, use_sparse_embedding_grad)
+from stages.train.logprobs import collate, pack_lists, sequence_logprobs
 from stages.train.objectives import OBJECTIVES, REFERENCE_FREE, mean_margin, ranking_accuracy
 from stages.train.checkpoint import TrainingCheckpoint, fingerprint
 from stages.train.optim import build_optimizer
@@ -33,11 +33,15 @@ TIMINGS_FILE = "_timings.json"
 
 
 def list_scores(model, examples: list[ListExample], tokenizer, objective: str, beta: float,
-                chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                chunk_size: int, share_prompt: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scores [B, K] (beta * log-ratio, or beta * mean log-prob for reference-free
     objectives), the mask of real items, and the rewards, padded at the end."""
-    flat = [tokens for example in examples for tokens in example.tokens]
-    batch = {k: v.to(model.device) for k, v in collate(flat, pad_token_id(tokenizer)).items()}
+    pad = pad_token_id(tokenizer)
+    if share_prompt:
+        batch = pack_lists([example.tokens for example in examples], pad)
+    else:
+        batch = collate([tokens for example in examples for tokens in example.tokens], pad)
+    batch = {k: v.to(model.device) for k, v in batch.items()}
     reference_free = objective in REFERENCE_FREE
     logps = sequence_logprobs(model, batch, chunk_size, average=reference_free)
     width = max(len(example.tokens) for example in examples)
@@ -122,6 +126,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                              train["lora_target_modules"])
         if sharded:
             shard_model(model)
+        elif not train["lora_rank"]:
+            use_sparse_embedding_grad(model)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
     with clock("io"):
@@ -156,7 +162,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             micro = [examples[i] for i in micro_indices]
             with autocast(train["autocast"]):
                 scores, mask, rewards = list_scores(model, micro, tokenizer, train["objective"], train["beta"],
-                                                    train["logprob_chunk_size"])
+                                                    train["logprob_chunk_size"], train["share_prompt"])
             losses = objective(scores.float(), mask, rewards=rewards.float(), **options)
             (weight * scale * losses.sum()).backward()
             with torch.no_grad():

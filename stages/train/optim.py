@@ -19,15 +19,19 @@ from collections.abc import Callable, Iterable
 import torch
 
 
-def round_to_bf16_stochastic(values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def round_to_bf16_stochastic(values: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """fp32 -> bf16, rounding up or down with probability proportional to the distance.
 
-    bf16 is the top 16 bits of fp32; adding uniform noise below them before
-    truncating is stochastic rounding of the magnitude (float bits are sign-magnitude).
+    bf16 is the top 16 bits of fp32; adding uniform noise below them (``noise``: int32 in
+    [0, 2**16), one per value) before truncating is stochastic rounding of the magnitude
+    (float bits are sign-magnitude).
     """
     bits = values.contiguous().view(torch.int32)
-    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device, generator=generator)
     return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
+def uniform_noise(count: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, 1 << 16, (count,), dtype=torch.int32, generator=generator)
 
 
 class AdamWBf16(torch.optim.Optimizer):
@@ -44,6 +48,14 @@ class AdamWBf16(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
         loss = closure() if closure is not None else None
+        # One pool of noise per step for each moment, each chunk reading it from a random
+        # offset: every value still gets uniform noise independent of itself, which is all
+        # unbiased rounding needs, and drawing 2 x 135M fresh values took longer than the rest
+        # of the step.
+        width = min(self.chunk_size, max((_local(p).numel() for group in self.param_groups
+                                          for p in group["params"] if p.grad is not None), default=0))
+        pools = uniform_noise(4 * width, self.generator).view(2, 2 * width)
+        pools_on: dict[torch.device, torch.Tensor] = {}
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for param in group["params"]:
@@ -59,16 +71,21 @@ class AdamWBf16(torch.optim.Optimizer):
                 bias2 = 1 - beta2 ** state["step"]
                 decay = 1 - group["lr"] * group["weight_decay"]
                 flat = [_local(t).view(-1) for t in (param, param.grad, state["exp_avg"], state["exp_avg_sq"])]
+                if flat[0].device not in pools_on:
+                    pools_on[flat[0].device] = pools.to(flat[0].device)
+                noise_m, noise_v = pools_on[flat[0].device]
                 for begin in range(0, flat[0].numel(), self.chunk_size):
                     p, g, m, v = (t[begin:begin + self.chunk_size] for t in flat)
+                    offset = int(torch.randint(0, width + 1, (), generator=self.generator))
+                    noise = slice(offset, offset + p.numel())
                     g = g.float()
                     m32 = m.float().mul_(beta1).add_(g, alpha=1 - beta1)
                     v32 = v.float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
                     if decay != 1:
                         p.mul_(decay)
                     p.addcdiv_(m32, v32.div(bias2).sqrt_().add_(group["eps"]), value=-step_size)
-                    m.copy_(round_to_bf16_stochastic(m32, self.generator))
-                    v.copy_(round_to_bf16_stochastic(v32, self.generator))
+                    m.copy_(round_to_bf16_stochastic(m32, noise_m[noise]))
+                    v.copy_(round_to_bf16_stochastic(v32, noise_v[noise]))
         return loss
 
 
