@@ -119,9 +119,8 @@ def run_trl(args, precompute: bool, micro: int | None = None) -> dict:
     data = Dataset.from_list([{"prompt": r["prompt"],
                                "chosen": [{"role": "assistant", "content": r["responses"][0]}],
                                "rejected": [{"role": "assistant", "content": r["responses"][1]}]} for r in rows])
-    step_tokens = [sum(len(tokenize_example(tokenizer, r["prompt"], resp, args.max_length)[0])
-                       for r in rows[i * args.batch:(i + 1) * args.batch] for resp in r["responses"])
-                   for i in range(args.steps + 1)]
+    sequence_tokens = [sum(len(tokenize_example(tokenizer, r["prompt"], resp, args.max_length)[0])
+                           for resp in r["responses"]) for r in rows]
 
     class StepTimer(TrainerCallback):
         def __init__(self):
@@ -145,8 +144,15 @@ def run_trl(args, precompute: bool, micro: int | None = None) -> dict:
                          callbacks=[timer])
     trainer.train()
     # TRL's sampler shuffles; the token count per step is the same on average over our fixed batches.
-    tokens = step_tokens[1:]
+    tokens = step_tokens(sequence_tokens, args.batch, args.steps + 1)[1:]
     return summary(timer.times[1:], tokens, args.batch)
+
+
+def step_tokens(tokens_per_prompt: list[int], batch: int, steps: int) -> list[int]:
+    """Tokens of each step's batch, taking prompts in order and starting over at the end,
+    as the ours-* cases do (TRL's sampler starts a new epoch there too)."""
+    count = len(tokens_per_prompt)
+    return [sum(tokens_per_prompt[(step * batch + i) % count] for i in range(batch)) for step in range(steps)]
 
 
 def summary(times: list[float], tokens: list[int], batch: int) -> dict:
@@ -214,8 +220,10 @@ def trainer_section(tables: dict[str, dict], machine_text: str) -> str:
     for name, results in tables.items():
         settings = results.get("settings", {})
         trl = results.get("trl")
+        when = (f"measured {results['measured_at']}" if results.get("measured_at")
+                else "an earlier trainer, before the changes docs/benchmarks.md lists")
         lines += [f"`{name}` ({settings.get('prompts')} prompts, {settings.get('batch')} per step, "
-                  f"{settings.get('steps')} timed steps):", "",
+                  f"{settings.get('steps')} timed steps; {when}):", "",
                   "| case | tokens/s | s per prompt | peak RSS (GiB) | speed vs TRL | memory vs TRL |",
                   "|---|---:|---:|---:|---:|---:|"]
         for case, label in LABELS.items():
@@ -327,6 +335,7 @@ def main() -> None:
     from bench.generate_bench import machine, versions
 
     results["machine"], results["versions"] = machine(), versions()
+    results["measured_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

@@ -229,7 +229,10 @@ def ensure_ray() -> float:
         # A cluster or `ray job submit`: the job's runtime env already ships the code.
         ray.init()
     else:
-        env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+        env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+               # Ray Train's controller checks on its workers every 2 s by default, and a
+               # train stage waits for that poll to see its workers start and finish.
+               "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")}
         ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
     return time.perf_counter() - start
 

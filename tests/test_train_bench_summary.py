@@ -35,3 +35,10 @@ def test_k4_per_prompt_cost_against_k2():
     assert "K=4 costs 1.70x pairwise K=2 per prompt" in text
     # Without a TRL case in the file there is nothing to compare against.
     assert "| - | - |" in text
+
+
+def test_step_tokens_start_over_when_the_prompts_run_out():
+    from bench.train_bench import step_tokens
+
+    # 5 prompts, 2 a step: the third step takes the last prompt and the first again.
+    assert step_tokens([10, 20, 30, 40, 50], batch=2, steps=4) == [30, 70, 60, 50]
