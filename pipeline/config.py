@@ -148,7 +148,7 @@ class ReferenceConfig:
     # previous: the round's starting policy (LarPO Algorithm 1);
     # initial: the base model (as in RLHFlow).
     policy: Literal["previous", "initial"] = "previous"
-    # Sequences per forward pass.
+    # List items per forward pass, in whole lists (a longer list goes alone).
     batch_size: int = 16
 
 
