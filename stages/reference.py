@@ -42,7 +42,7 @@ def reference_logprobs(model_path: str, lists: list[tuple[list[dict], list[str]]
         from tqdm import tqdm
 
         from stages.train.data import autocast, load_policy, pad_token_id, use_all_cpu_threads
-        from stages.train.logprobs import collate, pack_lists, sequence_logprobs, tokenize_example
+        from stages.train.logprobs import list_batch, sequence_logprobs, tokenize_example
 
         use_all_cpu_threads()
         model, tokenizer = load_policy(model_path, dtype, trust_remote_code)
@@ -55,8 +55,7 @@ def reference_logprobs(model_path: str, lists: list[tuple[list[dict], list[str]]
         results: list[list[float]] = [[] for _ in lists]
         pad = pad_token_id(tokenizer)
         for index in tqdm(batches, desc="reference log-probs", unit="batch"):
-            chosen = [tokens[i] for i in index]
-            batch = pack_lists(chosen, pad) if share_prompt else collate([t for items in chosen for t in items], pad)
+            batch = list_batch([tokens[i] for i in index], pad, share_prompt)
             values = iter(sequence_logprobs(model, {k: v.to(model.device) for k, v in batch.items()}, chunk_size).tolist())
             for i in index:
                 results[i] = [next(values) for _ in tokens[i]]

@@ -60,6 +60,14 @@ def _label_layout(predictors: list[list[int]], labels: list[list[int]], width: i
     }
 
 
+def _item_labels(ids: list[int], num_prompt: int, offset: int) -> tuple[list[int], list[int]]:
+    """Indices of the states predicting an item's response tokens, and those tokens, for an item
+    laid out whole from index ``offset``. State t predicts token t+1, so a response token at
+    position 0 has no predictor."""
+    first = max(num_prompt, 1)
+    return [offset + t - 1 for t in range(first, len(ids))], ids[first:]
+
+
 def collate(examples: list[Item], pad_id: int) -> dict[str, Tensor]:
     """Right-pad ``(ids, num_prompt_tokens)`` items into one row each.
 
@@ -76,10 +84,9 @@ def collate(examples: list[Item], pad_id: int) -> dict[str, Tensor]:
         input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, : len(ids)] = 1
         completion_mask[row, num_prompt : len(ids)] = True
-        # Hidden state t predicts token t+1; a response token at position 0 has no predictor.
-        first = max(num_prompt, 1)
-        predictors.append([row * width + t - 1 for t in range(first, len(ids))])
-        labels.append(ids[first:])
+        item_predictors, item_labels = _item_labels(ids, num_prompt, row * width)
+        predictors.append(item_predictors)
+        labels.append(item_labels)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
             **_label_layout(predictors, labels, width)}
 
@@ -103,14 +110,14 @@ def pack_lists(lists: list[list[Item]], pad_id: int) -> dict[str, Tensor]:
     is empty (an empty row is NaN in softmax, and NaN times a zero gradient is still NaN).
     """
     segments: list[list[tuple[list[int], int, int]]] = []  # per row: (token ids, first position, parent)
-    predictors, labels = [], []
-    for items in lists:
+    predictors, labels, row_of_item = [], [], []  # predictors counted within their row for now
+    for row_index, items in enumerate(lists):
         num_prompt = shared_prompt(items)
-        row = []
+        row, start = [], 0
         if num_prompt:
             row.append((items[0][0][:num_prompt], 0, -1))
+            start = num_prompt
         for ids, n in items:
-            start = sum(len(tokens) for tokens, _, _ in row)
             if num_prompt:
                 row.append((ids[num_prompt:], num_prompt, 0))
                 # The first response token is predicted by the prompt's last state.
@@ -118,9 +125,11 @@ def pack_lists(lists: list[list[Item]], pad_id: int) -> dict[str, Tensor]:
                 labels.append(ids[num_prompt:])
             else:
                 row.append((ids, 0, -1))
-                first = max(n, 1)
-                predictors.append([start + t - 1 for t in range(first, len(ids))])
-                labels.append(ids[first:])
+                item_predictors, item_labels = _item_labels(ids, n, start)
+                predictors.append(item_predictors)
+                labels.append(item_labels)
+            start += len(row[-1][0])
+            row_of_item.append(row_index)
         segments.append(row)
 
     width = max(sum(len(tokens) for tokens, _, _ in row) for row in segments)
@@ -128,7 +137,6 @@ def pack_lists(lists: list[list[Item]], pad_id: int) -> dict[str, Tensor]:
     position_ids = torch.zeros((len(lists), width), dtype=torch.long)
     segment_ids = torch.full((len(lists), width), -1, dtype=torch.long)
     parent_ids = torch.full((len(lists), width), -1, dtype=torch.long)  # the segment a query may also see
-    offset_of_row = []
     for row, parts in enumerate(segments):
         end = 0
         for segment, (tokens, first_position, parent) in enumerate(parts):
@@ -138,7 +146,6 @@ def pack_lists(lists: list[list[Item]], pad_id: int) -> dict[str, Tensor]:
             segment_ids[row, span] = segment
             parent_ids[row, span] = parent
             end += len(tokens)
-        offset_of_row.append(row * width)
     real = segment_ids >= 0
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     same_segment = (segment_ids[:, :, None] == segment_ids[:, None, :]) & causal
@@ -147,11 +154,16 @@ def pack_lists(lists: list[list[Item]], pad_id: int) -> dict[str, Tensor]:
     allowed |= ~real[:, :, None] & torch.eye(width, dtype=torch.bool)
     attention_mask = allowed.unsqueeze(1)
 
-    # Item predictors were counted within their row; shift them to flat indices.
-    row_of_item = [row for row, items in enumerate(lists) for _ in items]
-    predictors = [[offset_of_row[row] + p for p in item] for row, item in zip(row_of_item, predictors)]
+    predictors = [[row * width + p for p in item] for row, item in zip(row_of_item, predictors)]
     return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask,
             **_label_layout(predictors, labels, width)}
+
+
+def list_batch(lists: list[list[Item]], pad_id: int, share_prompt: bool) -> dict[str, Tensor]:
+    """The lists' items in the layout ``train.share_prompt`` picks (trainer and reference stage alike)."""
+    if share_prompt:
+        return pack_lists(lists, pad_id)
+    return collate([item for items in lists for item in items], pad_id)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from pipeline.timing import Timings
 from stages.train.data import (DTYPES, ListExample, add_lora, autocast, build_examples, load_policy,
                                pad_token_id, use_all_cpu_threads, use_sparse_embedding_grad)
-from stages.train.logprobs import collate, pack_lists, sequence_logprobs
+from stages.train.logprobs import list_batch, sequence_logprobs
 from stages.train.objectives import OBJECTIVES, REFERENCE_FREE, mean_margin, ranking_accuracy
 from stages.train.checkpoint import TrainingCheckpoint, fingerprint
 from stages.train.optim import build_optimizer
@@ -36,11 +36,7 @@ def list_scores(model, examples: list[ListExample], tokenizer, objective: str, b
                 chunk_size: int, share_prompt: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scores [B, K] (beta * log-ratio, or beta * mean log-prob for reference-free
     objectives), the mask of real items, and the rewards, padded at the end."""
-    pad = pad_token_id(tokenizer)
-    if share_prompt:
-        batch = pack_lists([example.tokens for example in examples], pad)
-    else:
-        batch = collate([tokens for example in examples for tokens in example.tokens], pad)
+    batch = list_batch([example.tokens for example in examples], pad_token_id(tokenizer), share_prompt)
     batch = {k: v.to(model.device) for k, v in batch.items()}
     reference_free = objective in REFERENCE_FREE
     logps = sequence_logprobs(model, batch, chunk_size, average=reference_free)
