@@ -1,11 +1,15 @@
-"""Write the instruction-following prompt sets: data/prompts/train.jsonl and heldout.jsonl.
+"""Write the instruction-following prompt sets: data/prompts/train.jsonl, heldout.jsonl, dev.jsonl, train_multi.jsonl.
 
     python data/make_prompts.py [--out DIR]
 
 Each prompt is a short everyday task plus one or two verifiable constraints
 (rewards/constraints.py), e.g. "Write a short poem about rainy days. Answer in at most
 40 words." The held-out set uses topics that never appear in training, so evaluation
-measures following the constraints rather than remembering the prompts.
+measures following the constraints rather than remembering the prompts. The dev set
+(for choosing settings, never for reporting) has topics of its own too, drawn from a
+second seed after the other sets, so adding it left train and held-out byte for byte
+as they were. train_multi (the default config's training pool) has the training
+topics with two or three constraints per prompt, from a third seed.
 
 Deterministic: a fixed seed and stdlib only, so re-running it reproduces the files byte for byte.
 """
@@ -65,6 +69,16 @@ TOPICS = (
     "telling jokes", "saving energy at home",
 )
 
+# Topics of the dev set only: settings are chosen on these, never on the held-out set.
+DEV_TOPICS = (
+    "wearing sunscreen", "making a sandwich", "repairing a chair", "writing a poem", "visiting a zoo",
+    "planning a party", "learning to juggle", "raising chickens", "taking a bath", "watching clouds",
+    "building a birdhouse", "ice skating", "sewing a button", "brushing your teeth", "lighting a candle",
+    "mailing a package",
+)
+DEV_SEED = SEED + 1
+MULTI_SEED = SEED + 2
+
 
 def split_topics(rng: random.Random) -> tuple[list[str], list[str]]:
     """Hold out whole topics, so no held-out prompt shares its subject with a training prompt."""
@@ -73,10 +87,11 @@ def split_topics(rng: random.Random) -> tuple[list[str], list[str]]:
     return topics[NUM_HELDOUT_TOPICS:], topics[:NUM_HELDOUT_TOPICS]
 
 
-def sample_constraints(first_kind: str, two: bool, rng: random.Random) -> list[dict]:
+def sample_constraints(first_kind: str, count: int, rng: random.Random) -> list[dict]:
+    """`count` constraints, the first of `first_kind`, each further one compatible with all before it."""
     kinds = [first_kind]
-    if two:
-        partners = [k for k in CONSTRAINTS if compatible([first_kind, k])]
+    while len(kinds) < count:
+        partners = [k for k in CONSTRAINTS if compatible([*kinds, k])]
         kinds.append(rng.choice(partners))
     return [{"kind": kind, **CONSTRAINTS[kind].sample_args(rng)} for kind in kinds]
 
@@ -96,12 +111,36 @@ def make_split(name: str, topics: list[str], rng: random.Random) -> list[dict]:
     for index, task in enumerate(tasks):
         if index % len(kinds) == 0:
             rng.shuffle(kinds)
-        constraints = sample_constraints(kinds[index % len(kinds)], two_flags[index], rng)
+        constraints = sample_constraints(kinds[index % len(kinds)], 2 if two_flags[index] else 1, rng)
         rows.append({
             "prompt_id": f"{name}-{index + 1:05d}",
             "messages": [{"role": "user", "content": f"{task} {describe_all(constraints)}"}],
             "constraints": constraints,
         })
+    return rows
+
+
+def make_multi_split(name: str, topics: list[str], rng: random.Random) -> list[dict]:
+    """Training prompts with two or three constraints each (half and half), for the default's pool.
+
+    With one constraint, a prompt's four samples often all meet it or all miss it,
+    and a round learns nothing from such a prompt; with two or three they rarely
+    tie, and every kind is still trained on. Evaluation stays on the held-out set
+    of one or two constraints.
+    """
+    tasks = [template.format(topic=topic) for topic in topics for template in TASK_TEMPLATES]
+    rng.shuffle(tasks)
+    kinds = list(CONSTRAINTS)
+    counts = [2, 3] * (len(tasks) // 2) + [2] * (len(tasks) % 2)
+    rng.shuffle(counts)
+    rows = []
+    for index, task in enumerate(tasks):
+        if index % len(kinds) == 0:
+            rng.shuffle(kinds)
+        constraints = sample_constraints(kinds[index % len(kinds)], counts[index], rng)
+        rows.append({"prompt_id": f"{name}-{index + 1:05d}",
+                     "messages": [{"role": "user", "content": f"{task} {describe_all(constraints)}"}],
+                     "constraints": constraints})
     return rows
 
 
@@ -138,7 +177,9 @@ def main(argv: list[str] | None = None) -> None:
     splits = {"train": make_split("train", train_topics, rng),
               "heldout": make_split("heldout", heldout_topics, rng),
               "smoke_train": make_smoke_split("smoke-train", train_topics, 48),
-              "smoke_heldout": make_smoke_split("smoke-heldout", heldout_topics, 8)}
+              "smoke_heldout": make_smoke_split("smoke-heldout", heldout_topics, 8),
+              "dev": make_split("dev", list(DEV_TOPICS), random.Random(DEV_SEED)),
+              "train_multi": make_multi_split("train-multi", train_topics, random.Random(MULTI_SEED))}
 
     args.out.mkdir(parents=True, exist_ok=True)
     for name, rows in splits.items():

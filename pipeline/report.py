@@ -3,7 +3,9 @@
 Reads each `round_NNN/metrics.json` (round 0, the base model's evaluation,
 included when it exists) and each round's `policy/training_log.jsonl`, prints
 a table, and writes it as `report.md` with a plot, `report.png`, into the run
-directory. Only finished rounds have a metrics.json, so a round in progress is
+directory. Every trained round's reward, win rate and strict pass rate come
+with the 95% paired bootstrap interval of their difference against round 0
+(stages/evaluate.py, `intervals_vs_round_0`), in the table and as error bars. Only finished rounds have a metrics.json, so a round in progress is
 left out rather than shown half-done.
 """
 
@@ -21,12 +23,15 @@ from pipeline.layout import atomic_write_bytes, atomic_write_text
 
 ROUND_DIR = re.compile(r"round_(\d{3})")
 
-# (key of a table row, column header, format)
+# (key of a table row, column header, format); "interval" cells are formatted by format_interval.
 COLUMNS = [
     ("round", "round", "{}"),
     ("reward_mean", "eval reward", "{:.3f}"),
     ("win_rate", "win rate vs round 0", "{:.3f}"),
     ("pass_rate", "pass rate", "{:.3f}"),
+    ("reward_mean_interval", "reward change [95% CI]", "interval"),
+    ("win_rate_interval", "win rate [95% CI]", "interval"),
+    ("pass_rate_interval", "pass rate change, points [95% CI]", "interval"),
     ("response_tokens_mean", "mean length (tokens)", "{:.1f}"),
     ("loss_last", "train loss (last)", "{:.4f}"),
     ("loss_mean", "train loss (mean)", "{:.4f}"),
@@ -78,9 +83,14 @@ def read_training_log(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+# The metrics that carry an interval against round 0.
+INTERVAL_KEYS = ("reward_mean", "win_rate", "pass_rate")
+
+
 def table_row(metrics: dict[str, Any], training_log: list[dict[str, Any]]) -> dict[str, Any]:
     """One round's table row; None where the round has no such number (round 0 trains nothing)."""
     evaluation = metrics.get("eval") or {}
+    intervals = evaluation.get("vs_round_0") or {}
     train = metrics.get("train") or {}
     losses = [r["loss"] for r in training_log]
     # The log has every step; metrics.json only a summary, used when the log is gone.
@@ -90,6 +100,9 @@ def table_row(metrics: dict[str, Any], training_log: list[dict[str, Any]]) -> di
     return {
         "round": metrics["round"],
         **{key: evaluation.get(key) for key in ("reward_mean", "win_rate", "pass_rate", "response_tokens_mean")},
+        # Round 0 against itself has no interval to show.
+        **{f"{key}_interval": intervals.get(key) if metrics["round"] else None for key in INTERVAL_KEYS},
+        "pass_rate_by_kind": evaluation.get("pass_rate_by_kind") or {},
         "loss_last": loss_last,
         "loss_mean": loss_mean,
         "lists": ((metrics.get("stages") or {}).get("rerank") or {}).get("lists"),
@@ -97,9 +110,25 @@ def table_row(metrics: dict[str, Any], training_log: list[dict[str, Any]]) -> di
     }
 
 
-def format_cell(value: Any, fmt: str) -> str:
+def format_interval(interval: dict[str, Any], key: str) -> str:
+    """'+0.073 [+0.021, +0.120]': reward as a change, pass rate as a change in points,
+    the win rate as the rate itself (round 0's 0.5 plus the difference)."""
+    parts = ("difference", "low", "high")
+    if key == "win_rate_interval":
+        return "{:.3f} [{:.3f}, {:.3f}]".format(*(interval["baseline"] + interval[k] for k in parts))
+    scale, spec = (100, "{:+.1f}") if key == "pass_rate_interval" else (1, "{:+.3f}")
+    difference, low, high = (spec.format(scale * interval[k]) for k in parts)
+    return f"{difference} [{low}, {high}]"
+
+
+def format_cell(value: Any, fmt: str, key: str = "") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
+    if fmt == "interval":
+        try:
+            return format_interval(value, key)
+        except (KeyError, TypeError, ValueError):  # a hand-edited metrics.json
+            return str(value)
     try:
         return fmt.format(value)
     except (TypeError, ValueError):  # a hand-edited metrics.json: show what is there
@@ -110,8 +139,44 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(header for _, header, _ in COLUMNS) + " |",
              "|" + "|".join("---:" for _ in COLUMNS) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(format_cell(row[key], fmt) for key, _, fmt in COLUMNS) + " |")
+        lines.append("| " + " | ".join(format_cell(row[key], fmt, key) for key, _, fmt in COLUMNS) + " |")
     return "\n".join(lines) + "\n"
+
+
+def kinds_table(rows: list[dict[str, Any]]) -> str:
+    """Strict pass rate per constraint kind (rows) and round (columns); empty when no round has them."""
+    kinds = sorted({kind for row in rows for kind in row["pass_rate_by_kind"]})
+    if not kinds:
+        return ""
+    lines = ["| constraint kind | " + " | ".join(f"round {row['round']}" for row in rows) + " |",
+             "|---|" + "---:|" * len(rows)]
+    for kind in kinds:
+        lines.append(f"| {kind} | " + " | ".join(format_cell(row["pass_rate_by_kind"].get(kind), "{:.3f}")
+                                                for row in rows) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def interval_bars(rows: list[dict[str, Any]], key: str) -> tuple[list, list, list[list[float]]]:
+    """Rounds, values and [below, above] error-bar lengths of `key` (0 where a round has no interval).
+
+    The interval is of the difference against round 0, drawn around round N's value
+    as round 0's value plus that interval.
+    """
+    rounds, values, below, above = [], [], [], []
+    for row in rows:
+        value = row[key]
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
+            continue
+        rounds.append(row["round"])
+        values.append(value)
+        interval = row.get(f"{key}_interval")
+        try:
+            low, high = (interval["baseline"] + interval[k] for k in ("low", "high"))
+        except (KeyError, TypeError):
+            low = high = value
+        below.append(max(0.0, value - low))
+        above.append(max(0.0, high - value))
+    return rounds, values, [below, above]
 
 
 def plot_png(rows: list[dict[str, Any]], training_logs: list[list[dict[str, Any]]]) -> bytes:
@@ -124,12 +189,18 @@ def plot_png(rows: list[dict[str, Any]], training_logs: list[list[dict[str, Any]
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     panels = [
-        (axes[0, 0], [("reward_mean", "eval reward"), ("pass_rate", "pass rate")], "held-out reward"),
-        (axes[0, 1], [("win_rate", "win rate")], "win rate vs round 0"),
+        (axes[0, 0], [("reward_mean", "eval reward"), ("pass_rate", "strict pass rate")],
+         "held-out reward and pass rate (95% CI vs round 0)"),
+        (axes[0, 1], [("win_rate", "win rate")], "win rate vs round 0 (95% CI)"),
         (axes[1, 0], [("response_tokens_mean", "mean length")], "response length (tokens)"),
     ]
     for ax, series, title in panels:
         for key, label in series:
+            if key in INTERVAL_KEYS:
+                rounds, values, bars = interval_bars(rows, key)
+                if rounds:
+                    ax.errorbar(rounds, values, yerr=bars, marker="o", capsize=4, label=label)
+                continue
             points = [(r["round"], r[key]) for r in rows if r[key] is not None]
             if points:
                 ax.plot(*zip(*points), marker="o", label=label)
@@ -153,8 +224,14 @@ def plot_png(rows: list[dict[str, Any]], training_logs: list[list[dict[str, Any]
     ax.set_xlabel("step (all rounds)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
+    # Without the logs (runs stored in docs/experiments keep only metrics.json), each round's mean loss.
+    means = [(row["round"], row["loss_mean"]) for row in rows if isinstance(row["loss_mean"], (int, float))]
     if offset:
         ax.legend(fontsize="small")
+    elif means:
+        ax.plot(*zip(*means), marker="o")
+        ax.set_title("mean training loss per round")
+        ax.set_xlabel("round")
     else:
         ax.text(0.5, 0.5, "no training log", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
@@ -170,7 +247,10 @@ def main(args) -> int:
     rows = [table_row(metrics, training_log) for metrics, training_log in rounds]
     table = markdown_table(rows)
     title = f"# Run {run_dir.resolve().name}\n\n"
-    atomic_write_text(run_dir / "report.md", title + table + "\n![rounds](report.png)\n")
+    kinds = kinds_table(rows)
+    kinds_text = f"\n## Strict pass rate per constraint kind\n\n{kinds}" if kinds else ""
+    atomic_write_text(run_dir / "report.md", title + table + "\nIntervals: 95% paired bootstrap over the held-out "
+                      "prompts of the difference against round 0.\n\n![rounds](report.png)\n" + kinds_text)
     atomic_write_bytes(run_dir / "report.png", plot_png(rows, [log for _, log in rounds]))
     print(table, end="")
     print(f"wrote {run_dir / 'report.md'} and {run_dir / 'report.png'}")

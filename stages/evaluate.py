@@ -26,6 +26,7 @@ from pipeline import schema, timing
 from pipeline.errors import PipelineError
 from pipeline.layout import RunLayout, atomic_write_json, read_parquet_dir, shard_name, write_parquet
 from pipeline.prompts import Prompt
+from pipeline.stats import paired_bootstrap
 from rewards.constraints import check_all
 from stages.generate import SamplingSpec, generate_shards
 from stages.rerank import score_candidates
@@ -33,7 +34,8 @@ from stages.rerank import score_candidates
 log = logging.getLogger("pipeline.evaluate")
 
 # What a round's metrics.json carries under "eval" (None where evaluation was off).
-EVAL_KEYS = ("eval_prompts", "reward_mean", "win_rate", "pass_rate", "response_tokens_mean")
+EVAL_KEYS = ("eval_prompts", "reward_mean", "win_rate", "pass_rate", "response_tokens_mean",
+             "vs_round_0", "pass_rate_by_kind")
 # Decoding settings that must match round 0's for a win rate to mean anything.
 SETTINGS = ("temperature", "max_tokens")
 
@@ -45,22 +47,20 @@ def eval_rows(prompts: list[Prompt], outputs: list[list[dict]], round_number: in
             for p, out in zip(prompts, outputs, strict=True)]
 
 
-def win_rate(current: list[dict], baseline: list[dict]) -> float | None:
-    """Mean over `current`'s prompts of 1 (reward above the baseline's), 0.5 (equal) or 0 (below).
+def paired_rows(current: list[dict], baseline: list[dict]) -> list[tuple[dict, dict]]:
+    """(current row, baseline row) for every current prompt, matched by prompt_id.
 
-    Rows are matched by prompt_id. A current prompt without a baseline row is
-    an error rather than left out: skipping it would quietly change which
-    prompts the rate is over. Baseline rows for other prompts are ignored. A
-    pair where either reward is not finite (reward.on_invalid=drop) cannot be
-    compared and is left out; None when no pair can be.
+    A current prompt without a baseline row is an error rather than left out:
+    skipping it would quietly change which prompts a rate is over. Baseline rows
+    for other prompts are ignored.
     """
-    base: dict[str, float] = {}
+    base: dict[str, dict] = {}
     for row in baseline:
         if row["prompt_id"] in base:
             raise PipelineError(f"baseline has two responses for prompt_id {row['prompt_id']!r}")
-        base[row["prompt_id"]] = row["reward"]
+        base[row["prompt_id"]] = row
     seen: set[str] = set()
-    wins, compared = 0.0, 0
+    pairs = []
     for row in current:
         prompt_id = row["prompt_id"]
         if prompt_id in seen:
@@ -68,30 +68,81 @@ def win_rate(current: list[dict], baseline: list[dict]) -> float | None:
         seen.add(prompt_id)
         if prompt_id not in base:
             raise PipelineError(f"prompt_id {prompt_id!r} has no baseline (round 0) response")
-        ours, theirs = row["reward"], base[prompt_id]
-        if not (math.isfinite(ours) and math.isfinite(theirs)):
-            continue
-        compared += 1
-        wins += 1.0 if ours > theirs else 0.5 if ours == theirs else 0.0
-    return wins / compared if compared else None
+        pairs.append((row, base[prompt_id]))
+    return pairs
+
+
+def _win(ours: float, theirs: float) -> float | None:
+    # A pair where either reward is not finite (reward.on_invalid=drop) cannot be compared.
+    if not (math.isfinite(ours) and math.isfinite(theirs)):
+        return None
+    return 1.0 if ours > theirs else 0.5 if ours == theirs else 0.0
+
+
+def win_rate(current: list[dict], baseline: list[dict]) -> float | None:
+    """Mean over `current`'s prompts of 1 (reward above the baseline's), 0.5 (equal) or 0 (below).
+
+    Pairs that cannot be compared are left out; None when no pair can be.
+    """
+    wins = [w for row, base in paired_rows(current, baseline) if (w := _win(row["reward"], base["reward"])) is not None]
+    return sum(wins) / len(wins) if wins else None
+
+
+def constraints_of(row: dict) -> list:
+    metadata = row["metadata"]
+    constraints = (json.loads(metadata) if isinstance(metadata, str) else metadata or {}).get("constraints")
+    return [] if constraints is None else list(constraints)
+
+
+def strict_pass(row: dict) -> bool | None:
+    """Does the response meet every constraint of its prompt? None for a prompt without any.
+
+    Checked against the constraints themselves rather than read off the reward,
+    so it stays right when the reward is graded, a classifier or a mix.
+    """
+    constraints = constraints_of(row)
+    return all(check_all(row["response"], constraints)) if constraints else None
 
 
 def pass_rate(rows: list[dict]) -> float | None:
-    """Share of responses meeting every constraint of their prompt's metadata.
+    """Share of responses meeting every constraint of their prompt; None when no prompt has any."""
+    passes = [p for row in rows if (p := strict_pass(row)) is not None]
+    return sum(passes) / len(passes) if passes else None
 
-    Checked against the constraints themselves rather than read off the reward,
-    so it stays right when the reward is a classifier or a mix. Prompts without
-    constraints are not counted; None when no prompt has any.
-    """
-    checked = passed = 0
+
+def pass_rate_by_kind(rows: list[dict]) -> dict[str, float]:
+    """For each constraint kind, the share of the prompts asking for it whose response meets it."""
+    met: dict[str, list[bool]] = {}
     for row in rows:
-        metadata = row["metadata"]
-        constraints = (json.loads(metadata) if isinstance(metadata, str) else metadata or {}).get("constraints")
-        if constraints is None or len(constraints) == 0:
-            continue
-        checked += 1
-        passed += all(check_all(row["response"], constraints))
-    return passed / checked if checked else None
+        constraints = constraints_of(row)
+        for constraint, ok in zip(constraints, check_all(row["response"], constraints), strict=True):
+            met.setdefault(str(constraint["kind"]), []).append(ok)
+    return {kind: sum(oks) / len(oks) for kind, oks in sorted(met.items())}
+
+
+def intervals_vs_round_0(current: list[dict], baseline: list[dict]) -> dict[str, dict[str, float]]:
+    """Each headline metric of `current` against round 0, with a 95% paired bootstrap interval.
+
+    `value` is this round's metric, `baseline` round 0's on the same prompts (0.5 for
+    the win rate, round 0 against itself), and `difference`, `low` and `high` bound
+    their difference (stats.paired_bootstrap). A metric no pair can measure is left out.
+    """
+    # metric -> (this round's per-prompt value, round 0's) for the prompts it can measure.
+    pairs: dict[str, list[tuple[float, float]]] = {"reward_mean": [], "pass_rate": [], "win_rate": []}
+    for row, base in paired_rows(current, baseline):
+        if (win := _win(row["reward"], base["reward"])) is not None:
+            pairs["reward_mean"].append((row["reward"], base["reward"]))
+            pairs["win_rate"].append((win, 0.5))
+        ours, theirs = strict_pass(row), strict_pass(base)
+        if ours is not None and theirs is not None:
+            pairs["pass_rate"].append((float(ours), float(theirs)))
+    result = {}
+    for key, values in pairs.items():
+        if values:
+            ours, theirs = zip(*values)
+            result[key] = {"value": sum(ours) / len(ours), "baseline": sum(theirs) / len(theirs),
+                           **paired_bootstrap([a - b for a, b in values]).as_dict(), "prompts": len(values)}
+    return result
 
 
 def eval_metrics(rows: list[dict], baseline: list[dict]) -> dict[str, Any]:
@@ -100,7 +151,8 @@ def eval_metrics(rows: list[dict], baseline: list[dict]) -> dict[str, Any]:
     rewards = [r["reward"] for r in rows if math.isfinite(r["reward"])]
     return {"eval_prompts": n, "reward_mean": sum(rewards) / len(rewards) if rewards else None,
             "invalid_rewards": n - len(rewards), "win_rate": win_rate(rows, baseline),
-            "pass_rate": pass_rate(rows), "response_tokens_mean": sum(r["num_tokens"] for r in rows) / n}
+            "pass_rate": pass_rate(rows), "response_tokens_mean": sum(r["num_tokens"] for r in rows) / n,
+            "vs_round_0": intervals_vs_round_0(rows, baseline), "pass_rate_by_kind": pass_rate_by_kind(rows)}
 
 
 def respond(prompts: list[Prompt], policy: str, round_number: int, config, out_dir: Path

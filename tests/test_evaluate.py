@@ -105,6 +105,45 @@ def test_eval_metrics_means_and_invalid_rewards():
     assert set(evaluate.EVAL_KEYS) <= set(metrics)
 
 
+def test_intervals_against_round_0_are_paired_by_prompt():
+    # Round 0 fails every prompt; this round passes 30 of 40: +0.75 in pass rate, all wins or ties.
+    baseline = [row(f"p{i}", 0.0, "far too many words here") for i in range(40)]
+    current = [row(f"p{i}", 1.0 if i < 30 else 0.0, "fine" if i < 30 else "far too many words here")
+               for i in range(40)]
+    intervals = evaluate.intervals_vs_round_0(current, list(reversed(baseline)))
+    passed = intervals["pass_rate"]
+    assert passed["value"] == 0.75 and passed["baseline"] == 0.0 and passed["prompts"] == 40
+    assert passed["difference"] == pytest.approx(0.75)
+    assert 0.55 < passed["low"] < 0.75 < passed["high"] < 0.9
+    assert intervals["reward_mean"]["difference"] == pytest.approx(0.75)
+    win = intervals["win_rate"]
+    assert win["value"] == pytest.approx(0.875) and win["baseline"] == 0.5
+    assert win["difference"] == pytest.approx(0.375) and win["low"] > 0
+
+
+def test_a_round_against_itself_has_no_difference():
+    rows = [row(f"p{i}", i % 3 / 2, "fine" if i % 2 else "far too many words") for i in range(20)]
+    for interval in evaluate.intervals_vs_round_0(rows, rows).values():
+        assert interval["difference"] == interval["low"] == interval["high"] == 0.0
+
+
+def test_intervals_leave_out_what_cannot_be_compared():
+    baseline = [row("a", math.nan, "fine"), row("b", 0.0, "fine", {})]
+    current = [row("a", 1.0, "fine"), row("b", 1.0, "fine", {})]
+    intervals = evaluate.intervals_vs_round_0(current, baseline)
+    assert set(intervals) == {"reward_mean", "win_rate", "pass_rate"}
+    assert intervals["reward_mean"]["prompts"] == 1 and intervals["pass_rate"]["prompts"] == 1
+    assert evaluate.intervals_vs_round_0([row("a", math.nan, "x", {})], [row("a", 0.0, "x", {})]) == {}
+
+
+def test_pass_rate_by_kind_counts_each_constraint():
+    rows = [row("a", 0.0, "three short words", LOWER_AND_SHORT),
+            row("b", 0.0, "Three Short Words", LOWER_AND_SHORT),
+            row("c", 0.0, "far too many words here", MAX_WORDS_3),
+            row("d", 0.0, "x", {})]
+    assert evaluate.pass_rate_by_kind(rows) == {"lowercase": 0.5, "max_words": pytest.approx(2 / 3)}
+
+
 # --- round 0 --------------------------------------------------------------------
 
 def prompts(n: int) -> list[Prompt]:

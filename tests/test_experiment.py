@@ -1,4 +1,4 @@
-"""bench/experiment.py --summarize-only on hand-made run directories: table, verdict sentence, a real PNG."""
+"""bench/experiment.py on hand-made stores of runs: storing, tables with intervals, the verdict, plots."""
 
 import json
 import subprocess
@@ -6,133 +6,186 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 
-from bench.experiment import collect, judge, main, replace_section, summarize
+from bench import experiment
+from bench.experiment import main, replace_section, store_run, stored_rounds
+from bench.experiment_summary import between_methods, judge, load, summarize
+from pipeline import schema
+from pipeline.layout import write_parquet
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-BASE = {"reward_mean": 0.40, "win_rate": 0.5, "pass_rate": 0.20, "response_tokens_mean": 50.0, "eval_prompts": 64}
+PROMPTS = 60
+PASS, FAIL = "fine", "far too many words here"  # against "at most 3 words"
+METADATA = json.dumps({"constraints": [{"kind": "max_words", "limit": 3}]})
 
 
-def write_run(root: Path, method: str, rewards: list[float], win_rates: list[float] | None = None,
-              prefix: str = "experiment") -> Path:
-    """round_000 (the base model) and one round per reward after it, metrics.json only."""
-    run = root / f"{prefix}-{method}"
-    for number, reward in enumerate([BASE["reward_mean"]] + rewards):
-        round_dir = run / f"round_{number:03d}"
-        round_dir.mkdir(parents=True)
-        evaluation = dict(BASE, reward_mean=reward, pass_rate=reward / 2,
-                          win_rate=0.5 if number == 0 else (win_rates or [0.6] * len(rewards))[number - 1])
-        (round_dir / "metrics.json").write_text(json.dumps({"round": number, "eval": evaluation,
-                                                            "stage_seconds": {"evaluate": 1.0}}))
-    (run / "config.yaml").write_text("seed: 0\nmodel: {name: embedded:smollm2-135m-instruct}\nreward: {name: ifeval}\n"
-                                     "prompts: {per_round: 64, eval_size: 64}\n"
-                                     "train: {beta: 0.1, learning_rate: 2.0e-6}\n"
-                                     "evaluate: {temperature: 0.0, max_tokens: 128}\n")
-    return run
+def write_round(round_dir: Path, number: int, passed: list[bool], seconds: float = 60.0) -> None:
+    rows = [{"prompt_id": f"h{i:03d}", "prompt": [{"role": "user", "content": f"q{i}"}],
+             "response": PASS if ok else FAIL, "reward": 1.0 if ok else 0.0, "num_tokens": 1 if ok else 5,
+             "round": number, "policy": "p", "metadata": METADATA} for i, ok in enumerate(passed)]
+    write_parquet(pa.Table.from_pylist(rows, schema=schema.EVAL), round_dir / "eval" / "part-00000.parquet")
+    evaluation = {"eval_prompts": len(rows), "pass_rate": sum(passed) / len(passed),
+                  "response_tokens_mean": sum(r["num_tokens"] for r in rows) / len(rows)}
+    (round_dir / "metrics.json").write_text(json.dumps({
+        "round": number, "round_seconds": seconds, "eval": evaluation, "stage_seconds": {"evaluate": 1.0},
+        "stages": {"evaluate": {"eval_prompts": len(rows), "temperature": 0.0, "max_tokens": 128}}}))
+
+
+def pattern(share: float, shift: int = 0) -> list[bool]:
+    """`share` of the prompts passing, a different subset for each shift."""
+    count = round(share * PROMPTS)
+    return [((i + shift) % PROMPTS) < count for i in range(PROMPTS)]
+
+
+def write_seed(store: Path, method: str, seed: int, shares: list[float]) -> Path:
+    """Round 0 passes 20% (the same prompts for every run, as the base model's greedy answers do)."""
+    directory = store / method / f"seed-{seed}"
+    write_round(directory / "round_000", 0, pattern(0.2))
+    for number, share in enumerate(shares, start=1):
+        write_round(directory / f"round_{number:03d}", number, pattern(share, shift=0 if share >= 0.2 else seed))
+    return directory
 
 
 @pytest.fixture
-def root(tmp_path) -> Path:
-    runs = tmp_path / "runs"
-    write_run(runs, "dpo", [0.42, 0.44, 0.45], win_rates=[0.55, 0.58, 0.60])
-    write_run(runs, "contrastive", [0.45, 0.50, 0.55], win_rates=[0.60, 0.66, 0.70])
-    write_run(runs, "lambdarank", [0.44, 0.47, 0.46])
-    write_run(runs, "listmle", [0.46, 0.48, 0.50])
-    # An unfinished round 4 (no metrics.json) is left out.
-    (runs / "experiment-listmle" / "round_004" / "candidates").mkdir(parents=True)
-    return runs
+def store(tmp_path) -> Path:
+    root = tmp_path / "experiments"
+    for seed in (0, 1, 2):
+        write_seed(root, "dpo", seed, [0.25, 0.25, 0.3])
+        write_seed(root, "dpo-k", seed, [0.3, 0.4, 0.5])
+        write_seed(root, "contrastive", seed, [0.4, 0.55, 0.7])
+        write_seed(root, "lambdarank", seed, [0.3, 0.3, 0.3])
+        write_seed(root, "listmle", seed, [0.5, 0.6, 0.65])
+    return root
 
 
-def table_rows(text: str) -> list[list[str]]:
-    return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
-            if line.startswith("| ") and not line.startswith("| method")]
+def table_rows(text: str) -> dict[tuple[str, str], list[str]]:
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("| ") and " | " in line]
+    return {(row[0], row[1]): row[2:] for row in rows if row[0] in {m.label for m in experiment.METHODS.values()}}
 
 
-def test_table_sentence_and_plot(root, tmp_path):
+def test_table_verdict_and_plots(store, tmp_path):
     results_md = tmp_path / "docs" / "results.md"
     results_md.parent.mkdir()
-    results_md.write_text("# Results\n\nintro\n\n<!-- experiment:start -->\nold\n<!-- experiment:end -->\n\n"
+    results_md.write_text("# Results\n\nintro\n\n<!-- experiment:start -->\nstale text\n<!-- experiment:end -->\n\n"
                           "<!-- speed:start -->\nspeed numbers stay\n<!-- speed:end -->\n")
-    held = summarize(root, "experiment", ["dpo", "contrastive", "lambdarank", "listmle"], results_md)
-    assert held is True
+    held = summarize(store, list(experiment.METHODS), [0, 1, 2], results_md)
     text = results_md.read_text()
-    assert "old" not in text and "speed numbers stay" in text and text.startswith("# Results\n\nintro")
+    assert "stale text" not in text and "speed numbers stay" in text and text.startswith("# Results\n\nintro")
     rows = table_rows(text)
-    assert len(rows) == 4 * 4  # rounds 0..3 of each method; round 4 is unfinished
-    by_key = {(row[0], row[1]): row[2:] for row in rows}
-    assert by_key[("iterative DPO (pairwise, K=2)", "0")] == ["0.400", "0.500", "0.200", "50.0"]
-    assert by_key[("iterative DPO (pairwise, K=2)", "3")] == ["0.450", "0.600", "0.225", "50.0"]
-    assert by_key[("LarPO contrastive (K=4, top-1 vs rest)", "2")] == ["0.500", "0.660", "0.250", "50.0"]
-    assert by_key[("LarPO ListMLE (K=4, top-2 vs bottom-2)", "3")][0] == "0.500"
-    assert "The paper's ordering held at round 3" in text
-    assert "contrastive 0.550, LambdaRank 0.460, ListMLE 0.500" in text and "iterative DPO 0.450" in text
-    assert "Model `embedded:smollm2-135m-instruct`" in text
-    assert "![" in text and "results.png" in text
-
-    png = tmp_path / "docs" / "results.png"
-    assert png.read_bytes()[:8] == PNG_SIGNATURE
-    image = np.asarray(Image.open(png).convert("RGB"), dtype=int)
-    height, width, _ = image.shape
-    assert width >= 900 and height >= 300
-    # matplotlib's first four colours, one per method, drawn in the reward panel.
-    reward_panel = image[:, : width // 3]
-    for rgb in ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)):
-        share = float((np.abs(reward_panel - np.array(rgb)).max(axis=-1) < 40).mean())
-        assert share > 0.0005, f"no line in colour {rgb}"
-
-
-def test_ordering_that_did_not_hold_is_said_plainly(tmp_path):
-    runs = tmp_path / "runs"
-    write_run(runs, "dpo", [0.50, 0.55])
-    write_run(runs, "contrastive", [0.45, 0.52])    # below DPO
-    write_run(runs, "lambdarank", [0.40, 0.38])     # below DPO and below round 0
-    write_run(runs, "listmle", [0.50, 0.56])
-    results_md = tmp_path / "results.md"
-    assert summarize(runs, "experiment", ["dpo", "contrastive", "lambdarank", "listmle"], results_md) is False
-    text = results_md.read_text()
-    assert ("The paper's ordering did not hold at round 2: contrastive (0.520), LambdaRank (0.380) ended below "
-            "iterative DPO 0.550; no gain over round 0 for LambdaRank (0.400 → 0.380).") in text
+    assert len(rows) == 5 * 4
+    contrastive = rows[("LarPO contrastive (top-1 vs rest)", "3")]
+    assert contrastive[:2] == ["3", "0.700"]
+    # Round 0 passes prompts 0-11, round 3 prompts 0-41: +50 points, every prompt a gain or no change.
+    change, low, high = (float(x) for x in contrastive[2].replace("[", "").replace("]", "").replace(",", "").split())
+    assert change == 50.0 and 30 < low < 50 < high < 70
+    assert contrastive[3] == "0.700" and contrastive[4].startswith("+0.500 [")
+    assert contrastive[5].startswith("0.750 [")
+    assert rows[("iterative DPO (K=2, best vs worst)", "0")][1:3] == ["0.200", "-"]
+    # LambdaRank passes exactly what DPO passes: a point interval at zero, which is no evidence of a gain.
+    assert held is False
+    assert "The paper's ordering did not hold at round 3: contrastive minus" in text
+    assert "(test: the strict pass rate's paired bootstrap over the held-out prompts" in text
+    assert "contrastive minus iterative DPO +40.0 [" in text and "points over 3 seeds: better" in text
+    assert "LambdaRank minus iterative DPO +0.0 [+0.0, +0.0] points over 3 seeds: not distinguishable" in text
+    assert "contrastive minus DPO on K at round 3 (3 seeds): +20.0 [" in text
+    assert "Wall time of the stored rounds: 0.8 h in all" in text
+    assert "**met**" in text  # the default gained +50 points over 3 seeds
+    for name in ("results.png", "default-run.png"):
+        png = tmp_path / "docs" / name
+        assert png.read_bytes()[:8] == PNG_SIGNATURE
+        assert f"({name})" in text
+    image = np.asarray(Image.open(tmp_path / "docs" / "results.png").convert("RGB"), dtype=int)
+    pass_panel = image[:, : image.shape[1] // 3]
+    for rgb in ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)):
+        share = float((np.abs(pass_panel - np.array(rgb)).max(axis=-1) < 40).mean())
+        assert share > 0.0003, f"no line in colour {rgb}"
 
 
-def test_the_last_round_every_method_finished_is_compared(tmp_path):
-    runs = tmp_path / "runs"
-    write_run(runs, "dpo", [0.50, 0.60, 0.70])
+def test_noisy_seeds_give_intervals_and_not_distinguishable(tmp_path):
+    root = tmp_path / "experiments"
+    # Seed by seed, each method passes a different subset: the pooled difference has width.
+    for seed, (a, b) in enumerate([(0.4, 0.3), (0.3, 0.35), (0.35, 0.3)]):
+        write_seed(root, "dpo", seed, [b])
+        write_seed(root, "contrastive", seed, [a])
+    results = load(root, ["dpo", "contrastive"], [0, 1, 2])
+    interval, seeds = between_methods(results, "contrastive", "dpo", 1, "pass_rate")
+    assert seeds == 3
+    assert interval.difference == pytest.approx((0.1 - 0.05 + 0.05) / 3)
+    assert interval.low < interval.difference < interval.high
+
+
+def test_the_ordering_held_when_every_larpo_objective_is_better(tmp_path):
+    root = tmp_path / "experiments"
+    write_seed(root, "dpo", 0, [0.2, 0.25])
     for method in ("contrastive", "lambdarank", "listmle"):
-        write_run(runs, method, [0.55, 0.65])       # one round behind
-    held, sentence = judge(collect(runs, "experiment", ["dpo", "contrastive", "lambdarank", "listmle"]))
-    assert held is True and sentence.startswith("The paper's ordering held at round 2")
+        write_seed(root, method, 0, [0.5, 0.6, 0.7])  # a round further than DPO
+    held, sentence = judge(load(root, ["dpo", "contrastive", "lambdarank", "listmle"], [0]))
+    assert held is True
+    assert sentence.startswith("The paper's ordering held at round 2: contrastive minus iterative DPO")
+    assert "over 1 seed: better" in sentence
 
 
 def test_a_method_not_run_is_shown_and_named(tmp_path):
-    runs = tmp_path / "runs"
-    write_run(runs, "dpo", [0.5])
-    write_run(runs, "contrastive", [0.6])
+    root = tmp_path / "experiments"
+    write_seed(root, "dpo", 0, [0.3])
+    write_seed(root, "contrastive", 0, [0.4])
     results_md = tmp_path / "results.md"
-    assert summarize(runs, "experiment", ["dpo", "contrastive", "lambdarank", "listmle"], results_md) is None
+    assert summarize(root, ["dpo", "contrastive", "lambdarank", "listmle"], [0], results_md) is None
     text = results_md.read_text()
-    assert "could not be checked: no finished rounds for LambdaRank, ListMLE" in text
-    assert "| LarPO ListMLE (K=4, top-2 vs bottom-2) | not run |" in text
+    assert "could not be checked: no stored runs for LambdaRank, ListMLE" in text
+    assert "| LarPO ListMLE (top-2 vs bottom-2) | not run | 0 |" in text
+    assert "**not met**" in text  # one seed is not three
     assert text.startswith("# Results\n")  # a new file gets the title
 
 
-def test_summarize_only_command_line(root, tmp_path):
+def test_summarize_only_command_line(store, tmp_path):
     results_md = tmp_path / "out" / "results.md"
-    result = subprocess.run([sys.executable, "bench/experiment.py", "--summarize-only", "--output", str(root),
+    result = subprocess.run([sys.executable, "bench/experiment.py", "--summarize-only", "--store", str(store),
                              "--results", str(results_md)], cwd=REPO_ROOT, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "The paper's ordering held at round 3" in result.stdout
+    assert "The paper's ordering did not hold" in result.stdout
     assert (tmp_path / "out" / "results.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
 def test_summarize_only_without_runs_is_a_one_line_error(tmp_path, capsys):
-    assert main(["--summarize-only", "--output", str(tmp_path / "none"), "--results", str(tmp_path / "r.md")]) == 2
+    assert main(["--summarize-only", "--store", str(tmp_path / "none"), "--results", str(tmp_path / "r.md")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and err.startswith("error: no finished rounds under")
+    assert "\n" not in err and err.startswith("error: no stored runs under")
     assert not (tmp_path / "r.md").exists()
+
+
+def test_store_run_copies_metrics_and_eval_only(tmp_path):
+    run = tmp_path / "runs" / "experiment-dpo-seed0"
+    for number in (0, 1):
+        write_round(run / f"round_{number:03d}", number, pattern(0.5))
+        (run / f"round_{number:03d}" / "candidates").mkdir()
+        (run / f"round_{number:03d}" / "candidates" / "part-00000.parquet").write_bytes(b"x")
+    target = tmp_path / "store" / "dpo" / "seed-0"
+    store_run(run, target, 1)
+    assert sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()) == [
+        "machine.json", "round_000/eval/part-00000.parquet", "round_000/metrics.json",
+        "round_001/eval/part-00000.parquet", "round_001/metrics.json"]
+    assert "cpu" in json.loads((target / "machine.json").read_text())
+    assert stored_rounds(tmp_path / "store", "dpo", 0) == {0, 1}
+    with pytest.raises(Exception, match="round_002"):
+        store_run(run, target, 2)
+
+
+def test_stored_runs_are_not_run_again(tmp_path, monkeypatch, capsys):
+    store = tmp_path / "store"
+    write_seed(store, "dpo", 0, [0.3, 0.3])
+    calls = []
+    monkeypatch.setattr(experiment.subprocess, "run", lambda *a, **k: calls.append(a))
+    assert main(["--store", str(store), "--methods", "dpo", "--seeds", "0", "--rounds", "2",
+                 "--output", str(tmp_path / "runs"), "--results", str(tmp_path / "r.md")]) == 0
+    assert calls == []
+    assert "dpo seed 0: rounds 0..2 already in" in capsys.readouterr().out
 
 
 def test_replace_section_appends_a_missing_section(tmp_path):
@@ -177,25 +230,7 @@ def test_speed_section_of_the_generate_bench(tmp_path):
     assert "kept" in path.read_text() and "## Speed" in path.read_text()
 
 
-def test_a_broken_metrics_file_is_named_not_skipped(root, tmp_path, capsys):
-    (root / "experiment-listmle" / "round_002" / "metrics.json").write_text("{not json")
-    assert main(["--summarize-only", "--output", str(root), "--results", str(tmp_path / "r.md")]) == 2
-    assert "experiment-listmle/round_002/metrics.json is not valid JSON" in capsys.readouterr().err
-
-
-def test_default_run_plot_and_verdict(root, tmp_path):
-    results_md = tmp_path / "docs" / "results.md"
-    summarize(root, "experiment", ["dpo", "contrastive", "lambdarank", "listmle"], results_md)
-    text = results_md.read_text()
-    assert ("The default config (contrastive, its run `experiment-contrastive`) raised the held-out mean reward "
-            "over round 0 by round 3: 0.400 → 0.550") in text
-    assert "(default-run.png)" in text
-    assert (tmp_path / "docs" / "default-run.png").read_bytes()[:8] == PNG_SIGNATURE
-
-
-def test_default_run_that_did_not_gain_is_said(tmp_path):
-    runs = tmp_path / "runs"
-    write_run(runs, "contrastive", [0.41, 0.38])
-    results_md = tmp_path / "results.md"
-    summarize(runs, "experiment", ["contrastive"], results_md)
-    assert "did not raise the held-out mean reward over round 0 by round 2: 0.400 → 0.380" in results_md.read_text()
+def test_a_broken_metrics_file_is_named_not_skipped(store, tmp_path, capsys):
+    (store / "listmle" / "seed-1" / "round_002" / "metrics.json").write_text("{not json")
+    assert main(["--summarize-only", "--store", str(store), "--results", str(tmp_path / "r.md")]) == 2
+    assert "listmle/seed-1/round_002/metrics.json is not valid JSON" in capsys.readouterr().err

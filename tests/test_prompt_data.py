@@ -9,7 +9,9 @@ from rewards.constraints import CONSTRAINTS, compatible, describe_all
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROMPTS_DIR = REPO_ROOT / "data" / "prompts"
-MIN_ROWS = {"train": 640, "heldout": 128}
+MIN_ROWS = {"train": 640, "heldout": 128, "dev": 128, "train_multi": 640}
+# Constraints per prompt, and the share of prompts with the larger number.
+CONSTRAINT_COUNTS = {"train": (1, 2), "heldout": (1, 2), "dev": (1, 2), "train_multi": (2, 3)}
 
 
 def load(split: str) -> list[dict]:
@@ -23,10 +25,10 @@ def test_rows_are_well_formed(split):
     assert len(rows) >= MIN_ROWS[split]
     assert len({row["prompt_id"] for row in rows}) == len(rows)
     for row in rows:
-        assert row["prompt_id"].startswith(f"{split}-")
+        assert row["prompt_id"].startswith(f"{split.replace('_', '-')}-")
         [message] = row["messages"]
         assert message["role"] == "user"
-        assert 1 <= len(row["constraints"]) <= 2
+        assert len(row["constraints"]) in CONSTRAINT_COUNTS[split]
         # The prompt text carries the very instructions the reward checks.
         assert message["content"].endswith(describe_all(row["constraints"]))
 
@@ -38,15 +40,18 @@ def test_constraints_cover_every_kind_without_conflicts(split):
     assert kinds_seen == set(CONSTRAINTS)
     for row in rows:
         assert compatible(c["kind"] for c in row["constraints"]), row["prompt_id"]
-    share_of_two = sum(len(row["constraints"]) == 2 for row in rows) / len(rows)
-    assert 0.3 <= share_of_two <= 0.5
+    more = CONSTRAINT_COUNTS[split][1]
+    share_of_more = sum(len(row["constraints"]) == more for row in rows) / len(rows)
+    assert 0.3 <= share_of_more <= 0.5
 
 
-def test_train_and_heldout_are_disjoint():
+@pytest.mark.parametrize("a, b", [("train", "heldout"), ("train", "dev"), ("dev", "heldout"),
+                                  ("train_multi", "heldout"), ("train_multi", "dev")])
+def test_sets_are_disjoint(a, b):
     def contents(split):
         return {row["messages"][0]["content"] for row in load(split)}
 
-    assert not contents("train") & contents("heldout")
+    assert not contents(a) & contents(b)
 
 
 def test_generator_reproduces_committed_files(tmp_path):

@@ -136,3 +136,34 @@ def test_a_broken_training_log_line_is_named(run_dir):
 def test_summary_loss_is_used_when_the_training_log_is_gone():
     row = table_row({"round": 4, "eval": {}, "train": {"loss_last": 0.3, "loss_mean": 0.4}}, [])
     assert (row["loss_last"], row["loss_mean"], row["win_rate"], row["wall_seconds"]) == (0.3, 0.4, None, None)
+
+
+def interval(value: float, baseline: float, low: float, high: float) -> dict:
+    return {"value": value, "baseline": baseline, "difference": value - baseline, "low": low, "high": high,
+            "prompts": 8}
+
+
+def test_intervals_and_kinds_in_the_table_and_the_plot(tmp_path, capsys):
+    run = tmp_path / "ci"
+    write_round(run, 0, {"reward_mean": 0.25, "win_rate": 0.5, "pass_rate": 0.125, "response_tokens_mean": 20.0,
+                         "pass_rate_by_kind": {"lowercase": 0.0, "max_words": 0.25}})
+    write_round(run, 1, {"reward_mean": 0.5, "win_rate": 0.625, "pass_rate": 0.25, "response_tokens_mean": 18.5,
+                         "vs_round_0": {"reward_mean": interval(0.5, 0.25, 0.1, 0.4),
+                                        "win_rate": interval(0.625, 0.5, 0.05, 0.2),
+                                        "pass_rate": interval(0.25, 0.125, -0.02, 0.27)},
+                         "pass_rate_by_kind": {"lowercase": 0.5, "max_words": 0.125}})
+    assert main(argparse.Namespace(run_dir=str(run))) == 0
+    header, _, *rows = table_lines(capsys.readouterr().out)
+    by_round = {row[0]: dict(zip(header, row)) for row in rows}
+    assert by_round["0"]["reward change [95% CI]"] == "-"  # round 0 against itself
+    assert by_round["1"]["reward change [95% CI]"] == "+0.250 [+0.100, +0.400]"
+    assert by_round["1"]["win rate [95% CI]"] == "0.625 [0.550, 0.700]"
+    assert by_round["1"]["pass rate change, points [95% CI]"] == "+12.5 [-2.0, +27.0]"
+    report = (run / "report.md").read_text()
+    assert "| lowercase | 0.000 | 0.500 |" in report and "| max_words | 0.250 | 0.125 |" in report
+    from pipeline.report import interval_bars, read_run
+    rows = [table_row(m, log) for m, log in read_run(run)]
+    rounds, values, (below, above) = interval_bars(rows, "pass_rate")
+    assert rounds == [0, 1] and values == [0.125, 0.25]
+    assert below == pytest.approx([0.0, 0.145]) and above == pytest.approx([0.0, 0.145])
+    assert Image.open(run / "report.png").size[0] > 0
