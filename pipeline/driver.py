@@ -49,6 +49,7 @@ def plan_round(config: Config, run_name: str, number: int) -> RoundPlan:
     if number < 1:
         raise PipelineError(f"round number must be 1 or more; got {number}")
     run = RunLayout.at(config.output, run_name)
+    run.ensure_writable()
     this_round = run.round(number)
     if number > 1 and not run.round(number - 1).is_finished():
         previous = run.round(number - 1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -17,6 +18,11 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from pipeline.errors import PipelineError
+
+# A run name is one path component: it can never point outside the output root.
+RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 # The stages of a round, in order, and the output each one owns.
 STAGE_OUTPUTS = {
@@ -158,7 +164,21 @@ class RunLayout:
 
     @classmethod
     def at(cls, output: str | Path, run: str) -> "RunLayout":
+        """The run `run` under the output root, refusing a name that is not one safe path component."""
+        if not RUN_NAME.fullmatch(run) or run in (".", ".."):
+            raise PipelineError(f"run name {run!r} must be letters, digits, '.', '_' or '-' (one directory "
+                                "name, not '.' or '..')")
         return cls(Path(output).expanduser().resolve() / run)
+
+    def ensure_writable(self) -> None:
+        """Create the output root if needed; one line when it cannot be created or written."""
+        root = self.dir.parent
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PipelineError(f"output root {root} cannot be created ({exc.strerror or exc})") from None
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise PipelineError(f"output root {root} is not writable")
 
     @property
     def config(self) -> Path:

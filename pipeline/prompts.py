@@ -120,19 +120,7 @@ def _read_rows(source: str) -> list[dict[str, Any]]:
     if not path.is_file():
         raise PipelineError(f"prompt file {source} does not exist")
     if path.suffix == ".jsonl":
-        rows = []
-        with path.open() as f:
-            for line_number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise PipelineError(f"prompt file {source}: line {line_number} is not valid JSON ({exc.msg})") from None
-                if not isinstance(row, dict):
-                    raise PipelineError(f"prompt file {source}: line {line_number} is not a JSON object")
-                rows.append(row)
-        return rows
+        return _read_jsonl(path, source)
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -142,6 +130,27 @@ def _read_rows(source: str) -> list[dict[str, Any]]:
             raise PipelineError(f"prompt file {source} is not a readable Parquet file: {exc}") from None
     raise PipelineError(f"prompt file {source} must end in .jsonl or .parquet, or be a dataset directory "
                         "or hf:<dataset name>")
+
+
+def _read_jsonl(path: Path, source: str) -> list[dict[str, Any]]:
+    rows = []
+    with path.open("rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise PipelineError(f"prompt file {source}: line {line_number} is not UTF-8 text "
+                                    f"(byte {exc.start + 1}: {raw[exc.start:exc.start + 1]!r})") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise PipelineError(f"prompt file {source}: line {line_number} is not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise PipelineError(f"prompt file {source}: line {line_number} is not a JSON object")
+            rows.append(row)
+    return rows
 
 
 def _read_hf_dataset(spec: str, source: str) -> list[dict[str, Any]]:

@@ -168,3 +168,39 @@ def test_prompts_that_leave_no_room_in_train_max_length_are_refused(output, tiny
 def test_on_off_choices_survive_yaml_booleans():
     assert load_config("configs/smoke.yaml", ["train.autocast=on"]).train.autocast == "on"
     assert load_config("configs/smoke.yaml", ["train.autocast=off"]).train.autocast == "off"
+
+
+@pytest.mark.parametrize("name", ["../../etc", "..", ".", "a/b", "", "run name", "x\x00y"])
+def test_run_name_must_be_one_safe_path_component(output, name):
+    config = load_config("configs/smoke.yaml", [f"output={output}"])
+    with pytest.raises(PipelineError, match="run name .* must be letters, digits"):
+        plan_round(config, name, 1)
+    assert not output.exists()
+
+
+def test_traversing_run_name_through_the_command_line(tmp_path, output):
+    result = run_cli("round", "1", "--config", "configs/smoke.yaml", "--run", "../../etc", "--output", str(output))
+    assert_one_line_error(result, "run name '../../etc'")
+    assert not output.exists() and not (tmp_path.parent / "etc").exists()
+
+
+def test_output_root_that_cannot_be_created(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    config = load_config("configs/smoke.yaml", [f"output={blocker / 'runs'}"])
+    with pytest.raises(PipelineError, match=r"output root .*file/runs cannot be created"):
+        plan_round(config, "r", 1)
+
+
+def test_output_root_on_a_filesystem_that_takes_no_directories(output):
+    result = run_cli("round", "1", "--config", "configs/smoke.yaml", "--run", "r", "--output", "/proc/forbidden")
+    assert_one_line_error(result, "output root /proc/forbidden cannot be created")
+
+
+def test_prompt_file_that_is_not_utf8(tmp_path, output):
+    prompts = tmp_path / "latin1.jsonl"
+    prompts.write_bytes((json.dumps(good_row("a")) + "\n").encode() + '{"prompt_id": "caf\xe9"}\n'.encode("latin-1"))
+    config = load_config("configs/smoke.yaml", [f"prompts.train={prompts}", f"output={output}"])
+    with pytest.raises(PipelineError, match=r"latin1.jsonl: line 2 is not UTF-8 text \(byte 19"):
+        plan_round(config, "r", 1)
+    assert_no_run_dir(output)

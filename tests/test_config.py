@@ -44,7 +44,8 @@ def test_default_yaml_loads():
     assert config.train.learning_rate == pytest.approx(5.0e-5)
     assert isinstance(config.train.learning_rate, float)
     assert config.train.objective == "contrastive"
-    assert config.reward.name == "ifeval"
+    assert config.reward.name == "ifeval_graded"
+    assert config.prompts.per_round == 128 and config.prompts.eval_size == 192
 
 
 def test_smoke_yaml_loads_and_overrides_only_what_it_names():
