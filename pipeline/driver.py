@@ -28,6 +28,7 @@ from pipeline.layout import STAGES, RoundLayout, RunLayout, atomic_write_json, a
 from pipeline.models import REPO_ROOT, resolve_model
 from pipeline.prompts import Prompt, fit_to_context, load_prompts, round_slice
 from pipeline.timing import Timings
+from rewards.base import metadata_problem
 
 log = logging.getLogger("pipeline")
 
@@ -82,7 +83,17 @@ def plan_round(config: Config, run_name: str, number: int) -> RoundPlan:
         from stages.evaluate import check_baseline
 
         check_baseline(run, heldout, config)
+    check_metadata(config, [(config.prompts.train, prompts), (config.prompts.heldout, heldout)])
     return RoundPlan(config, run, this_round, base_model, policy_in, reference, prompts, heldout, dropped)
+
+
+def check_metadata(config: Config, prompt_sets: list[tuple[str, list[Prompt]]]) -> None:
+    """Refuse, before anything runs, a prompt whose metadata the reward cannot score."""
+    for source, prompts in prompt_sets:
+        for prompt in prompts:
+            if problem := metadata_problem(config.reward, prompt.metadata):
+                raise PipelineError(f"prompt file {source}: prompt_id {prompt.prompt_id!r} cannot be scored by "
+                                    f"reward '{config.reward.name}': {problem}")
 
 
 def prompt_options(config: Config) -> dict[str, Any]:

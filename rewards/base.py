@@ -54,6 +54,21 @@ def build_reward_from_config(reward_config) -> RewardModel:
     return from_config(settings) if from_config is not None else factory()
 
 
+def metadata_problem(reward_config, metadata: Mapping[str, Any]) -> str | None:
+    """What in a prompt's metadata the configured reward could not score, or None.
+
+    A factory that reads metadata has a `metadata_problem(metadata)`; a composite
+    asks each of its components. Rewards that read none (a classifier) accept anything.
+    """
+    settings = reward_settings(reward_config)
+    names = list(settings.get("components") or {}) if settings["name"] == "composite" else [settings["name"]]
+    for name in names:
+        check = getattr(_factory(name), "metadata_problem", None)
+        if check is not None and (problem := check(metadata)):
+            return problem
+    return None
+
+
 def reward_settings(reward_config) -> dict[str, Any]:
     # Ray hands actors a pickled copy of the dataclass; callers and tests may pass its dict.
     if isinstance(reward_config, Mapping):

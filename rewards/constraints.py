@@ -382,6 +382,18 @@ def get_constraint(kind: str) -> Constraint:
         raise ValueError(f"unknown constraint kind {kind!r} (known: {', '.join(CONSTRAINTS)})") from None
 
 
+def constraint_problem(constraint: object) -> str | None:
+    """What keeps a constraint dict from being checked (an unknown kind, a missing argument), or None."""
+    if not isinstance(constraint, Mapping):
+        return f"a constraint must be a mapping with a 'kind', not {type(constraint).__name__}"
+    kind = str(constraint.get("kind"))
+    if kind not in CONSTRAINTS:
+        return f"unknown constraint kind {kind!r} (known: {', '.join(CONSTRAINTS)})"
+    # The generator's arguments name what the check reads.
+    missing = [key for key in CONSTRAINTS[kind].sample_args(random.Random(0)) if constraint.get(key) is None]
+    return f"constraint {kind!r} lacks its argument {missing[0]!r}" if missing else None
+
+
 def _split(constraint: Mapping[str, object]) -> tuple[Constraint, dict]:
     args = {k: v for k, v in constraint.items() if k != "kind"}
     return get_constraint(str(constraint.get("kind"))), args

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from rewards.base import Sample, register_reward
-from rewards.constraints import check_all, degree_all
+from rewards.constraints import check_all, constraint_problem, degree_all
 
 # Per-constraint credit of a response: a list of 0/1 or of degrees in [0, 1].
 Credit = Callable[[str, Sequence], Sequence[float]]
@@ -37,6 +37,14 @@ class ConstraintReward:
         return float(sum(credit)) / len(credit)
 
 
+def metadata_problem(metadata: dict) -> str | None:
+    """Checked for every prompt when a round is planned, before anything runs."""
+    constraints = metadata.get("constraints")
+    if constraints is None or len(constraints) == 0:
+        return "it has no constraints to check"
+    return next(filter(None, map(constraint_problem, constraints)), None)
+
+
 @register_reward("ifeval")
 def strict_reward() -> ConstraintReward:
     return ConstraintReward("ifeval", check_all)
@@ -45,3 +53,6 @@ def strict_reward() -> ConstraintReward:
 @register_reward("ifeval_graded")
 def graded_reward() -> ConstraintReward:
     return ConstraintReward("ifeval_graded", degree_all)
+
+
+strict_reward.metadata_problem = graded_reward.metadata_problem = metadata_problem

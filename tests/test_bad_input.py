@@ -204,3 +204,33 @@ def test_prompt_file_that_is_not_utf8(tmp_path, output):
     with pytest.raises(PipelineError, match=r"latin1.jsonl: line 2 is not UTF-8 text \(byte 19"):
         plan_round(config, "r", 1)
     assert_no_run_dir(output)
+
+
+@pytest.mark.parametrize("constraints, message", [
+    ([{"kind": "bogus_kind"}], "unknown constraint kind 'bogus_kind'"),
+    ([{"kind": "max_words"}], "constraint 'max_words' lacks its argument 'limit'"),
+    ([], "it has no constraints to check"),
+    (["max_words"], "a constraint must be a mapping"),
+])
+def test_prompt_the_reward_cannot_score_is_refused_before_anything_runs(tmp_path, output, tiny_model,
+                                                                          constraints, message):
+    rows = [good_row("a"), {**good_row("b"), "constraints": constraints}]
+    prompts = write_prompts(tmp_path / "prompts.jsonl", rows)
+    config = load_config("configs/smoke.yaml", [f"prompts.train={prompts}", "prompts.per_round=2",
+                                                f"output={output}"])
+    with pytest.raises(PipelineError, match=rf"prompts.jsonl: prompt_id 'b' cannot be scored by reward 'ifeval': "
+                                            rf"{message}"):
+        plan_round(config, "r", 1)
+    assert_no_run_dir(output)
+
+
+def test_a_classifier_reward_needs_no_constraints(tmp_path, output, tiny_model):
+    from pipeline.driver import check_metadata
+    from pipeline.prompts import Prompt
+
+    config = load_config("configs/smoke.yaml", ["reward.name=composite", "reward.components=ifeval:1.0"])
+    bad = [Prompt("b", [{"role": "user", "content": "hi"}], {"constraints": [{"kind": "bogus_kind"}]})]
+    with pytest.raises(PipelineError, match="bogus_kind"):
+        check_metadata(config, [("f.jsonl", bad)])
+    classifier = load_config("configs/smoke.yaml", ["reward.name=hf_classifier", "reward.model=/some/model"])
+    check_metadata(classifier, [("f.jsonl", bad)])  # reads no metadata: nothing to refuse
