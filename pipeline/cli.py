@@ -64,12 +64,17 @@ def main(argv: list[str] | None = None) -> int:
 def run_rounds(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from pipeline.driver import plan_round, run_round
+    from pipeline.layout import RunLayout
+    from pipeline.lock import run_lock
 
     overrides = list(args.overrides) + ([f"output={args.output}"] if args.output else [])
     config = load_config(args.config, overrides)
     first = 1 if args.command == "rounds" else args.number
-    for number in range(first, args.number + 1):
-        metrics = run_round(plan_round(config, args.run, number))
-        print(json.dumps({"round": number, "eval": metrics.get("eval"),
-                          "stage_seconds": metrics.get("stage_seconds")}))
+    run = RunLayout.at(config.output, args.run)
+    run.ensure_writable()
+    with run_lock(run.dir):
+        for number in range(first, args.number + 1):
+            metrics = run_round(plan_round(config, args.run, number))
+            print(json.dumps({"round": number, "eval": metrics.get("eval"),
+                              "stage_seconds": metrics.get("stage_seconds")}))
     return 0
