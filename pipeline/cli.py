@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,6 +62,29 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _terminate(signum, frame) -> None:
+    # As KeyboardInterrupt, the one exception Ray's blocking calls (ray.get, ray.wait) pass through
+    # intact; the signal is kept for the exit status.
+    raise Terminated(signum)
+
+
+def stop_ray() -> None:
+    """Shut down the Ray this command started or joined: its actors and Ray Train workers end with it."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def interrupted(signum: int) -> int:
+    from pipeline import driver
+
+    stop_ray()
+    name = signal.Signals(signum).name
+    print(f"error: interrupted ({name}) during {driver.activity}; run the same command to resume", file=sys.stderr)
+    return 128 + signum
+
+
 def run_rounds(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from pipeline.driver import plan_round, run_round
@@ -72,9 +96,13 @@ def run_rounds(args: argparse.Namespace) -> int:
     first = 1 if args.command == "rounds" else args.number
     run = RunLayout.at(config.output, args.run)
     run.ensure_writable()
-    with run_lock(run.dir):
-        for number in range(first, args.number + 1):
-            metrics = run_round(plan_round(config, args.run, number))
-            print(json.dumps({"round": number, "eval": metrics.get("eval"),
-                              "stage_seconds": metrics.get("stage_seconds")}))
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        with run_lock(run.dir):
+            for number in range(first, args.number + 1):
+                metrics = run_round(plan_round(config, args.run, number))
+                print(json.dumps({"round": number, "eval": metrics.get("eval"),
+                                  "stage_seconds": metrics.get("stage_seconds")}))
+    except KeyboardInterrupt as exc:  # Terminated (SIGTERM) included
+        return interrupted(exc.signum if isinstance(exc, Terminated) else signal.SIGINT)
     return 0

@@ -13,6 +13,7 @@ import importlib
 import json
 import logging
 import os
+import signal
 import threading
 import time
 from contextlib import contextmanager
@@ -147,8 +148,14 @@ def run_round(plan: RoundPlan) -> dict[str, Any]:
         return metrics
 
 
+# What the command is doing, for the line an interrupt prints ("generate of round 2").
+activity = "planning"
+
+
 def run_one_stage(plan: RoundPlan, stage: str, file_only) -> None:
+    global activity
     number = plan.round.number
+    activity = f"{stage} of round {number}"
     log.info("round %d: %s started", number, stage)
     out_dir = plan.round.begin_stage(stage)
     runner = importlib.import_module(STAGE_MODULES[stage]).run_stage
@@ -166,6 +173,7 @@ def run_one_stage(plan: RoundPlan, stage: str, file_only) -> None:
     stats.update(timings.stats())
     stats["peak_memory_gib"] = memory.peak_gib
     plan.round.finish_stage(stage, stats)
+    activity = f"round {number}, between stages"
     log.info("round %d: %s finished in %.1f s (peak memory %.2f GiB)", number, stage,
              stats["wall_seconds"], memory.peak_gib)
 
@@ -236,6 +244,9 @@ def ensure_ray() -> float:
 
     if ray.is_initialized():
         return 0.0
+    # ray.init puts its own SIGTERM handler in (it logs a stack and aborts): keep the command's,
+    # which ends the round with one line and shuts Ray down (pipeline/cli.py).
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     start = time.perf_counter()
     if os.environ.get("RAY_ADDRESS"):
         # A cluster or `ray job submit`: the job's runtime env already ships the code.
@@ -246,6 +257,9 @@ def ensure_ray() -> float:
                # train stage waits for that poll to see its workers start and finish.
                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")}
         ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
+    for signum, handler in handlers.items():
+        if handler is not None:
+            signal.signal(signum, handler)
     return time.perf_counter() - start
 
 

@@ -1,4 +1,4 @@
-"""The one exception type the command line turns into a one-line error."""
+"""The exceptions the command line turns into a one-line error."""
 
 
 class PipelineError(Exception):
@@ -11,3 +11,16 @@ class PipelineError(Exception):
 
 class ConfigError(PipelineError):
     """A config file or override that does not fit the typed config."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM reached the command (SIGINT arrives as a plain KeyboardInterrupt).
+
+    A KeyboardInterrupt, so that no `except Exception` in a stage mistakes the
+    stop for a failure to handle, and so that Ray's blocking calls, which let a
+    KeyboardInterrupt through, do not turn it into a SystemError.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}")
+        self.signum = signum
