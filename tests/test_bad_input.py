@@ -234,3 +234,16 @@ def test_a_classifier_reward_needs_no_constraints(tmp_path, output, tiny_model):
         check_metadata(config, [("f.jsonl", bad)])
     classifier = load_config("configs/smoke.yaml", ["reward.name=hf_classifier", "reward.model=/some/model"])
     check_metadata(classifier, [("f.jsonl", bad)])  # reads no metadata: nothing to refuse
+
+
+def test_infeasible_resource_request_stops_before_any_stage(output, tiny_model):
+    import os
+
+    result = run_cli("round", "1", "--config", "configs/smoke.yaml", "--run", "r", "--output", str(output),
+                     f"train.num_workers={(os.cpu_count() or 1) + 2}", timeout=300)
+    # Ray prints its own start-up lines before the check can run; the error is the last line, alone.
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: config key 'train.num_workers'") and "lower it or add nodes" in last
+    assert_no_run_dir(output)
+    assert not (output / "r" / "config.yaml").exists()
