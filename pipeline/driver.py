@@ -140,6 +140,7 @@ def run_round(plan: RoundPlan) -> dict[str, Any]:
                 if plan.round.is_done(stage):
                     log.info("round %d: %s already done, skipped", number, stage)
                 else:
+                    check_input(plan, stage)
                     run_one_stage(plan, stage, file_only)
                 progress.update()
         metrics = round_metrics(plan)
@@ -150,6 +151,19 @@ def run_round(plan: RoundPlan) -> dict[str, Any]:
         log.info("round %d finished in %.1f s of stages: %s", number, sum(metrics["stage_seconds"].values()),
                  plan.round.metrics)
         return metrics
+
+
+# The stage whose output each stage reads; generate reads the previous round's policy.
+INPUT_STAGE = {"rerank": "generate", "reference": "rerank", "train": "reference", "evaluate": "train"}
+
+
+def check_input(plan: RoundPlan, stage: str) -> None:
+    """Refuse to start a stage on an input that was lost or cut short since its stage finished."""
+    number = plan.round.number
+    if stage in INPUT_STAGE:
+        plan.round.check_output(INPUT_STAGE[stage])
+    elif stage == "generate" and number > 1:
+        plan.run.round(number - 1).check_output("train")
 
 
 # What the command is doing, for the line an interrupt prints ("generate of round 2").
@@ -222,7 +236,8 @@ STAGE_MODULES = {
 def round_metrics(plan: RoundPlan) -> dict[str, Any]:
     from stages.evaluate import EVAL_KEYS
 
-    stages = {stage: plan.round.stage_stats(stage) for stage in STAGES}
+    # The done markers' file lists stay in the markers: metrics.json is for reading.
+    stages = {stage: {k: v for k, v in plan.round.stage_stats(stage).items() if k != "files"} for stage in STAGES}
     return {
         "round": plan.round.number,
         "policy_in": plan.policy_in,

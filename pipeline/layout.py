@@ -74,6 +74,20 @@ def write_parquet(table: pa.Table, path: Path) -> None:
         raise
 
 
+def output_files(directory: Path) -> dict[str, dict[str, int]]:
+    """Every file under a stage's output: its size, and its row count if it is a Parquet shard."""
+    files = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        entry = {"bytes": path.stat().st_size}
+        if path.suffix == ".parquet":
+            try:
+                entry["rows"] = pq.read_metadata(path).num_rows
+            except (OSError, pa.ArrowException):
+                pass  # not a shard a reader could open anyway: its size is all there is to check
+        files[path.relative_to(directory).as_posix()] = entry
+    return files
+
+
 def read_parquet_dir(directory: Path) -> pa.Table:
     """All `part-*.parquet` shards of a stage output, in shard order."""
     shards = sorted(directory.glob("part-*.parquet"))
@@ -155,7 +169,36 @@ class RoundLayout:
 
     def finish_stage(self, stage: str, stats: dict[str, Any]) -> None:
         os.replace(self.partial(stage), self.output(stage))
-        atomic_write_json(self.done_marker(stage), stats)
+        # The marker lists what the stage left, so a later stage can tell a file lost or cut short.
+        atomic_write_json(self.done_marker(stage), {**stats, "files": output_files(self.output(stage))})
+
+    def check_output(self, stage: str) -> None:
+        """One line naming the file and the stage to redo when a finished stage's output is damaged.
+
+        Compared with the file list its done marker recorded (markers written before
+        that list existed are not checked); Parquet shards must also have a readable footer.
+        """
+        recorded = self.stage_stats(stage).get("files")
+        if not recorded:
+            return
+        directory = self.output(stage)
+        redo = (f"redo the {stage} stage of round {self.number}: delete {self.done_marker(stage)} "
+                "and run the same command")
+        for relative, expected in sorted(recorded.items()):
+            path = directory / relative
+            if not path.is_file():
+                raise PipelineError(f"{path} is missing; {redo}")
+            size = path.stat().st_size
+            if size != expected["bytes"]:
+                raise PipelineError(f"{path} has {size} bytes, not the {expected['bytes']} its stage wrote "
+                                    f"(truncated or replaced); {redo}")
+            if "rows" in expected:
+                try:
+                    rows = pq.read_metadata(path).num_rows
+                except (OSError, pa.ArrowException) as exc:
+                    raise PipelineError(f"{path} is not a readable Parquet file ({exc}); {redo}") from None
+                if rows != expected["rows"]:
+                    raise PipelineError(f"{path} has {rows} rows, not the {expected['rows']} its stage wrote; {redo}")
 
 
 @dataclass(frozen=True)

@@ -122,8 +122,11 @@ def test_finish_stage_renames_and_writes_marker(round1):
     assert not partial.exists()
     assert names(round1.lists) == [shard_name(0)]
     assert round1.is_done("rerank")
-    assert json.loads(round1.done_marker("rerank").read_text()) == {"lists": 1, "all_tied_dropped": 0}
-    assert round1.stage_stats("rerank") == {"lists": 1, "all_tied_dropped": 0}
+    # The marker keeps the stage's numbers and what it wrote: each file's size, a shard's rows.
+    files = {shard_name(0): {"bytes": (round1.lists / shard_name(0)).stat().st_size, "rows": 1}}
+    expected = {"lists": 1, "all_tied_dropped": 0, "files": files}
+    assert json.loads(round1.done_marker("rerank").read_text()) == expected
+    assert round1.stage_stats("rerank") == expected
     assert names(round1.dir / "_done") == ["rerank"]  # no temporary files next to the marker
 
 
@@ -164,7 +167,7 @@ def test_is_finished_needs_every_stage(round1):
         round1.begin_stage(stage)
         round1.finish_stage(stage, {"stage": stage})
     assert round1.is_finished()
-    assert all(round1.stage_stats(s) == {"stage": s} for s in STAGES)
+    assert all(round1.stage_stats(s) == {"stage": s, "files": {}} for s in STAGES)
     round1.done_marker("train").unlink()
     assert not round1.is_finished()
 
@@ -239,3 +242,69 @@ def test_read_parquet_dir_accepts_empty_shard_with_schema(tmp_path):
     write_parquet(pa.Table.from_pylist([], schema=schema), tmp_path / shard_name(0))
     write_parquet(table([3]), tmp_path / shard_name(1))
     assert read_parquet_dir(tmp_path).column("x").to_pylist() == [3]
+
+
+# --- damaged outputs -------------------------------------------------------------
+
+@pytest.fixture
+def finished_rerank(round1) -> RoundLayout:
+    partial = round1.begin_stage("rerank")
+    write_parquet(table([1, 2, 3]), partial / shard_name(0))
+    write_parquet(table([4]), partial / shard_name(1))
+    round1.finish_stage("rerank", {"lists": 4})
+    round1.check_output("rerank")  # as written: nothing to say
+    return round1
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.unlink(), "is missing"),
+    (lambda p: p.write_bytes(p.read_bytes()[:-9]), "bytes, not the"),
+    (lambda p: p.write_bytes(b"x" * p.stat().st_size), "is not a readable Parquet file"),
+])
+def test_a_damaged_shard_names_itself_and_the_stage_to_redo(finished_rerank, damage, message):
+    shard = finished_rerank.lists / shard_name(1)
+    damage(shard)
+    with pytest.raises(layout.PipelineError, match=message) as error:
+        finished_rerank.check_output("rerank")
+    text = str(error.value)
+    assert str(shard) in text and "redo the rerank stage of round 1" in text
+    assert f"delete {finished_rerank.done_marker('rerank')}" in text and "\n" not in text
+
+
+def test_a_shard_replaced_by_one_of_other_rows_is_found(finished_rerank):
+    shard = finished_rerank.lists / shard_name(1)
+    size = shard.stat().st_size
+    write_parquet(table([7, 8]), shard)
+    if shard.stat().st_size == size:  # the sizes may match: then the row count tells
+        with pytest.raises(layout.PipelineError, match="has 2 rows, not the 1"):
+            finished_rerank.check_output("rerank")
+    else:
+        with pytest.raises(layout.PipelineError, match="bytes, not the"):
+            finished_rerank.check_output("rerank")
+
+
+def test_a_marker_from_before_file_lists_is_not_checked(round1):
+    round1.begin_stage("rerank")
+    round1.finish_stage("rerank", {})
+    atomic_write_json(round1.done_marker("rerank"), {"lists": 0})
+    round1.check_output("rerank")
+
+
+def test_a_stage_checks_its_input_before_it_starts(finished_rerank, tmp_path):
+    from types import SimpleNamespace
+
+    from pipeline.driver import check_input
+
+    run = RunLayout.at(tmp_path, "run")
+    plan = SimpleNamespace(round=finished_rerank, run=run)
+    check_input(plan, "reference")
+    (finished_rerank.lists / shard_name(0)).write_bytes(b"PAR1")
+    with pytest.raises(layout.PipelineError, match=r"lists/part-00000.parquet has 4 bytes.*redo the rerank stage"):
+        check_input(plan, "reference")
+    # Round 2's generate reads round 1's policy: a policy file gone is named.
+    policy = run.round(1).begin_stage("train")
+    (policy / "model.safetensors").write_bytes(b"weights")
+    run.round(1).finish_stage("train", {})
+    (run.round(1).policy / "model.safetensors").unlink()
+    with pytest.raises(layout.PipelineError, match=r"policy/model.safetensors is missing; redo the train stage"):
+        check_input(SimpleNamespace(round=run.round(2), run=run), "generate")
