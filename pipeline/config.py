@@ -226,6 +226,10 @@ class Config:
     seed: int = 0
     # Root of run directories (a local path or a shared mount on clusters).
     output: str = "runs"
+    # A worker that dies mid-stage (a generation engine, a reward actor, the reference
+    # task, a Ray Train worker: a preempted node, an out-of-memory kill) is replaced this
+    # many times per stage, redoing only its unfinished part; then the round stops.
+    worker_retries: int = 2
     model: ModelConfig = field(default_factory=ModelConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
@@ -251,6 +255,7 @@ RUN_IDENTITY_KEYS = ("seed", "model.name", "prompts.train", "prompts.heldout",
 
 # Checked after types: (key, predicate, what it must be).
 _RANGE_CHECKS: list[tuple[str, typing.Callable[[Any], bool], str]] = [
+    ("worker_retries", lambda v: v >= 0, "zero (no retry) or more"),
     ("model.max_model_len", lambda v: v > 0, "positive"),
     ("prompts.per_round", lambda v: v > 0, "positive"),
     ("prompts.eval_size", lambda v: v >= 0, "zero or more"),

@@ -168,7 +168,7 @@ def respond(prompts: list[Prompt], policy: str, round_number: int, config, out_d
     stats = generate_shards(prompts, policy, spec, config, samples_dir, config.seed, make_table)
     with timing.timed("io"):
         rows = read_parquet_dir(samples_dir).to_pylist()
-    for row, reward in zip(rows, score_candidates(rows, config.reward), strict=True):
+    for row, reward in zip(rows, score_candidates(rows, config.reward, config.worker_retries), strict=True):
         if not math.isfinite(reward) and config.reward.on_invalid == "error":
             raise PipelineError(f"reward of held-out prompt_id {row['prompt_id']!r} (round {round_number}) is "
                                 f"{reward}; set reward.on_invalid=drop to leave such answers out of the metrics")

@@ -16,6 +16,7 @@ ends, so the engines' memory is free before training starts.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -26,9 +27,12 @@ import pyarrow as pa
 import ray
 
 from pipeline import schema, timing
+from pipeline.errors import PipelineError
 from pipeline.hardware import cluster_has_gpus, native_bf16
 from pipeline.layout import atomic_write_json, read_parquet_dir, shard_name, write_parquet
 from pipeline.prompts import Prompt
+
+log = logging.getLogger("pipeline.generate")
 
 
 @dataclass(frozen=True)
@@ -125,15 +129,31 @@ def generate_shards(prompts: list[Prompt], model_path: str, spec: SamplingSpec, 
     use_gpu = cluster_has_gpus()
     start = time.perf_counter()
     workers: dict[int, Any] = {}
+    retries = {i: 0 for i in todo}
+
+    def submit(i: int) -> Any:
+        # The same engine seed for a replacement: a redone shard samples what the lost one would have.
+        workers[i] = GenerationWorker.options(**worker_options(config, use_gpu)).remote(
+            model_path, engine_args(config, seed + i, use_gpu))
+        return workers[i].generate.remote([p.messages for p in chunks[i]], spec)
+
     try:
-        for i in todo:
-            workers[i] = GenerationWorker.options(**worker_options(config, use_gpu)).remote(
-                model_path, engine_args(config, seed + i, use_gpu))
-        pending = {workers[i].generate.remote([p.messages for p in chunks[i]], spec): i for i in todo}
+        pending = {submit(i): i for i in todo}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             index = pending.pop(ready[0])
-            outputs = ray.get(ready[0])
+            try:
+                outputs = ray.get(ready[0])
+            except ray.exceptions.RayActorError as exc:
+                retries[index] += 1
+                if retries[index] > config.worker_retries:
+                    raise PipelineError(f"the vLLM engine of shard {index} died {retries[index]} times "
+                                        f"(worker_retries is {config.worker_retries}); last: "
+                                        f"{str(exc).splitlines()[0]}") from None
+                log.warning("generate: the vLLM engine of shard %d died; starting another (retry %d of %d); "
+                            "finished shards are kept", index, retries[index], config.worker_retries)
+                pending[submit(index)] = index
+                continue
             with timing.timed("io"):
                 write_parquet(make_table(chunks[index], outputs), out_dir / shard_name(index))
         timing.add_slowest(ray.get([worker.timings.remote() for worker in workers.values()]))
@@ -141,7 +161,8 @@ def generate_shards(prompts: list[Prompt], model_path: str, spec: SamplingSpec, 
         for worker in workers.values():
             ray.kill(worker)
     seconds = time.perf_counter() - start
-    return {"shards_generated": len(todo), "generate_seconds": round(seconds, 2)}
+    return {"shards_generated": len(todo), "generate_seconds": round(seconds, 2),
+            "engine_retries": sum(retries.values())}
 
 
 def shard_count(out_dir: Path, prompt_ids: list[str], wanted: int) -> int:

@@ -79,7 +79,8 @@ def run_stage(plan, out_dir: Path) -> dict[str, Any]:
     gpus = 1 if cluster_has_gpus() else 0
     logps: list[list[float]] = []
     if rows:
-        logps, seconds = ray.get(score_items.options(num_gpus=gpus).remote(
+        # Ray runs the task again in a new process when its process dies (a system failure).
+        logps, seconds = ray.get(score_items.options(num_gpus=gpus, max_retries=config.worker_retries).remote(
             plan.reference, lists, config.train.dtype, config.train.max_length, config.reference.batch_size,
             config.train.logprob_chunk_size, config.model.trust_remote_code, config.train.autocast,
             config.train.share_prompt))

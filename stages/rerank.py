@@ -84,7 +84,7 @@ class RewardWorker:
         return self.clock.seconds
 
 
-def score_candidates(rows: list[dict[str, Any]], reward_config) -> list[float]:
+def score_candidates(rows: list[dict[str, Any]], reward_config, retries: int = 0) -> list[float]:
     """Rewards for candidate rows, in order, as the reward model returns them (NaN included).
 
     Batches hold responses of similar length (less padding for a neural
@@ -95,7 +95,10 @@ def score_candidates(rows: list[dict[str, Any]], reward_config) -> list[float]:
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["response"]))
     size = reward_config.batch_size
     batches = [order[i:i + size] for i in range(0, len(order), size)]
-    workers = [RewardWorker.options(num_gpus=reward_config.num_gpus_per_actor).remote(reward_config)
+    # A reward actor whose process dies is started again by Ray (its model reloaded), and the
+    # batches it had not answered are sent to it again: up to `retries` times each.
+    workers = [RewardWorker.options(num_gpus=reward_config.num_gpus_per_actor, max_restarts=retries,
+                                    max_task_retries=retries).remote(reward_config)
                for _ in range(min(reward_config.num_actors, len(batches)))]
     try:
         futures = [workers[n % len(workers)].score.remote([to_sample(rows[i]) for i in batch])
@@ -289,7 +292,7 @@ def run_stage(plan, out_dir: Path) -> dict[str, Any]:
     number = plan.round.number
     with timing.timed("io"):
         candidates = read_parquet_dir(plan.round.candidates).to_pylist()
-    rewards = score_candidates(candidates, config.reward)
+    rewards = score_candidates(candidates, config.reward, config.worker_retries)
     scored = [{**row, "reward": reward} for row, reward in zip(candidates, rewards, strict=True)]
     valid, invalid = screen_rewards(scored, config.reward.on_invalid)
     prompt_ids = {row["prompt_id"] for row in candidates}

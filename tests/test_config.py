@@ -441,3 +441,10 @@ def test_bad_list_and_mapping_values_name_the_key(value, hint, message):
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         _coerce(value, hint, "section.key", "test")
+
+
+def test_worker_retries_default_and_range():
+    assert load_config(None).worker_retries == 2
+    assert load_config(None, ["worker_retries=0"]).worker_retries == 0
+    with pytest.raises(ConfigError, match="'worker_retries' must be zero \\(no retry\\) or more"):
+        load_config(None, ["worker_retries=-1"])

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.train import RunConfig, ScalingConfig
+from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from pipeline import timing
@@ -41,13 +41,18 @@ def worker_env() -> dict[str, str]:
     return {"THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "1")}
 
 
-def fit(loop_config: dict[str, Any], num_workers: int, storage_path: Path, name: str) -> None:
-    """Run the training loop on `num_workers` Ray Train workers."""
+def fit(loop_config: dict[str, Any], num_workers: int, storage_path: Path, name: str, retries: int) -> None:
+    """Run the training loop on `num_workers` Ray Train workers.
+
+    A worker that dies makes Ray Train start the group again, up to `retries` times;
+    the loop then resumes from its last in-training checkpoint (stages/train/checkpoint.py).
+    """
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=scaling_config(num_workers),
         run_config=RunConfig(name=name, storage_path=os.fspath(storage_path),
+                             failure_config=FailureConfig(max_failures=retries),
                              worker_runtime_env={"env_vars": worker_env()}),
     )
     trainer.fit()
@@ -63,7 +68,8 @@ def run_stage(plan, out_dir: Path) -> dict[str, Any]:
         "train_shard": str(plan.round.train / shard_name(0)),
         "output_dir": str(out_dir),
     }
-    fit(loop_config, config.train.num_workers, plan.run.dir / ".ray_train", f"round_{plan.round.number:03d}")
+    fit(loop_config, config.train.num_workers, plan.run.dir / ".ray_train", f"round_{plan.round.number:03d}",
+        config.worker_retries)
     if not (out_dir / "config.json").is_file():
         raise RuntimeError(f"training finished without writing a checkpoint to {out_dir}")
     history = [json.loads(line) for line in (out_dir / "training_log.jsonl").read_text().splitlines()]

@@ -1,0 +1,86 @@
+"""A worker killed mid-stage is replaced and only its unfinished part redone (config `worker_retries`).
+
+One smoke round, with evaluation off and a checkpoint after every step as in
+test_resume.py: its vLLM generation engine is SIGKILLed while it samples, and
+its Ray Train worker right after the first in-training checkpoint. The command
+must finish by itself, log the retries, and leave the same rows as the
+session's uninterrupted smoke round.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.e2e
+
+
+def workers_named(root: psutil.Process, name: str) -> list[psutil.Process]:
+    found = []
+    for process in root.children(recursive=True):
+        try:
+            if name in " ".join(process.cmdline()):
+                found.append(process)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def test_a_killed_engine_and_train_worker_are_replaced(smoke_run, tmp_path):
+    baseline = smoke_run / "round_001"
+    round_dir = tmp_path / "faults" / "round_001"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    log_path = tmp_path / "faults.log"
+    command = [sys.executable, "-m", "pipeline", "round", "1", "--config", "configs/smoke.yaml", "--run", "faults",
+               "--output", str(tmp_path), "prompts.eval_size=0", "train.checkpoint_every=1"]
+    killed = []
+    with log_path.open("w") as sink:
+        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        driver = psutil.Process(process.pid)
+        deadline = time.monotonic() + 900
+        targets = [("GenerationWorker", lambda: (round_dir / "candidates.partial").is_dir()),
+                   ("RayTrainWorker", lambda: (round_dir / "policy.partial" / "checkpoint.pt").is_file())]
+        try:
+            for name, ready in targets:
+                while not (ready() and workers_named(driver, name)):
+                    assert process.poll() is None, log_path.read_text()[-3000:]
+                    assert time.monotonic() < deadline, f"never saw a {name} at work"
+                    time.sleep(0.1)
+                if name == "GenerationWorker":
+                    time.sleep(2)  # starting its engine or sampling
+                for worker in workers_named(driver, name):
+                    worker.send_signal(signal.SIGKILL)
+                    killed.append(name)
+            process.wait(timeout=900)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    output = log_path.read_text()
+    assert process.returncode == 0, output[-5000:]
+    assert {"GenerationWorker", "RayTrainWorker"} <= set(killed)
+    assert "generate: the vLLM engine of shard 0 died; starting another (retry 1 of 2)" in output
+    assert json.loads((round_dir / "_done" / "generate").read_text())["engine_retries"] == 1
+
+    for name in ("candidates", "lists", "train"):
+        ours, clean = pq.read_table(round_dir / name).to_pylist(), pq.read_table(baseline / name).to_pylist()
+        keys = Counter((row["prompt_id"], row.get("sample_index")) for row in ours)
+        assert max(keys.values()) == 1, f"{name} has duplicated rows"
+        assert keys == Counter((row["prompt_id"], row.get("sample_index")) for row in clean), name
+    # The replacement engine has the lost one's seed: the same answers.
+    assert sorted(r["response"] for r in pq.read_table(round_dir / "candidates").to_pylist()) == \
+        sorted(r["response"] for r in pq.read_table(baseline / "candidates").to_pylist())
+    # Ray Train started the group again, and the loop went on from its checkpoint: every step once.
+    assert "resuming training after step" in output
+    steps = [json.loads(line)["step"] for line in (round_dir / "policy" / "training_log.jsonl").read_text().splitlines()]
+    clean_steps = (baseline / "policy" / "training_log.jsonl").read_text().splitlines()
+    assert steps == list(range(1, len(clean_steps) + 1))
