@@ -7,12 +7,15 @@ import json
 import logging
 import signal
 import sys
+from pathlib import Path
 
 from pipeline.errors import PipelineError, Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description="LarPO iterative alignment rounds")
+    # `larpo` (the console script of pyproject.toml) and `python -m pipeline` are the same command.
+    prog = "larpo" if Path(sys.argv[0]).name == "larpo" else "python -m pipeline"
+    parser = argparse.ArgumentParser(prog=prog, description="LarPO iterative alignment rounds")
     commands = parser.add_subparsers(dest="command", required=True)
 
     for name, help_text in (("round", "run round N (round N-1 must be finished)"),
