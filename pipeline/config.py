@@ -139,7 +139,9 @@ class ListsConfig:
     min_margin: float = 0.0
     # The candidate pool of a prompt: this round only (`none`), plus the previous
     # round's responses to the same prompt (`previous`), or every earlier
-    # round's (`all`). Earlier rewards are reused, not re-scored.
+    # round's (`all`). Earlier rewards are reused, not re-scored. It only acts when
+    # prompts recur (a small prompt set, or prompts.per_round equal to the set): each
+    # round draws new prompts until the set is used up. Earlier rounds' lists: train.replay.
     memory: Literal["none", "previous", "all"] = "none"
 
 
@@ -197,6 +199,11 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     # LoRA adapters (peft) instead of full fine-tuning when lora_rank > 0; they are
     # merged into the saved checkpoint, so vLLM loads it as a plain model.
+    # Earlier rounds' lists trained on again beside this round's (LarPO's Algorithm 1 trains
+    # iteration s on D_0 ... D_s): `previous` adds round N-1's, `all` rounds 1..N-1's. Their
+    # reference log-probs are scored again under this round's reference; one shuffled pass
+    # over the union. Not `lists.memory`, which pools earlier answers to the *same prompt*.
+    replay: Literal["none", "previous", "all"] = "none"
     lora_rank: int = 0
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
@@ -249,7 +256,8 @@ RUN_IDENTITY_KEYS = ("seed", "model.name", "prompts.train", "prompts.heldout",
                      "prompts.messages_field", "prompts.per_round",
                      # Dropping repeats changes the prompt list, so every round's slice.
                      "prompts.duplicates", "reward.name",
-                     "reference.policy", "reward.model", "reward.components", "reward.length_penalty",
+                     "reference.policy", "train.replay",
+                     "reward.model", "reward.components", "reward.length_penalty",
                      # Round 0's held-out answers, every win rate's baseline, were made with these.
                      "evaluate.temperature", "evaluate.max_tokens")
 

@@ -25,7 +25,7 @@ import yaml
 
 from pipeline.config import RUN_IDENTITY_KEYS, Config, config_from_dict, get_key
 from pipeline.errors import PipelineError
-from pipeline.layout import STAGES, RoundLayout, RunLayout, atomic_write_json, atomic_write_text
+from pipeline.layout import EARLIER_ROUNDS, STAGES, RoundLayout, RunLayout, atomic_write_json, atomic_write_text
 from pipeline.models import REPO_ROOT, resolve_model
 from pipeline.prompts import Prompt, fit_to_context, load_prompts, round_slice
 from pipeline.resources import check_resources
@@ -60,6 +60,11 @@ def plan_round(config: Config, run_name: str, number: int) -> RoundPlan:
         raise PipelineError(f"round {number - 1} of run '{run_name}' is not finished "
                             f"({previous.done_marker(missing)} is missing): run round {number - 1} first")
     check_compatible(run, config)
+    for earlier in EARLIER_ROUNDS[config.train.replay](number):
+        if not run.round(earlier).is_done("rerank"):
+            raise PipelineError(f"train.replay={config.train.replay} needs round {earlier}'s lists, but "
+                                f"{run.round(earlier).done_marker('rerank')} is missing: run round {earlier} "
+                                "first, or use train.replay=none")
 
     base_model = resolve_model(config.model.name)
     policy_in = base_model if number == 1 else str(run.round(number - 1).policy)
@@ -162,6 +167,9 @@ def check_input(plan: RoundPlan, stage: str) -> None:
     number = plan.round.number
     if stage in INPUT_STAGE:
         plan.round.check_output(INPUT_STAGE[stage])
+    if stage == "reference":
+        for earlier in EARLIER_ROUNDS[plan.config.train.replay](number):
+            plan.run.round(earlier).check_output("rerank")
     elif stage == "generate" and number > 1:
         plan.run.round(number - 1).check_output("train")
 

@@ -107,7 +107,21 @@ def summary_lines(view: RoundView) -> list[str]:
          f"   duplicates {stats.get('duplicates_dropped', 0)} dropped"
          f"   from earlier rounds {stats.get('memory_candidates', 0)} in pools, "
          f"{stats.get('memory_items_in_lists', 0)} in lists"),
+        *training_lines(view.layout),
     ]
+
+
+def training_lines(layout: RoundLayout) -> list[str]:
+    """What the trainer read: this round's lists and those replayed from earlier rounds (train.replay)."""
+    if not layout.is_done("reference"):
+        return []
+    stats = layout.stage_stats("reference")
+    if "lists_current" not in stats:  # a round from before replay was counted
+        return []
+    rounds = Counter(row["round"] for row in read_shards(layout.train) if row.get("round") != layout.number)
+    replayed = ", ".join(f"round {n}: {count}" for n, count in sorted(rounds.items()))
+    return [f"  trained on       {stats['lists_current']} lists of this round, {stats['lists_replayed']} replayed"
+            + (f" ({replayed})" if replayed else "")]
 
 
 def reward_lines(rewards: list[float]) -> list[str]:

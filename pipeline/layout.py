@@ -33,6 +33,14 @@ STAGE_OUTPUTS = {
     "evaluate": "eval",
 }
 STAGES = tuple(STAGE_OUTPUTS)
+
+# Which earlier rounds `lists.memory` (their candidates) and `train.replay` (their lists)
+# bring into round `number`.
+EARLIER_ROUNDS: dict[str, Any] = {
+    "none": lambda number: [],
+    "previous": lambda number: [number - 1] if number > 1 else [],
+    "all": lambda number: list(range(1, number)),
+}
 PARTIAL_SUFFIX = ".partial"
 
 

@@ -56,6 +56,8 @@ TRAIN = pa.schema([
     ("metadata", pa.string()),
     # The checkpoint whose log-probs are in ref_logp.
     ("reference", pa.string()),
+    # The round whose lists this row is: earlier than the shard's own with train.replay.
+    ("round", pa.int64()),
 ])
 
 EVAL = pa.schema([

@@ -17,7 +17,7 @@ import ray
 
 from pipeline import schema, timing
 from pipeline.hardware import cluster_has_gpus
-from pipeline.layout import read_parquet_dir, shard_name, write_parquet
+from pipeline.layout import EARLIER_ROUNDS, read_parquet_dir, shard_name, write_parquet
 
 
 def list_batches(sizes: list[int], lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -71,10 +71,21 @@ def score_items(*args, **kwargs) -> tuple[list[float], dict[str, float]]:
         return reference_logprobs(*args, **kwargs), timings.seconds
 
 
+def replayed_lists(plan) -> list[dict[str, Any]]:
+    """The lists of the earlier rounds `train.replay` names, each row marked with its round."""
+    rows = []
+    for earlier in EARLIER_ROUNDS[plan.config.train.replay](plan.round.number):
+        rows += [{**row, "round": earlier} for row in read_parquet_dir(plan.run.round(earlier).lists).to_pylist()]
+    return rows
+
+
 def run_stage(plan, out_dir: Path) -> dict[str, Any]:
     config = plan.config
     with timing.timed("io"):
-        rows = read_parquet_dir(plan.round.lists).to_pylist()
+        current = [{**row, "round": plan.round.number} for row in read_parquet_dir(plan.round.lists).to_pylist()]
+        # Scored below under this round's reference, as the current lists are: the log-probs
+        # stored with them in their own round were under that round's reference.
+        rows = current + replayed_lists(plan)
     lists = [(row["prompt"], [item["response"] for item in row["positives"] + row["negatives"]]) for row in rows]
     gpus = 1 if cluster_has_gpus() else 0
     logps: list[list[float]] = []
@@ -92,4 +103,5 @@ def run_stage(plan, out_dir: Path) -> dict[str, Any]:
         row["reference"] = plan.reference
     with timing.timed("io"):
         write_parquet(pa.Table.from_pylist(rows, schema=schema.TRAIN), out_dir / shard_name(0))
-    return {"lists": len(rows), "items": sum(len(responses) for _, responses in lists), "reference": plan.reference}
+    return {"lists": len(rows), "lists_current": len(current), "lists_replayed": len(rows) - len(current),
+            "items": sum(len(responses) for _, responses in lists), "reference": plan.reference}

@@ -37,6 +37,7 @@ import json
 import math
 import os
 import random
+import logging
 import shutil
 from collections import defaultdict
 from collections.abc import Callable
@@ -49,8 +50,11 @@ import ray
 
 from pipeline import schema, timing
 from pipeline.errors import PipelineError
-from pipeline.layout import PARTIAL_SUFFIX, RoundLayout, RunLayout, read_parquet_dir, shard_name, write_parquet
+from pipeline.layout import (EARLIER_ROUNDS, PARTIAL_SUFFIX, RoundLayout, RunLayout, read_parquet_dir, shard_name,
+                             write_parquet)
 from rewards import Sample, build_reward_from_config
+
+log = logging.getLogger("pipeline.rerank")
 
 # What a list item keeps of its candidate row.
 ITEM_FIELDS = ("response", "reward", "sample_index", "round", "num_tokens", "temperature")
@@ -148,11 +152,7 @@ def reward_summary(rewards: list[float]) -> dict[str, float]:
 # --- memory: earlier rounds' scored candidates ------------------------------------
 
 # The earlier rounds whose candidates join round `number`'s pool.
-MEMORY_ROUNDS: dict[str, Callable[[int], list[int]]] = {
-    "none": lambda number: [],
-    "previous": lambda number: [number - 1] if number > 1 else [],
-    "all": lambda number: list(range(1, number)),
-}
+MEMORY_ROUNDS = EARLIER_ROUNDS
 
 
 def scored_dir(round_layout: RoundLayout) -> Path:
@@ -298,6 +298,10 @@ def run_stage(plan, out_dir: Path) -> dict[str, Any]:
     prompt_ids = {row["prompt_id"] for row in candidates}
     with timing.timed("io"):
         earlier = earlier_scored(plan.run, number, config.lists.memory, prompt_ids)
+    if config.lists.memory != "none" and number > 1 and not earlier:
+        log.warning("round %d: lists.memory=%s found no earlier answer to any of this round's prompts (each "
+                    "round draws new prompts until the set is used up): it changes nothing here; to train on "
+                    "earlier rounds' lists, set train.replay", number, config.lists.memory)
     with timing.timed("work"):
         pool, duplicates = candidate_pool(valid, earlier)
         lists, counts = build_lists(pool, config.lists, seed=config.seed + 1000 * number)

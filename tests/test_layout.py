@@ -295,8 +295,11 @@ def test_a_stage_checks_its_input_before_it_starts(finished_rerank, tmp_path):
 
     from pipeline.driver import check_input
 
+    from pipeline.config import load_config
+
     run = RunLayout.at(tmp_path, "run")
-    plan = SimpleNamespace(round=finished_rerank, run=run)
+    config = load_config("configs/smoke.yaml")
+    plan = SimpleNamespace(round=finished_rerank, run=run, config=config)
     check_input(plan, "reference")
     (finished_rerank.lists / shard_name(0)).write_bytes(b"PAR1")
     with pytest.raises(layout.PipelineError, match=r"lists/part-00000.parquet has 4 bytes.*redo the rerank stage"):
@@ -307,4 +310,4 @@ def test_a_stage_checks_its_input_before_it_starts(finished_rerank, tmp_path):
     run.round(1).finish_stage("train", {})
     (run.round(1).policy / "model.safetensors").unlink()
     with pytest.raises(layout.PipelineError, match=r"policy/model.safetensors is missing; redo the train stage"):
-        check_input(SimpleNamespace(round=run.round(2), run=run), "generate")
+        check_input(SimpleNamespace(round=run.round(2), run=run, config=config), "generate")
