@@ -41,7 +41,7 @@ def worker_env() -> dict[str, str]:
     return {"THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "1")}
 
 
-def fit(loop_config: dict[str, Any], num_workers: int, storage_path: Path, name: str, retries: int) -> None:
+def fit(loop_config: dict[str, Any], num_workers: int, storage_path: Path, name: str, retries: int = 0) -> None:
     """Run the training loop on `num_workers` Ray Train workers.
 
     A worker that dies makes Ray Train start the group again, up to `retries` times;
