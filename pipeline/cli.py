@@ -65,9 +65,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+# The SIGTERM received, if one was: Ray's blocking calls (ray.get, ray.wait) turn any
+# KeyboardInterrupt raised inside them into a plain one, so the exception may not carry it.
+_terminated: list[int] = []
+
+
 def _terminate(signum, frame) -> None:
-    # As KeyboardInterrupt, the one exception Ray's blocking calls (ray.get, ray.wait) pass through
-    # intact; the signal is kept for the exit status.
+    _terminated.append(signum)
     raise Terminated(signum)
 
 
@@ -106,6 +110,6 @@ def run_rounds(args: argparse.Namespace) -> int:
                 metrics = run_round(plan_round(config, args.run, number))
                 print(json.dumps({"round": number, "eval": metrics.get("eval"),
                                   "stage_seconds": metrics.get("stage_seconds")}))
-    except KeyboardInterrupt as exc:  # Terminated (SIGTERM) included
-        return interrupted(exc.signum if isinstance(exc, Terminated) else signal.SIGINT)
+    except KeyboardInterrupt:  # Terminated (SIGTERM) included
+        return interrupted(_terminated[0] if _terminated else signal.SIGINT)
     return 0
