@@ -71,7 +71,6 @@ METHODS: dict[str, Method] = {
                       ("train.objective=listmle", "lists.strategy=top_bottom",
                        "lists.num_positives=2", "lists.num_negatives=2")),
 }
-PAIRWISE = ("dpo", "dpo-k")
 LARPO = ("contrastive", "lambdarank", "listmle")
 # Its overrides are configs/default.yaml's own lists and objective: its runs are default runs.
 DEFAULT_METHOD = "contrastive"

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.experiment import DEFAULT_METHOD, LARPO, METHODS, PAIRWISE, RESULTS_MD, repo_relative, replace_section, \
+from bench.experiment import DEFAULT_METHOD, LARPO, METHODS, RESULTS_MD, repo_relative, replace_section, \
     seed_dir, stored_rounds
 from pipeline.errors import PipelineError
 from pipeline.stats import BOOTSTRAP_RESAMPLES, Interval, paired_bootstrap

@@ -5,8 +5,9 @@ included when it exists) and each round's `policy/training_log.jsonl`, prints
 a table, and writes it as `report.md` with a plot, `report.png`, into the run
 directory. Every trained round's reward, win rate and strict pass rate come
 with the 95% paired bootstrap interval of their difference against round 0
-(stages/evaluate.py, `intervals_vs_round_0`), in the table and as error bars. Only finished rounds have a metrics.json, so a round in progress is
-left out rather than shown half-done.
+(stages/evaluate.py, `intervals_vs_round_0`), in the table and as error bars.
+Only finished rounds have a metrics.json, so a round in progress is left out
+rather than shown half-done.
 """
 
 from __future__ import annotations

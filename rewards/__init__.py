@@ -1,6 +1,7 @@
 """Rewards: score (prompt, response) samples. Importing this fills the REWARDS registry."""
 
 from rewards.base import REWARDS, RewardModel, Sample, build_reward, build_reward_from_config, register_reward
-from rewards import composite, hf_classifier, ifeval  # noqa: F401  (register "composite", "hf_classifier", "ifeval", "ifeval_graded")
+# Imported to register "composite", "hf_classifier", "ifeval" and "ifeval_graded".
+from rewards import composite, hf_classifier, ifeval  # noqa: F401
 
 __all__ = ["REWARDS", "RewardModel", "Sample", "build_reward", "build_reward_from_config", "register_reward"]

@@ -81,6 +81,7 @@ def test_a_killed_engine_and_train_worker_are_replaced(smoke_run, tmp_path):
         sorted(r["response"] for r in pq.read_table(baseline / "candidates").to_pylist())
     # Ray Train started the group again, and the loop went on from its checkpoint: every step once.
     assert "resuming training after step" in output
-    steps = [json.loads(line)["step"] for line in (round_dir / "policy" / "training_log.jsonl").read_text().splitlines()]
+    log_lines = (round_dir / "policy" / "training_log.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in log_lines]
     clean_steps = (baseline / "policy" / "training_log.jsonl").read_text().splitlines()
     assert steps == list(range(1, len(clean_steps) + 1))
