@@ -35,29 +35,27 @@ def workers_named(root: psutil.Process, name: str) -> list[psutil.Process]:
     return found
 
 
-def test_a_killed_engine_and_train_worker_are_replaced(smoke_run, tmp_path):
-    baseline = smoke_run / "round_001"
-    round_dir = tmp_path / "faults" / "round_001"
+def run_and_kill(tmp_path, run: str, targets) -> tuple[int, str, list[str]]:
+    """Run a smoke round; for each (process name, ready, delay) in turn, SIGKILL that worker once
+    `ready()` holds and it is running. Returns the exit status, the output and what was killed."""
+    round_dir = tmp_path / run / "round_001"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
-    log_path = tmp_path / "faults.log"
-    command = [sys.executable, "-m", "pipeline", "round", "1", "--config", "configs/smoke.yaml", "--run", "faults",
+    log_path = tmp_path / f"{run}.log"
+    command = [sys.executable, "-m", "pipeline", "round", "1", "--config", "configs/smoke.yaml", "--run", run,
                "--output", str(tmp_path), "prompts.eval_size=0", "train.checkpoint_every=1"]
     killed = []
     with log_path.open("w") as sink:
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
         driver = psutil.Process(process.pid)
         deadline = time.monotonic() + 900
-        targets = [("GenerationWorker", lambda: (round_dir / "candidates.partial").is_dir()),
-                   ("RayTrainWorker", lambda: (round_dir / "policy.partial" / "checkpoint.pt").is_file())]
         try:
-            for name, ready in targets:
-                while not (ready() and workers_named(driver, name)):
+            for name, ready, delay in targets:
+                while not (ready(round_dir) and workers_named(driver, name)):
                     assert process.poll() is None, log_path.read_text()[-3000:]
                     assert time.monotonic() < deadline, f"never saw a {name} at work"
-                    time.sleep(0.1)
-                if name == "GenerationWorker":
-                    time.sleep(2)  # starting its engine or sampling
+                    time.sleep(0.01)
+                time.sleep(delay)
                 for worker in workers_named(driver, name):
                     worker.send_signal(signal.SIGKILL)
                     killed.append(name)
@@ -65,12 +63,10 @@ def test_a_killed_engine_and_train_worker_are_replaced(smoke_run, tmp_path):
         finally:
             if process.poll() is None:
                 process.kill()
-    output = log_path.read_text()
-    assert process.returncode == 0, output[-5000:]
-    assert {"GenerationWorker", "RayTrainWorker"} <= set(killed)
-    assert "generate: the vLLM engine of shard 0 died; starting another (retry 1 of 2)" in output
-    assert json.loads((round_dir / "_done" / "generate").read_text())["engine_retries"] == 1
+    return process.returncode, log_path.read_text(), killed
 
+
+def assert_same_rows(round_dir, baseline) -> None:
     for name in ("candidates", "lists", "train"):
         ours, clean = pq.read_table(round_dir / name).to_pylist(), pq.read_table(baseline / name).to_pylist()
         keys = Counter((row["prompt_id"], row.get("sample_index")) for row in ours)
@@ -79,9 +75,35 @@ def test_a_killed_engine_and_train_worker_are_replaced(smoke_run, tmp_path):
     # The replacement engine has the lost one's seed: the same answers.
     assert sorted(r["response"] for r in pq.read_table(round_dir / "candidates").to_pylist()) == \
         sorted(r["response"] for r in pq.read_table(baseline / "candidates").to_pylist())
+
+
+def test_a_killed_engine_and_train_worker_are_replaced(smoke_run, tmp_path):
+    baseline = smoke_run / "round_001"
+    code, output, killed = run_and_kill(tmp_path, "faults", [
+        ("GenerationWorker", lambda d: (d / "candidates.partial").is_dir(), 2.0),  # starting its engine or sampling
+        ("RayTrainWorker", lambda d: (d / "policy.partial" / "checkpoint.pt").is_file(), 0.0),
+    ])
+    round_dir = tmp_path / "faults" / "round_001"
+    assert code == 0, output[-5000:]
+    assert {"GenerationWorker", "RayTrainWorker"} <= set(killed)
+    assert "generate: the vLLM engine of shard 0 died; starting another (retry 1 of 2)" in output
+    assert json.loads((round_dir / "_done" / "generate").read_text())["engine_retries"] == 1
+    assert_same_rows(round_dir, baseline)
     # Ray Train started the group again, and the loop went on from its checkpoint: every step once.
     assert "resuming training after step" in output
     log_lines = (round_dir / "policy" / "training_log.jsonl").read_text().splitlines()
     steps = [json.loads(line)["step"] for line in log_lines]
     clean_steps = (baseline / "policy" / "training_log.jsonl").read_text().splitlines()
     assert steps == list(range(1, len(clean_steps) + 1))
+
+
+def test_a_killed_reward_actor_and_reference_task_are_replaced(smoke_run, tmp_path):
+    """Killed while their stage runs (its marker not yet written): Ray starts them again."""
+    baseline = smoke_run / "round_001"
+    code, output, killed = run_and_kill(tmp_path, "faults2", [
+        ("RewardWorker", lambda d: (d / "lists.partial").is_dir() and not (d / "_done" / "rerank").exists(), 0.0),
+        ("score_items", lambda d: (d / "train.partial").is_dir() and not (d / "_done" / "reference").exists(), 0.0),
+    ])
+    assert code == 0, output[-5000:]
+    assert {"RewardWorker", "score_items"} <= set(killed)
+    assert_same_rows(tmp_path / "faults2" / "round_001", baseline)
