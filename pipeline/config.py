@@ -237,6 +237,9 @@ class Config:
     # task, a Ray Train worker: a preempted node, an out-of-memory kill) is replaced this
     # many times per stage, redoing only its unfinished part; then the round stops.
     worker_retries: int = 2
+    # A round that asks for more workers or GPUs than the Ray cluster has stops before any
+    # stage; on an autoscaling cluster, give it this many seconds to grow first.
+    resources_wait_seconds: float = 0.0
     model: ModelConfig = field(default_factory=ModelConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
@@ -264,6 +267,7 @@ RUN_IDENTITY_KEYS = ("seed", "model.name", "prompts.train", "prompts.heldout",
 # Checked after types: (key, predicate, what it must be).
 _RANGE_CHECKS: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("worker_retries", lambda v: v >= 0, "zero (no retry) or more"),
+    ("resources_wait_seconds", lambda v: v >= 0, "zero or more"),
     ("model.max_model_len", lambda v: v > 0, "positive"),
     ("prompts.per_round", lambda v: v > 0, "positive"),
     ("prompts.eval_size", lambda v: v >= 0, "zero or more"),

@@ -28,7 +28,7 @@ from pipeline.errors import PipelineError
 from pipeline.layout import EARLIER_ROUNDS, STAGES, RoundLayout, RunLayout, atomic_write_json, atomic_write_text
 from pipeline.models import REPO_ROOT, resolve_model
 from pipeline.prompts import Prompt, fit_to_context, load_prompts, round_slice
-from pipeline.resources import check_resources
+from pipeline.resources import wait_for_resources
 from pipeline.timing import Timings
 from rewards.base import metadata_problem
 
@@ -131,7 +131,7 @@ def run_round(plan: RoundPlan) -> dict[str, Any]:
         ray_init_seconds = ensure_ray()
         import ray
 
-        check_resources(plan.config, ray.cluster_resources())
+        wait_for_resources(plan.config, ray.cluster_resources)
         config_text = yaml.safe_dump(plan.config.to_dict(), sort_keys=False)
         if not plan.run.config.is_file():
             atomic_write_text(plan.run.config, config_text)

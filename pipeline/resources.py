@@ -7,7 +7,8 @@ GPUs than the cluster has is refused at the start instead, with the key to chang
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 
 from pipeline.errors import PipelineError
 
@@ -42,3 +43,13 @@ def check_resources(config, resources: Mapping[str, float]) -> None:
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise PipelineError(f"config key {problems[0]}: lower it or add nodes{more}")
+
+
+def wait_for_resources(config, cluster_resources: Callable[[], Mapping[str, float]],
+                       clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                       poll_seconds: float = 5.0) -> None:
+    """check_resources, giving an autoscaling cluster `resources_wait_seconds` to grow first."""
+    deadline = clock() + config.resources_wait_seconds
+    while resource_problems(config, cluster_resources()) and clock() < deadline:
+        sleep(min(poll_seconds, max(0.0, deadline - clock())))
+    check_resources(config, cluster_resources())

@@ -238,12 +238,31 @@ def test_a_classifier_reward_needs_no_constraints(tmp_path, output, tiny_model):
 
 def test_infeasible_resource_request_stops_before_any_stage(output, tiny_model):
     import os
+    import subprocess
+    import sys
+    import time
 
-    result = run_cli("round", "1", "--config", "configs/smoke.yaml", "--run", "r", "--output", str(output),
-                     f"train.num_workers={(os.cpu_count() or 1) + 2}", timeout=300)
+    import psutil
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    too_many = f"train.num_workers={(os.cpu_count() or 1) + 2}"
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", "round", "1", "--config", "configs/smoke.yaml",
+                                "--run", "r", "--output", str(output), too_many],
+                               cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    family = set()
+    while process.poll() is None:  # the Ray processes the command starts, to check none outlives it
+        try:
+            family.update(psutil.Process(process.pid).children(recursive=True))
+        except psutil.NoSuchProcess:
+            pass
+        time.sleep(0.1)
+    stderr = process.stderr.read()
     # Ray prints its own start-up lines before the check can run; the error is the last line, alone.
-    assert result.returncode == 2, result.stderr
-    last = result.stderr.strip().splitlines()[-1]
+    assert process.returncode == 2, stderr
+    last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: config key 'train.num_workers'") and "lower it or add nodes" in last
     assert_no_run_dir(output)
     assert not (output / "r" / "config.yaml").exists()
+    _, alive = psutil.wait_procs(list(family), timeout=60)
+    assert not [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
