@@ -44,7 +44,7 @@ def run_and_kill(tmp_path, run: str, targets) -> tuple[int, str, list[str]]:
     log_path = tmp_path / f"{run}.log"
     command = [sys.executable, "-m", "pipeline", "round", "1", "--config", "configs/smoke.yaml", "--run", run,
                "--output", str(tmp_path), "prompts.eval_size=0", "train.checkpoint_every=1"]
-    killed = []
+    killed, family = [], set()
     with log_path.open("w") as sink:
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
         driver = psutil.Process(process.pid)
@@ -59,10 +59,21 @@ def run_and_kill(tmp_path, run: str, targets) -> tuple[int, str, list[str]]:
                 for worker in workers_named(driver, name):
                     worker.send_signal(signal.SIGKILL)
                     killed.append(name)
-            process.wait(timeout=900)
+            while process.poll() is None:  # to the end, noting every process the round starts
+                assert time.monotonic() < deadline, "the round did not finish"
+                try:
+                    family.update(driver.children(recursive=True))
+                except psutil.NoSuchProcess:
+                    pass
+                time.sleep(0.2)
         finally:
             if process.poll() is None:
                 process.kill()
+    _, alive = psutil.wait_procs(list(family), timeout=60)
+    left = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    for p in left:
+        p.kill()
+    assert not left, f"still running after the round ended: {left}"
     return process.returncode, log_path.read_text(), killed
 
 
