@@ -21,6 +21,7 @@ from bench.experiment import DEFAULT_METHOD, LARPO, METHODS, RESULTS_MD, repo_re
     seed_dir, stored_rounds
 from pipeline.errors import PipelineError
 from pipeline.stats import BOOTSTRAP_RESAMPLES, Interval, paired_bootstrap
+from stages.evaluate import win_score
 
 # The default config's goal (issue 12): +15 points of strict pass rate by the last round,
 # mean over seeds, with the pooled interval's lower end at +5 points or more.
@@ -68,15 +69,11 @@ def load(store: Path, methods: list[str], seeds: list[int]) -> Results:
     return results
 
 
-def _win(ours: float, theirs: float) -> float:
-    return 1.0 if ours > theirs else 0.5 if ours == theirs else 0.0
-
-
 # metric -> per-prompt value of a round's answer, given round 0's answers of the same run.
 PER_PROMPT: dict[str, Callable[[RoundResult, RoundResult], dict[str, float]]] = {
     "pass_rate": lambda r, base: r.passed,
     "reward_mean": lambda r, base: r.reward,
-    "win_rate": lambda r, base: {p: _win(v, base.reward[p]) for p, v in r.reward.items() if p in base.reward},
+    "win_rate": lambda r, base: {p: win_score(v, base.reward[p]) for p, v in r.reward.items() if p in base.reward},
 }
 
 

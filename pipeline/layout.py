@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ STAGES = tuple(STAGE_OUTPUTS)
 
 # Which earlier rounds `lists.memory` (their candidates) and `train.replay` (their lists)
 # bring into round `number`.
-EARLIER_ROUNDS: dict[str, Any] = {
+EARLIER_ROUNDS: dict[str, Callable[[int], list[int]]] = {
     "none": lambda number: [],
     "previous": lambda number: [number - 1] if number > 1 else [],
     "all": lambda number: list(range(1, number)),

@@ -72,7 +72,7 @@ def paired_rows(current: list[dict], baseline: list[dict]) -> list[tuple[dict, d
     return pairs
 
 
-def _win(ours: float, theirs: float) -> float | None:
+def win_score(ours: float, theirs: float) -> float | None:
     # A pair where either reward is not finite (reward.on_invalid=drop) cannot be compared.
     if not (math.isfinite(ours) and math.isfinite(theirs)):
         return None
@@ -84,7 +84,7 @@ def win_rate(current: list[dict], baseline: list[dict]) -> float | None:
 
     Pairs that cannot be compared are left out; None when no pair can be.
     """
-    wins = [w for row, base in paired_rows(current, baseline) if (w := _win(row["reward"], base["reward"])) is not None]
+    wins = [w for row, base in paired_rows(current, baseline) if (w := win_score(row["reward"], base["reward"])) is not None]
     return sum(wins) / len(wins) if wins else None
 
 
@@ -130,7 +130,7 @@ def intervals_vs_round_0(current: list[dict], baseline: list[dict]) -> dict[str,
     # metric -> (this round's per-prompt value, round 0's) for the prompts it can measure.
     pairs: dict[str, list[tuple[float, float]]] = {"reward_mean": [], "pass_rate": [], "win_rate": []}
     for row, base in paired_rows(current, baseline):
-        if (win := _win(row["reward"], base["reward"])) is not None:
+        if (win := win_score(row["reward"], base["reward"])) is not None:
             pairs["reward_mean"].append((row["reward"], base["reward"]))
             pairs["win_rate"].append((win, 0.5))
         ours, theirs = strict_pass(row), strict_pass(base)

@@ -36,8 +36,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import logging
+import random
 import shutil
 from collections import defaultdict
 from collections.abc import Callable
@@ -151,9 +151,6 @@ def reward_summary(rewards: list[float]) -> dict[str, float]:
 
 # --- memory: earlier rounds' scored candidates ------------------------------------
 
-# The earlier rounds whose candidates join round `number`'s pool.
-MEMORY_ROUNDS = EARLIER_ROUNDS
-
 
 def scored_dir(round_layout: RoundLayout) -> Path:
     return round_layout.dir / SCORED_DIR
@@ -162,7 +159,7 @@ def scored_dir(round_layout: RoundLayout) -> Path:
 def earlier_scored(run: RunLayout, number: int, memory: str, prompt_ids: set[str]) -> list[dict[str, Any]]:
     """Earlier rounds' candidates for these prompts with their stored, finite rewards."""
     rows: list[dict[str, Any]] = []
-    for earlier in MEMORY_ROUNDS[memory](number):
+    for earlier in EARLIER_ROUNDS[memory](number):
         layout = run.round(earlier)
         directory = scored_dir(layout)
         if not layout.is_done("rerank") or not directory.is_dir():

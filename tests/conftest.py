@@ -5,9 +5,28 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def kill_processes(processes) -> list[psutil.Process]:
+    """SIGKILL every process that still runs and wait for them; those still alive after 30 s."""
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return psutil.wait_procs(list(processes), timeout=30)[1]
+
+
+def survivors(processes, timeout: float = 60) -> list[psutil.Process]:
+    """The processes (zombies aside) still running `timeout` s from now; killed, so no test leaks them."""
+    alive = psutil.wait_procs(list(processes), timeout=timeout)[1]
+    left = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    kill_processes(left)
+    return left
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import yaml
 from pipeline.config import load_config
 from pipeline.driver import plan_round
 from pipeline.errors import PipelineError
-from tests.conftest import REPO_ROOT, run_cli
+from tests.conftest import REPO_ROOT, run_cli, survivors
 
 
 def write_prompts(path: Path, rows: list[dict]) -> Path:
@@ -264,5 +264,4 @@ def test_infeasible_resource_request_stops_before_any_stage(output, tiny_model):
     assert last.startswith("error: config key 'train.num_workers'") and "lower it or add nodes" in last
     assert_no_run_dir(output)
     assert not (output / "r" / "config.yaml").exists()
-    _, alive = psutil.wait_procs(list(family), timeout=60)
-    assert not [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not survivors(family)

@@ -12,10 +12,9 @@ import pytest
 from pipeline import schema
 from pipeline.config import ListsConfig
 from pipeline.errors import PipelineError
-from pipeline.layout import read_parquet_dir, shard_name, write_parquet
+from pipeline.layout import EARLIER_ROUNDS, read_parquet_dir, shard_name, write_parquet
 from stages.rerank import (
     LIST_STRATEGIES,
-    MEMORY_ROUNDS,
     TIE_RULES,
     build_lists,
     candidate_pool,
@@ -344,7 +343,7 @@ def test_pool_without_memory_still_counts_duplicates_within_a_round():
     ("none", 3, []), ("previous", 1, []), ("previous", 3, [2]), ("all", 1, []), ("all", 4, [1, 2, 3]),
 ])
 def test_memory_rounds(memory, number, rounds):
-    assert MEMORY_ROUNDS[memory](number) == rounds
+    assert EARLIER_ROUNDS[memory](number) == rounds
 
 
 # --- invalid rewards -----------------------------------------------------------------------

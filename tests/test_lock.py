@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.errors import PipelineError
 from pipeline.lock import LOCK_NAME, run_lock
-from tests.conftest import REPO_ROOT, run_cli
+from tests.conftest import REPO_ROOT, kill_processes, run_cli
 
 HOLD = "import sys, time; from pathlib import Path; from pipeline.lock import run_lock\n" \
        "with run_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(600)\n"
@@ -74,10 +74,5 @@ def test_two_concurrent_commands_on_one_run(tmp_path, tiny_model):
             family = psutil.Process(first.pid).children(recursive=True)
             first.send_signal(signal.SIGKILL)
         first.wait()
-        for child in family:
-            try:
-                child.kill()
-            except psutil.NoSuchProcess:
-                pass
-        gone, alive = psutil.wait_procs(family, timeout=30)
+        alive = kill_processes(family)
     assert not alive, f"processes the test started still run: {alive}"

@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO_ROOT, run_cli
+from tests.conftest import REPO_ROOT, kill_processes, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -51,12 +51,7 @@ def kill_when(output: Path, run: str, ready, timeout: float = 600) -> str:
         family = psutil.Process(process.pid).children(recursive=True)
         process.send_signal(signal.SIGKILL)
         process.wait()
-    for child in family:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(family, timeout=30)
+    kill_processes(family)
     return log.read_text()
 
 

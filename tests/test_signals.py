@@ -9,7 +9,7 @@ import time
 import psutil
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, survivors
 
 pytestmark = pytest.mark.e2e
 
@@ -38,8 +38,5 @@ def test_a_signal_mid_stage_ends_the_command_cleanly(tmp_path, tiny_model, signu
     last = [line for line in stderr.splitlines() if line.strip()][-1]
     assert last == (f"error: interrupted ({signal.Signals(signum).name}) during generate of round 1; "
                     "run the same command to resume")
-    _, alive = psutil.wait_procs(family, timeout=60)
-    leftover = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    for p in leftover:
-        p.kill()
-    assert not leftover, f"still running after the command ended: {[p.cmdline()[:3] for p in leftover]}"
+    leftover = survivors(family)
+    assert not leftover, f"still running after the command ended: {leftover}"

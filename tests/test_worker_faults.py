@@ -19,7 +19,7 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, survivors
 
 pytestmark = pytest.mark.e2e
 
@@ -69,10 +69,7 @@ def run_and_kill(tmp_path, run: str, targets) -> tuple[int, str, list[str]]:
         finally:
             if process.poll() is None:
                 process.kill()
-    _, alive = psutil.wait_procs(list(family), timeout=60)
-    left = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    for p in left:
-        p.kill()
+    left = survivors(family)
     assert not left, f"still running after the round ended: {left}"
     return process.returncode, log_path.read_text(), killed
 
