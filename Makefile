@@ -33,10 +33,8 @@ test: check-venv
 ## make bench: the benchmarks in bench/ (numbers go to docs/bench/ and docs/benchmarks.md)
 bench: bench-train bench-reward bench-generate bench-round
 
-## the trainer against TRL's DPOTrainer. TRL is installed only for this, without
-## its dependencies: a full resolve would bring back torchvision (see scripts/setup.sh).
+## the trainer against TRL's DPOTrainer (TRL comes with the test extra of pyproject.toml)
 bench-train: check-venv
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps "trl==1.16.0" "jinja2"
 	$(PY) bench/train_bench.py $(ARGS)
 
 ## hf_classifier scoring, length-sorted batches against unsorted ones (random 135M classifier, CPU)

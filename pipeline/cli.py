@@ -36,6 +36,16 @@ def main(argv: list[str] | None = None) -> int:
     sub = commands.add_parser("report", help="a table and a PNG plot of every round of a run")
     sub.add_argument("run_dir", help="a run directory, e.g. runs/default")
 
+    sub = commands.add_parser("export", help="ranked lists as a preference dataset (prompt, chosen, rejected) "
+                              "for TRL and other trainers")
+    sub.add_argument("source", help="a round directory (runs/<run>/round_001) or a run directory (every round)")
+    sub.add_argument("--format", choices=("trl", "hf"), default="trl",
+                     help="trl: one Parquet file in TRL's conversational format; hf: a datasets save_to_disk directory")
+    sub.add_argument("--pairs", choices=("best-worst", "all"), default="best-worst",
+                     help="best-worst: each list's best positive against its worst negative; all: every "
+                          "positive against every negative")
+    sub.add_argument("--out", help="where to write (default: <source>/export/preferences-<pairs>[.parquet])")
+
     # Overrides may come after options (`--run x train.beta=0.2`), which argparse
     # leaves unparsed; anything else left over is a real mistake.
     args, extra = parser.parse_known_args(argv)
@@ -55,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.inspect_round import main as inspect_main
 
             return inspect_main(args)
+        if args.command == "export":
+            from pipeline.export import main as export_main
+
+            return export_main(args)
         if args.command == "report":
             from pipeline.report import main as report_main
 
@@ -97,6 +111,7 @@ def run_rounds(args: argparse.Namespace) -> int:
     from pipeline.driver import plan_round, run_round
     from pipeline.layout import RunLayout
     from pipeline.lock import run_lock
+    from pipeline.tracking import Tracking
 
     overrides = list(args.overrides) + ([f"output={args.output}"] if args.output else [])
     config = load_config(args.config, overrides)
@@ -104,12 +119,16 @@ def run_rounds(args: argparse.Namespace) -> int:
     run = RunLayout.at(config.output, args.run)
     run.ensure_writable()
     signal.signal(signal.SIGTERM, _terminate)
+    tracking = Tracking(run, config.tracking, config.to_dict()) if config.tracking else None
     try:
         with run_lock(run.dir):
             for number in range(first, args.number + 1):
-                metrics = run_round(plan_round(config, args.run, number))
+                metrics = run_round(plan_round(config, args.run, number), tracking)
                 print(json.dumps({"round": number, "eval": metrics.get("eval"),
                                   "stage_seconds": metrics.get("stage_seconds")}))
     except KeyboardInterrupt:  # Terminated (SIGTERM) included
         return interrupted(_terminated[0] if _terminated else signal.SIGINT)
+    finally:
+        if tracking:
+            tracking.close()
     return 0

@@ -240,6 +240,9 @@ class Config:
     # A round that asks for more workers or GPUs than the Ray cluster has stops before any
     # stage; on an autoscaling cluster, give it this many seconds to grow first.
     resources_wait_seconds: float = 0.0
+    # Experiment trackers that receive every training step and round (README, "Experiment
+    # tracking"): any of tensorboard, mlflow, wandb. A tracker that fails never fails a round.
+    tracking: list[str] = field(default_factory=list)
     model: ModelConfig = field(default_factory=ModelConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
@@ -252,6 +255,9 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+
+# pipeline/tracking.py's TRACKERS, named here so that loading a config imports no tracker.
+TRACKER_NAMES = ("tensorboard", "mlflow", "wandb")
 
 # Keys that define what a run is. Rounds of one run must agree on them;
 # everything else (learning rate, K, workers...) may change between rounds.
@@ -268,6 +274,8 @@ RUN_IDENTITY_KEYS = ("seed", "model.name", "prompts.train", "prompts.heldout",
 _RANGE_CHECKS: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("worker_retries", lambda v: v >= 0, "zero (no retry) or more"),
     ("resources_wait_seconds", lambda v: v >= 0, "zero or more"),
+    ("tracking", lambda v: set(v) <= set(TRACKER_NAMES) and len(set(v)) == len(v),
+     f"a list of {', '.join(TRACKER_NAMES)}, without repeats"),
     ("model.max_model_len", lambda v: v > 0, "positive"),
     ("prompts.per_round", lambda v: v > 0, "positive"),
     ("prompts.eval_size", lambda v: v >= 0, "zero or more"),

@@ -30,6 +30,7 @@ from pipeline.models import REPO_ROOT, resolve_model
 from pipeline.prompts import Prompt, fit_to_context, load_prompts, round_slice
 from pipeline.resources import wait_for_resources
 from pipeline.timing import Timings
+from pipeline.tracking import Tracking
 from rewards.base import metadata_problem
 
 log = logging.getLogger("pipeline")
@@ -120,12 +121,18 @@ def check_compatible(run: RunLayout, config: Config) -> None:
                                 f"with {get_key(stored, key)!r}; use a new run name to change it")
 
 
-def run_round(plan: RoundPlan) -> dict[str, Any]:
-    """Run the stages that are not done yet; return the round's metrics."""
+def run_round(plan: RoundPlan, tracking: Tracking | None = None) -> dict[str, Any]:
+    """Run the stages that are not done yet; return the round's metrics.
+
+    `tracking` (pipeline/tracking.py) receives the training steps when the train stage
+    is done and the round's metrics when the round is.
+    """
     number = plan.round.number
     with run_log(plan.run.dir / "pipeline.log") as file_only:
         if plan.round.is_finished() and plan.round.metrics.is_file():
             log.info("round %d is already finished: %s", number, plan.round.dir)
+            if tracking:
+                tracking.round_finished(number)
             return read_metrics(plan.round)
         start = time.perf_counter()
         ray_init_seconds = ensure_ray()
@@ -147,6 +154,8 @@ def run_round(plan: RoundPlan) -> dict[str, Any]:
                 else:
                     check_input(plan, stage)
                     run_one_stage(plan, stage, file_only)
+                if stage == "train" and tracking:
+                    tracking.train_finished(number)
                 progress.update()
         metrics = round_metrics(plan)
         # This invocation's: a resumed round's earlier stages ran under another process's ray.init.
@@ -155,6 +164,8 @@ def run_round(plan: RoundPlan) -> dict[str, Any]:
         atomic_write_json(plan.round.metrics, metrics)
         log.info("round %d finished in %.1f s of stages: %s", number, sum(metrics["stage_seconds"].values()),
                  plan.round.metrics)
+        if tracking:
+            tracking.round_finished(number)
         return metrics
 
 

@@ -242,8 +242,8 @@ def plot_png(rows: list[dict[str, Any]], training_logs: list[list[dict[str, Any]
     return buffer.getvalue()
 
 
-def main(args) -> int:
-    run_dir = Path(args.run_dir)
+def write_report(run_dir: Path) -> str:
+    """Write `report.md` and `report.png` into the run directory; return the table."""
     rounds = read_run(run_dir)
     rows = [table_row(metrics, training_log) for metrics, training_log in rounds]
     table = markdown_table(rows)
@@ -253,6 +253,11 @@ def main(args) -> int:
     atomic_write_text(run_dir / "report.md", title + table + "\nIntervals: 95% paired bootstrap over the held-out "
                       "prompts of the difference against round 0.\n\n![rounds](report.png)\n" + kinds_text)
     atomic_write_bytes(run_dir / "report.png", plot_png(rows, [log for _, log in rounds]))
-    print(table, end="")
+    return table
+
+
+def main(args) -> int:
+    run_dir = Path(args.run_dir)
+    print(write_report(run_dir), end="")
     print(f"wrote {run_dir / 'report.md'} and {run_dir / 'report.png'}")
     return 0

@@ -9,6 +9,10 @@ import psutil
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Tests never reach a W&B server, even on a machine logged in to one (pipeline/tracking.py).
+os.environ["WANDB_MODE"] = "offline"
+# The smoke run reports to every tracker, which tests/test_e2e_rounds.py reads back.
+TRACK_ALL = "tracking=[tensorboard,mlflow,wandb]"
 
 
 def kill_processes(processes) -> list[psutil.Process]:
@@ -61,6 +65,6 @@ def smoke_run(tmp_path_factory, tiny_model) -> Path:
     """Two rounds of configs/smoke.yaml through the CLI, run once for every test that reads them."""
     output = tmp_path_factory.mktemp("runs")
     result = run_cli("rounds", "2", "--config", "configs/smoke.yaml", "--run", "e2e", "--output", str(output),
-                     timeout=1200)
+                     TRACK_ALL, timeout=1200)
     assert result.returncode == 0, result.stderr[-5000:]
     return output / "e2e"

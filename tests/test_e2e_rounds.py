@@ -18,7 +18,9 @@ import yaml
 from safetensors.torch import load_file
 
 from pipeline.layout import STAGES
-from tests.conftest import REPO_ROOT, run_cli
+from tests import wandb_records
+from tests.conftest import REPO_ROOT, TRACK_ALL, run_cli
+from tests.test_tracking import mlflow_run, tensorboard_scalars
 
 pytestmark = pytest.mark.e2e
 
@@ -200,6 +202,36 @@ def test_report_over_the_run(run_dir):
               if re.match(r"\| \d", line)]
     assert rounds == ["0", "1", "2"]
     assert (run_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_tracker_received_the_run_once(run_dir):
+    """Training steps numbered across both rounds, round 0-2's evaluation, no step twice after a rerun."""
+    result = run_cli("rounds", "2", "--config", "configs/smoke.yaml", "--run", run_dir.name,
+                     "--output", str(run_dir.parent), TRACK_ALL, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "tracking:" not in result.stderr, result.stderr[-3000:]
+    steps = list(range(1, sum(len(read_log(run_dir / f"round_00{n}")) for n in (1, 2)) + 1))
+    losses = [record["loss"] for n in (1, 2) for record in read_log(run_dir / f"round_00{n}")]
+    pass_rates = [json.loads((run_dir / f"round_00{n}" / "metrics.json").read_text())["eval"]["pass_rate"]
+                  for n in (1, 2)]
+
+    scalars, _ = tensorboard_scalars(run_dir)
+    assert [step for step, _ in scalars["train/loss"]] == steps
+    assert [value for _, value in scalars["train/loss"]] == pytest.approx(losses, rel=1e-6)
+    assert [step for step, _ in scalars["eval/pass_rate"]] == [0, 1, 2]
+    assert [value for _, value in scalars["eval/pass_rate"]][1:] == pytest.approx(pass_rates)
+
+    client, tracked = mlflow_run(run_dir)
+    assert [m.step for m in client.get_metric_history(tracked.info.run_id, "train/grad_norm")] == steps
+    assert tracked.data.params["train.objective"] == SMOKE["train"]["objective"]
+
+    rows = wandb_records.history(run_dir)
+    assert [row["train/step"] for row in rows if "train/step" in row] == steps
+    assert [row["round"] for row in rows if "eval/pass_rate" in row] == [0, 1, 2]
+
+
+def read_log(round_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (round_dir / "policy" / "training_log.jsonl").read_text().splitlines()]
 
 
 def test_finished_round_is_not_redone(run_dir):
