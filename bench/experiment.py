@@ -7,7 +7,7 @@ Runs `python -m pipeline rounds N` for every method and seed on the same config
   dpo          the paper's iterative DPO baseline: 2 samples per prompt, best against worst
   dpo-k        pairwise DPO on the best and worst of the same K samples as LarPO: the loss
                alone differs from LarPO's, at an equal generation budget
-  contrastive  LarPO contrastive: K samples, the best against all the rest (the default config)
+  contrastive  LarPO contrastive: K samples, the best against the bottom 3 (the default config)
   lambdarank   LarPO LambdaRank: K samples, top-2 against bottom-2
   listmle      LarPO ListMLE: K samples, top-2 against bottom-2
 
@@ -62,8 +62,9 @@ METHODS: dict[str, Method] = {
     "dpo-k": Method("pairwise DPO (same K, best vs worst)", "DPO on K",
                     ("train.objective=dpo", "lists.strategy=top_bottom",
                      "lists.num_positives=1", "lists.num_negatives=1")),
-    "contrastive": Method("LarPO contrastive (top-1 vs rest)", "contrastive",
-                          ("train.objective=contrastive", "lists.strategy=top_rest", "lists.num_positives=1")),
+    "contrastive": Method("LarPO contrastive (top-1 vs bottom-3)", "contrastive",
+                          ("train.objective=contrastive", "lists.strategy=top_bottom", "lists.num_positives=1",
+                           "lists.num_negatives=3")),
     "lambdarank": Method("LarPO LambdaRank (top-2 vs bottom-2)", "LambdaRank",
                          ("train.objective=lambdarank", "lists.strategy=top_bottom",
                           "lists.num_positives=2", "lists.num_negatives=2")),

@@ -46,6 +46,8 @@ def test_default_yaml_loads():
     assert config.train.objective == "contrastive"
     assert config.reward.name == "ifeval_graded"
     assert config.prompts.per_round == 128 and config.prompts.eval_size == 192
+    assert config.generate.num_samples == 8
+    assert (config.lists.strategy, config.lists.num_positives, config.lists.num_negatives) == ("top_bottom", 1, 3)
 
 
 def test_smoke_yaml_loads_and_overrides_only_what_it_names():

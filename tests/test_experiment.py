@@ -78,7 +78,7 @@ def test_table_verdict_and_plots(store, tmp_path):
     assert "stale text" not in text and "speed numbers stay" in text and text.startswith("# Results\n\nintro")
     rows = table_rows(text)
     assert len(rows) == 5 * 4
-    contrastive = rows[("LarPO contrastive (top-1 vs rest)", "3")]
+    contrastive = rows[("LarPO contrastive (top-1 vs bottom-3)", "3")]
     assert contrastive[:2] == ["3", "0.700"]
     # Round 0 passes prompts 0-11, round 3 prompts 0-41: +50 points, every prompt a gain or no change.
     change, low, high = (float(x) for x in contrastive[2].replace("[", "").replace("]", "").replace(",", "").split())
