@@ -9,7 +9,7 @@ ARGS    ?=
 
 round_args = --config $(CONFIG) --run $(RUN) $(if $(OUTPUT),--output $(OUTPUT)) $(ARGS)
 
-.PHONY: setup round rounds test bench bench-train bench-reward bench-generate bench-round experiment check-venv
+.PHONY: setup round rounds test bench bench-train bench-reward bench-generate bench-round experiment experiment-replay check-venv
 
 setup:
 	bash scripts/setup.sh
@@ -55,6 +55,11 @@ bench-round: check-venv
 ## make experiment [N=3] [CONFIG=...] [OUTPUT=...] [ARGS="--methods dpo,listmle key=value ..."]:
 ## iterative DPO against the LarPO objectives, N rounds each (hours on CPU), then docs/results.md.
 ## ARGS="--summarize-only" only rewrites the table, the plot and the verdict from the runs there are.
+## make experiment-replay: the default config with train.replay none, previous and all (docs/results.md)
+experiment-replay: check-venv
+	$(PY) bench/experiment.py --config $(CONFIG) --methods contrastive,replay-previous,replay-all \
+		$(if $(OUTPUT),--output $(OUTPUT)) $(ARGS)
+
 experiment: check-venv
 	$(PY) bench/experiment.py --config $(CONFIG) $(if $(filter-out file default,$(origin N)),--rounds $(N)) \
 		$(if $(OUTPUT),--output $(OUTPUT)) $(ARGS)

@@ -10,6 +10,9 @@ Runs `python -m pipeline rounds N` for every method and seed on the same config
   contrastive  LarPO contrastive: K samples, the best against the bottom 3 (the default config)
   lambdarank   LarPO LambdaRank: K samples, top-2 against bottom-2
   listmle      LarPO ListMLE: K samples, top-2 against bottom-2
+  replay-previous, replay-all
+               the default (contrastive) with train.replay: earlier rounds' lists trained on
+               again beside the current ones (`make experiment-replay`: with contrastive, the ablation)
 
 K is the config's `generate.num_samples`. When a (method, seed) run has finished
 all its rounds, its metrics.json and eval shards are copied into the repository,
@@ -55,6 +58,8 @@ class Method:
 
 # The lists keys are written out even where they equal configs/default.yaml, so that
 # another --config gets the same lists. Only `dpo` changes the number of samples.
+CONTRASTIVE = ("train.objective=contrastive", "lists.strategy=top_bottom", "lists.num_positives=1",
+               "lists.num_negatives=3")
 METHODS: dict[str, Method] = {
     "dpo": Method("iterative DPO (K=2, best vs worst)", "iterative DPO",
                   ("train.objective=dpo", "generate.num_samples=2",
@@ -62,17 +67,22 @@ METHODS: dict[str, Method] = {
     "dpo-k": Method("pairwise DPO (same K, best vs worst)", "DPO on K",
                     ("train.objective=dpo", "lists.strategy=top_bottom",
                      "lists.num_positives=1", "lists.num_negatives=1")),
-    "contrastive": Method("LarPO contrastive (top-1 vs bottom-3)", "contrastive",
-                          ("train.objective=contrastive", "lists.strategy=top_bottom", "lists.num_positives=1",
-                           "lists.num_negatives=3")),
+    "contrastive": Method("LarPO contrastive (top-1 vs bottom-3)", "contrastive", CONTRASTIVE),
     "lambdarank": Method("LarPO LambdaRank (top-2 vs bottom-2)", "LambdaRank",
                          ("train.objective=lambdarank", "lists.strategy=top_bottom",
                           "lists.num_positives=2", "lists.num_negatives=2")),
     "listmle": Method("LarPO ListMLE (top-2 vs bottom-2)", "ListMLE",
                       ("train.objective=listmle", "lists.strategy=top_bottom",
                        "lists.num_positives=2", "lists.num_negatives=2")),
+    # The paper's Table 4, small: the default config with earlier rounds' lists replayed in training.
+    "replay-previous": Method("LarPO contrastive + round N-1's lists", "replay previous",
+                              (*CONTRASTIVE, "train.replay=previous")),
+    "replay-all": Method("LarPO contrastive + rounds 1..N-1's lists", "replay all", (*CONTRASTIVE, "train.replay=all")),
 }
 LARPO = ("contrastive", "lambdarank", "listmle")
+# The methods `make experiment` runs unless --methods says otherwise; `make experiment-replay` the ablation.
+MAIN_METHODS = ("dpo", "dpo-k", *LARPO)
+REPLAY_METHODS = ("contrastive", "replay-previous", "replay-all")
 # Its overrides are configs/default.yaml's own lists and objective: its runs are default runs.
 DEFAULT_METHOD = "contrastive"
 DEFAULT_SEEDS = (0, 1, 2)
@@ -185,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/default.yaml")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, of: " + ", ".join(METHODS))
+    parser.add_argument("--methods", default=",".join(MAIN_METHODS), help="comma-separated, of: " + ", ".join(METHODS))
     parser.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)), help="comma-separated seeds")
     parser.add_argument("--output", help="output root of the runs (default: the config's `output`)")
     parser.add_argument("--prefix", default="experiment", help="runs are named <prefix>-<method>-seed<s>")

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.experiment import DEFAULT_METHOD, LARPO, METHODS, RESULTS_MD, repo_relative, replace_section, \
+from bench.experiment import DEFAULT_METHOD, LARPO, METHODS, REPLAY_METHODS, RESULTS_MD, repo_relative, \
+    replace_section, \
     seed_dir, stored_rounds
 from pipeline.errors import PipelineError
 from pipeline.stats import BOOTSTRAP_RESAMPLES, Interval, paired_bootstrap
@@ -235,6 +236,26 @@ def default_section(results: Results) -> list[str]:
     return lines
 
 
+def replay_section(store: Path, seeds: list[int]) -> list[str]:
+    """The replay ablation (`make experiment-replay`): its table and each replay against none, by round."""
+    results = load(store, list(REPLAY_METHODS), seeds)
+    if not any(method in results for method in REPLAY_METHODS[1:]):
+        return []
+    lines = ["", "### Replaying earlier rounds' lists (`train.replay`, the paper's Table 4)", "",
+             "The default config (`train.replay: none`) against the same with round N-1's lists (`previous`) "
+             "or every earlier round's (`all`) trained on again, same seeds. Differences: paired bootstrap "
+             "over the held-out prompts, seeds averaged per prompt.", ""]
+    last = max((n for by_seed in results.values() for rounds in by_seed.values() for n in rounds), default=0)
+    for method in REPLAY_METHODS[1:]:
+        for number in range(2, last + 1):  # round 1 has nothing earlier to replay
+            found = between_methods(results, method, DEFAULT_METHOD, number, "pass_rate")
+            if found:
+                interval, count = found
+                lines.append(f"- {METHODS[method].short} minus none, round {number} ({count} seeds): strict pass "
+                             f"rate {interval_text(interval)} points: {verdict_word(interval)}")
+    return lines + ["", results_table(results, list(REPLAY_METHODS))]
+
+
 def wall_time(results: Results, store: Path) -> str:
     """How long the stored rounds took, and on which machines (each seed directory's machine.json)."""
     from bench.generate_bench import machine_line
@@ -335,6 +356,7 @@ def summarize(store: Path, methods: list[str], seeds: list[int], results_md: Pat
         results_table(results, methods),
         f"![strict pass rate, reward and win rate per round and method]({png.name})", "",
         *default_section(results),
+        *replay_section(store, seeds),
     ]
     default_plot = default_run_png(store, results)
     if default_plot is not None:

@@ -50,7 +50,7 @@ def load_setup(args):
     from pipeline.config import load_config
     from pipeline.models import resolve_model
     from pipeline.prompts import load_prompts
-    from stages.generate import SamplingSpec
+    from pools.vllm_engines import SamplingSpec
 
     config = load_config(args.config, [f"generate.num_samples={args.samples}",
                                        f"generate.max_tokens={args.max_tokens}", "generate.num_actors=1"])
@@ -66,7 +66,7 @@ def case_env(args) -> dict[str, str]:
     env.pop("RAY_ADDRESS", None)  # `ours` starts a Ray of its own, as `make round` on this machine does
     if args.case_for_env == "vllm":
         from pipeline.config import load_config
-        from stages.generate import worker_options
+        from pools.vllm_engines import worker_options
 
         config = load_config(args.config, ["generate.num_actors=1"])
         env.update(worker_options(config, use_gpu=False)["runtime_env"]["env_vars"])
@@ -79,7 +79,8 @@ def run_ours(args) -> dict:
 
     from pipeline import schema
     from pipeline.layout import read_parquet_dir
-    from stages.generate import candidate_rows, generate_shards
+    from pools.vllm_engines import generate_shards
+    from stages.generate import candidate_rows
 
     config, model_path, prompts, spec = load_setup(args)
     start = time.perf_counter()
@@ -120,7 +121,7 @@ def time_the_actor(path: Path) -> None:
     """
     import ray
 
-    import stages.generate as generate_stage
+    import pools.vllm_engines as generate_stage
 
     original = generate_stage.GenerationWorker.__ray_metadata__.modified_class.__ray_actor_class__
 
@@ -148,7 +149,7 @@ def run_vllm(args) -> dict:
     import_seconds = time.perf_counter() - begin_import
 
     from pipeline.hardware import native_bf16
-    from stages.generate import engine_args
+    from pools.vllm_engines import engine_args
 
     config, model_path, prompts, spec = load_setup(args)
     engine = engine_args(config, args.seed, use_gpu=False)

@@ -91,11 +91,15 @@ def round_breakdown(metrics: dict[str, Any]) -> dict[str, Any]:
     empty = dict.fromkeys(MEASURED, 0.0)
     ray_init = float(metrics["ray_init_seconds"])
     rows["ray.init"] = {"wall": ray_init, **empty, "ray": ray_init}
-    between = float(metrics["round_seconds"]) - ray_init - sum(rows[stage]["wall"] for stage in STAGES)
+    # Round 0 (the base model's answers) is its own stage now, run before round 1's generate and
+    # timed in metrics.json; older rounds made it inside their evaluate stage (already in its wall).
+    baseline = metrics.get("baseline_seconds")
+    between = (float(metrics["round_seconds"]) - ray_init - sum(rows[stage]["wall"] for stage in STAGES)
+               - float(baseline or 0.0))
     rows["driver"] = {"wall": between, **empty, "ray": between}
     rows["round"] = {key: sum(row[key] for row in rows.values()) for key, _ in COLUMNS}
     return {"round": metrics.get("round"), "rows": rows,
-            "baseline_seconds": stages.get("evaluate", {}).get("baseline_seconds")}
+            "baseline_seconds": baseline if baseline is not None else stages.get("evaluate", {}).get("baseline_seconds")}
 
 
 def mean_rows(breakdowns: list[dict[str, Any]]) -> dict[str, dict[str, float]]:

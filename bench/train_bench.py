@@ -65,10 +65,11 @@ def run_ours(args, items: int, objective: str, checkpointing: bool = False, opti
              micro_seqs: int | None = None, share_prompt: bool = True) -> dict:
     import torch
 
-    from stages.train.data import ListExample, load_policy, use_all_cpu_threads, use_sparse_embedding_grad
-    from stages.train.logprobs import tokenize_example
+    from pools.logprob_scorer import load_policy, use_all_cpu_threads
+    from pools.logprobs import tokenize_example
+    from stages.train.data import ListExample, use_sparse_embedding_grad
     from stages.train.loop import list_scores
-    from stages.train.objectives import OBJECTIVES
+    from pipeline.objectives import OBJECTIVES
     from stages.train.optim import build_optimizer
 
     use_all_cpu_threads()
@@ -108,8 +109,8 @@ def run_trl(args, precompute: bool, micro: int | None = None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from stages.train.data import use_all_cpu_threads
-    from stages.train.logprobs import tokenize_example
+    from pools.logprob_scorer import use_all_cpu_threads
+    from pools.logprobs import tokenize_example
 
     use_all_cpu_threads()
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ from pathlib import Path
 from pipeline.errors import PipelineError, Terminated
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     # `larpo` (the console script of pyproject.toml) and `python -m pipeline` are the same command.
     prog = "larpo" if Path(sys.argv[0]).name == "larpo" else "python -m pipeline"
     parser = argparse.ArgumentParser(prog=prog, description="LarPO iterative alignment rounds")
@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--config", default="configs/default.yaml")
         sub.add_argument("--run", default="default", help="run name: the directory under the output root")
         sub.add_argument("--output", help="output root (overrides the config's `output`)")
+        sub.add_argument("--verbose", action="store_true",
+                         help="also show vLLM's, Ray's and the workers' output live (always in runs/<run>/logs/)")
         sub.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.beta=0.2")
 
     commands.add_parser("prepare-models", help="convert the embedded default model and build the tiny test model")
@@ -45,7 +47,33 @@ def main(argv: list[str] | None = None) -> int:
                      help="best-worst: each list's best positive against its worst negative; all: every "
                           "positive against every negative")
     sub.add_argument("--out", help="where to write (default: <source>/export/preferences-<pairs>[.parquet])")
+    return parser
 
+
+def run_command(args: argparse.Namespace) -> int:
+    # Imported when used, so that `inspect` or `report` does not pay for Ray and vLLM.
+    if args.command == "prepare-models":
+        from pipeline.models import prepare_embedded_models
+
+        prepare_embedded_models()
+        return 0
+    if args.command == "inspect":
+        from pipeline.inspect_round import main as inspect_main
+
+        return inspect_main(args)
+    if args.command == "export":
+        from pipeline.export import main as export_main
+
+        return export_main(args)
+    if args.command == "report":
+        from pipeline.report import main as report_main
+
+        return report_main(args)
+    return run_rounds(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     # Overrides may come after options (`--run x train.beta=0.2`), which argparse
     # leaves unparsed; anything else left over is a real mistake.
     args, extra = parser.parse_known_args(argv)
@@ -54,26 +82,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unexpected or extra)}")
     if extra:
         args.overrides = list(args.overrides) + extra
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.command in ("round", "rounds"):
+        from pipeline import console
+
+        console.configure(verbose=args.verbose)
+    else:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        if args.command == "prepare-models":
-            from pipeline.models import prepare_embedded_models
-
-            prepare_embedded_models()
-            return 0
-        if args.command == "inspect":
-            from pipeline.inspect_round import main as inspect_main
-
-            return inspect_main(args)
-        if args.command == "export":
-            from pipeline.export import main as export_main
-
-            return export_main(args)
-        if args.command == "report":
-            from pipeline.report import main as report_main
-
-            return report_main(args)
-        return run_rounds(args)
+        return run_command(args)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

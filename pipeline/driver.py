@@ -9,6 +9,7 @@ marker is missing, and appends a line per stage, with its wall time, to
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import logging
@@ -16,6 +17,7 @@ import os
 import signal
 import threading
 import time
+import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +27,16 @@ import yaml
 
 from pipeline.config import RUN_IDENTITY_KEYS, Config, config_from_dict, get_key
 from pipeline.errors import PipelineError
-from pipeline.layout import EARLIER_ROUNDS, STAGES, RoundLayout, RunLayout, atomic_write_json, atomic_write_text
+from pipeline import console
+from pipeline.layout import (EARLIER_ROUNDS, STAGE_BY_NAME, STAGE_REGISTRY, STAGES, RoundLayout, RunLayout,
+                             atomic_write_json, atomic_write_text)
 from pipeline.models import REPO_ROOT, resolve_model
 from pipeline.prompts import Prompt, fit_to_context, load_prompts, round_slice
 from pipeline.resources import wait_for_resources
 from pipeline.timing import Timings
 from pipeline.tracking import Tracking
 from rewards.base import metadata_problem
+from stages.evaluate import EVAL_KEYS, check_baseline
 
 log = logging.getLogger("pipeline")
 
@@ -88,8 +93,6 @@ def plan_round(config: Config, run_name: str, number: int) -> RoundPlan:
         held = load_prompts(config.prompts.heldout, **prompt_options(config))[:config.prompts.eval_size]
         eval_budget = config.model.max_model_len - config.evaluate.max_tokens
         heldout, _ = fit_to_context(held, tokenizer, eval_budget, config.prompts.too_long)
-        from stages.evaluate import check_baseline
-
         check_baseline(run, heldout, config)
     check_metadata(config, [(config.prompts.train, prompts), (config.prompts.heldout, heldout)])
     return RoundPlan(config, run, this_round, base_model, policy_in, reference, prompts, heldout, dropped)
@@ -124,8 +127,10 @@ def check_compatible(run: RunLayout, config: Config) -> None:
 def run_round(plan: RoundPlan, tracking: Tracking | None = None) -> dict[str, Any]:
     """Run the stages that are not done yet; return the round's metrics.
 
-    `tracking` (pipeline/tracking.py) receives the training steps when the train stage
-    is done and the round's metrics when the round is.
+    Round 0 (the base model's held-out answers) is made first, through the same
+    stage path, if this round evaluates and the run has none. `tracking`
+    (pipeline/tracking.py) receives the training steps when the train stage is
+    done and the round's metrics when the round is.
     """
     number = plan.round.number
     with run_log(plan.run.dir / "pipeline.log") as file_only:
@@ -135,7 +140,8 @@ def run_round(plan: RoundPlan, tracking: Tracking | None = None) -> dict[str, An
                 tracking.round_finished(number)
             return read_metrics(plan.round)
         start = time.perf_counter()
-        ray_init_seconds = ensure_ray()
+        with console.capture(log_path(plan.round, "ray")):
+            ray_init_seconds = ensure_ray()
         import ray
 
         wait_for_resources(plan.config, ray.cluster_resources)
@@ -143,23 +149,30 @@ def run_round(plan: RoundPlan, tracking: Tracking | None = None) -> dict[str, An
         if not plan.run.config.is_file():
             atomic_write_text(plan.run.config, config_text)
         atomic_write_text(plan.round.config, config_text)
-        from tqdm import tqdm
-
-        # One bar for the round's stages; the stages draw their own bars inside it.
-        with tqdm(total=len(STAGES), desc=f"round {number}", unit="stage") as progress:
-            for stage in STAGES:
-                progress.set_postfix(stage=stage)
-                if plan.round.is_done(stage):
+        baseline = baseline_plan(plan) if plan.heldout else None
+        steps = [(baseline, "evaluate")] if baseline and not baseline.round.is_done("evaluate") else []
+        steps += [(plan, stage) for stage in STAGES]
+        # One bar for the round's stages; the stages draw their own bars beneath it.
+        with console.progress(total=len(steps), desc=f"round {number}", unit="stage") as progress:
+            for step_plan, stage in steps:
+                progress.set_postfix(stage=stage if step_plan is plan else "round 0")
+                if step_plan.round.is_done(stage):
                     log.info("round %d: %s already done, skipped", number, stage)
                 else:
-                    check_input(plan, stage)
-                    run_one_stage(plan, stage, file_only)
+                    check_input(step_plan, stage)
+                    run_one_stage(step_plan, stage, file_only)
+                if step_plan is baseline:
+                    write_baseline_metrics(baseline)
                 if stage == "train" and tracking:
                     tracking.train_finished(number)
                 progress.update()
+        if baseline and not baseline.round.metrics.is_file():
+            write_baseline_metrics(baseline)  # made by an earlier command that stopped before writing them
         metrics = round_metrics(plan)
         # This invocation's: a resumed round's earlier stages ran under another process's ray.init.
         metrics["ray_init_seconds"] = round(ray_init_seconds, 2)
+        if steps[0][0] is baseline:
+            metrics["baseline_seconds"] = baseline.round.stage_stats("evaluate")["wall_seconds"]
         metrics["round_seconds"] = round(time.perf_counter() - start, 2)
         atomic_write_json(plan.round.metrics, metrics)
         log.info("round %d finished in %.1f s of stages: %s", number, sum(metrics["stage_seconds"].values()),
@@ -169,15 +182,31 @@ def run_round(plan: RoundPlan, tracking: Tracking | None = None) -> dict[str, An
         return metrics
 
 
-# The stage whose output each stage reads; generate reads the previous round's policy.
-INPUT_STAGE = {"rerank": "generate", "reference": "rerank", "train": "reference", "evaluate": "train"}
+def baseline_plan(plan: RoundPlan) -> RoundPlan:
+    """Round 0 of the run: the base model answering the same held-out prompts."""
+    return dataclasses.replace(plan, round=plan.run.round(0), policy_in=plan.base_model, prompts=[])
+
+
+def write_baseline_metrics(baseline: RoundPlan) -> None:
+    stats = baseline.round.stage_stats("evaluate")
+    stats = {k: v for k, v in stats.items() if k not in MARKER_KEYS}
+    atomic_write_json(baseline.round.metrics, {
+        "round": 0, "policy": baseline.base_model, "eval": {k: stats.get(k) for k in EVAL_KEYS},
+        "stage_seconds": {"evaluate": stats["wall_seconds"]}, "stages": {"evaluate": stats},
+    })
+
+
+def log_path(round_layout: RoundLayout, stage: str) -> Path:
+    """Where the libraries' and workers' output of one stage goes (pipeline/console.py)."""
+    return round_layout.dir.parent / "logs" / round_layout.dir.name / f"{stage}.log"
 
 
 def check_input(plan: RoundPlan, stage: str) -> None:
     """Refuse to start a stage on an input that was lost or cut short since its stage finished."""
     number = plan.round.number
-    if stage in INPUT_STAGE:
-        plan.round.check_output(INPUT_STAGE[stage])
+    reads = STAGE_BY_NAME[stage].reads
+    if reads and number > 0:
+        plan.round.check_output(reads)
     if stage == "reference":
         for earlier in EARLIER_ROUNDS[plan.config.train.replay](number):
             plan.run.round(earlier).check_output("rerank")
@@ -193,18 +222,23 @@ def run_one_stage(plan: RoundPlan, stage: str, file_only) -> None:
     global activity
     number = plan.round.number
     activity = f"{stage} of round {number}"
-    log.info("round %d: %s started", number, stage)
+    file_only("round %d: %s started", number, stage, level=logging.INFO)
     out_dir = plan.round.begin_stage(stage)
-    runner = importlib.import_module(STAGE_MODULES[stage]).run_stage
     timings = Timings()
+    stage_log = log_path(plan.round, stage)
     with MemoryMonitor() as memory, timings.active():
         start = time.perf_counter()
         try:
-            stats = runner(plan, out_dir)
+            with console.capture(stage_log), console.stage_bars():
+                stats = STAGE_RUNNERS[stage](plan, out_dir)
         except BaseException as exc:
             # The terminal gets the CLI's one-line error; the log keeps the stage and the time lost.
             file_only("round %d: %s failed after %.1f s: %s: %s", number, stage,
                       time.perf_counter() - start, type(exc).__name__, exc)
+            with stage_log.open("a") as f:
+                traceback.print_exception(exc, file=f)
+            if isinstance(exc, Exception):
+                raise StageFailed(stage, number, exc, stage_log) from exc
             raise
         stats["wall_seconds"] = round(time.perf_counter() - start, 2)
     stats.update(timings.stats())
@@ -213,6 +247,16 @@ def run_one_stage(plan: RoundPlan, stage: str, file_only) -> None:
     activity = f"round {number}, between stages"
     log.info("round %d: %s finished in %.1f s (peak memory %.2f GiB)", number, stage,
              stats["wall_seconds"], memory.peak_gib)
+
+
+class StageFailed(PipelineError):
+    """A stage's error as one line: what failed, and the log that holds the details."""
+
+    def __init__(self, stage: str, number: int, exc: Exception, stage_log: Path):
+        first = (str(exc).splitlines() or [""])[0]
+        what = first if isinstance(exc, PipelineError) else f"{stage} of round {number} failed: " \
+                                                            f"{type(exc).__name__}: {first}"
+        super().__init__(f"{what} (details: {stage_log})")
 
 
 @contextmanager
@@ -232,8 +276,8 @@ def run_log(path: Path):
         log.setLevel(logging.INFO)
     log.addHandler(handler)
 
-    def file_only(message: str, *args: Any) -> None:
-        handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, message, args, None))
+    def file_only(message: str, *args: Any, level: int = logging.ERROR) -> None:
+        handler.handle(log.makeRecord(log.name, level, __file__, 0, message, args, None))
 
     try:
         yield file_only
@@ -243,20 +287,16 @@ def run_log(path: Path):
         handler.close()
 
 
-STAGE_MODULES = {
-    "generate": "stages.generate",
-    "rerank": "stages.rerank",
-    "reference": "stages.reference",
-    "train": "stages.train.stage",
-    "evaluate": "stages.evaluate",
-}
+# Each stage's run_stage(plan, out_dir), from the modules the registry names (pipeline/layout.py).
+STAGE_RUNNERS = {stage.name: importlib.import_module(stage.module).run_stage for stage in STAGE_REGISTRY}
+# What a done marker holds beside the stage's own numbers (pipeline/layout.py, finish_stage).
+MARKER_KEYS = ("files", "extra_outputs")
 
 
 def round_metrics(plan: RoundPlan) -> dict[str, Any]:
-    from stages.evaluate import EVAL_KEYS
-
     # The done markers' file lists stay in the markers: metrics.json is for reading.
-    stages = {stage: {k: v for k, v in plan.round.stage_stats(stage).items() if k != "files"} for stage in STAGES}
+    stages = {stage: {k: v for k, v in plan.round.stage_stats(stage).items() if k not in MARKER_KEYS}
+              for stage in STAGES}
     return {
         "round": plan.round.number,
         "policy_in": plan.policy_in,

@@ -59,10 +59,8 @@ def open_round(path: Path) -> RoundLayout:
 
 
 def load_round(layout: RoundLayout) -> RoundView:
-    from stages.rerank import scored_dir
-
     candidates = read_shards(layout.candidates)
-    scored = scored_dir(layout)
+    scored = layout.scored
     lists = read_shards(layout.lists)
     # Rounds reranked before scored shards existed: only the list items' rewards are known.
     if scored.is_dir():

@@ -25,15 +25,32 @@ from pipeline.errors import PipelineError
 # A run name is one path component: it can never point outside the output root.
 RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
-# The stages of a round, in order, and the output each one owns.
-STAGE_OUTPUTS = {
-    "generate": "candidates",
-    "rerank": "lists",
-    "reference": "train",
-    "train": "policy",
-    "evaluate": "eval",
-}
-STAGES = tuple(STAGE_OUTPUTS)
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a round, as the driver, the layout, `inspect` and resume all see it."""
+
+    name: str
+    module: str                # whose `run_stage(plan, out_dir)` runs it (imported by the driver)
+    outputs: tuple[str, ...]   # the round directories it writes; the first is its `out_dir`
+    reads: str | None          # the stage whose output it reads; None: the previous round's policy
+
+
+# The stages of a round, in order. Every directory a stage writes is declared here: each is
+# written under `<name>.partial/` and renamed into place, and `_done/<stage>` vouches for all.
+STAGE_REGISTRY: tuple[Stage, ...] = (
+    Stage("generate", "stages.generate", ("candidates",), reads=None),
+    # scored/: every candidate with its reward, which a later round's lists.memory reads back.
+    Stage("rerank", "stages.rerank", ("lists", "scored"), reads="generate"),
+    Stage("reference", "stages.reference", ("train",), reads="rerank"),
+    Stage("train", "stages.train.stage", ("policy",), reads="reference"),
+    Stage("evaluate", "stages.evaluate", ("eval",), reads="train"),
+)
+STAGE_BY_NAME = {stage.name: stage for stage in STAGE_REGISTRY}
+STAGES = tuple(STAGE_BY_NAME)
+# Each stage's main output, the directory its run_stage writes into.
+STAGE_OUTPUTS = {stage.name: stage.outputs[0] for stage in STAGE_REGISTRY}
+# Round 0 is the base model, evaluated once per run: it has this one stage.
+BASELINE_STAGES = ("evaluate",)
 
 # Which earlier rounds `lists.memory` (their candidates) and `train.replay` (their lists)
 # bring into round `number`.
@@ -142,11 +159,21 @@ class RoundLayout:
     def config(self) -> Path:
         return self.dir / "config.yaml"
 
+    @property
+    def scored(self) -> Path:
+        return self.dir / "scored"
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The stages this round has: round 0 only evaluates the base model."""
+        return BASELINE_STAGES if self.number == 0 else STAGES
+
     def output(self, stage: str) -> Path:
         return self.dir / STAGE_OUTPUTS[stage]
 
-    def partial(self, stage: str) -> Path:
-        return self.dir / (STAGE_OUTPUTS[stage] + PARTIAL_SUFFIX)
+    def partial(self, stage: str, output: str | None = None) -> Path:
+        """Where a stage writes `output` (its main output by default) until it finishes."""
+        return self.dir / ((output or STAGE_OUTPUTS[stage]) + PARTIAL_SUFFIX)
 
     def done_marker(self, stage: str) -> Path:
         return self.dir / "_done" / stage
@@ -155,59 +182,70 @@ class RoundLayout:
         return self.done_marker(stage).is_file()
 
     def is_finished(self) -> bool:
-        return all(self.is_done(stage) for stage in STAGES)
+        return all(self.is_done(stage) for stage in self.stages)
 
     def stage_stats(self, stage: str) -> dict[str, Any]:
         return json.loads(self.done_marker(stage).read_text())
 
     def begin_stage(self, stage: str) -> Path:
-        """Return the `.partial` directory a stage writes into, keeping finished shards.
+        """Prepare the `.partial` directory of every output of the stage, keeping finished shards;
+        return the main one.
 
         An output directory without its done marker (a crash between the rename
         and the marker) goes back to `.partial`, so its shards are reused, not
         appended to.
         """
-        partial, final = self.partial(stage), self.output(stage)
-        if final.exists():
-            if partial.exists():
-                shutil.rmtree(final)
-            else:
-                os.replace(final, partial)
-        partial.mkdir(parents=True, exist_ok=True)
-        return partial
+        for output in STAGE_BY_NAME[stage].outputs:
+            partial, final = self.partial(stage, output), self.dir / output
+            if final.exists():
+                if partial.exists():
+                    shutil.rmtree(final)
+                else:
+                    os.replace(final, partial)
+            partial.mkdir(parents=True, exist_ok=True)
+        return self.partial(stage)
 
     def finish_stage(self, stage: str, stats: dict[str, Any]) -> None:
-        os.replace(self.partial(stage), self.output(stage))
+        main, *extra = STAGE_BY_NAME[stage].outputs
+        # The main output last: a crash between renames leaves it `.partial`, so the stage reruns.
+        for output in (*extra, main):
+            os.replace(self.partial(stage, output), self.dir / output)
         # The marker lists what the stage left, so a later stage can tell a file lost or cut short.
-        atomic_write_json(self.done_marker(stage), {**stats, "files": output_files(self.output(stage))})
+        files = {"files": output_files(self.dir / main)}
+        if extra:
+            files["extra_outputs"] = {output: output_files(self.dir / output) for output in extra}
+        atomic_write_json(self.done_marker(stage), {**stats, **files})
 
     def check_output(self, stage: str) -> None:
         """One line naming the file and the stage to redo when a finished stage's output is damaged.
 
-        Compared with the file list its done marker recorded (markers written before
-        that list existed are not checked); Parquet shards must also have a readable footer.
+        Compared with the file lists its done marker recorded (markers written before
+        those lists existed are not checked); Parquet shards must also have a readable footer.
         """
-        recorded = self.stage_stats(stage).get("files")
-        if not recorded:
-            return
-        directory = self.output(stage)
+        stats = self.stage_stats(stage)
+        recorded = {STAGE_OUTPUTS[stage]: stats.get("files"), **stats.get("extra_outputs", {})}
         redo = (f"redo the {stage} stage of round {self.number}: delete {self.done_marker(stage)} "
                 "and run the same command")
-        for relative, expected in sorted(recorded.items()):
-            path = directory / relative
-            if not path.is_file():
-                raise PipelineError(f"{path} is missing; {redo}")
-            size = path.stat().st_size
-            if size != expected["bytes"]:
-                raise PipelineError(f"{path} has {size} bytes, not the {expected['bytes']} its stage wrote "
-                                    f"(truncated or replaced); {redo}")
-            if "rows" in expected:
-                try:
-                    rows = pq.read_metadata(path).num_rows
-                except (OSError, pa.ArrowException) as exc:
-                    raise PipelineError(f"{path} is not a readable Parquet file ({exc}); {redo}") from None
-                if rows != expected["rows"]:
-                    raise PipelineError(f"{path} has {rows} rows, not the {expected['rows']} its stage wrote; {redo}")
+        for output, files in recorded.items():
+            for relative, expected in sorted((files or {}).items()):
+                check_file(self.dir / output / relative, expected, redo)
+
+
+def check_file(path: Path, expected: dict[str, int], redo: str) -> None:
+    """`path` must still have the bytes (and, for a shard, the rows) its stage recorded."""
+    if not path.is_file():
+        raise PipelineError(f"{path} is missing; {redo}")
+    size = path.stat().st_size
+    if size != expected["bytes"]:
+        raise PipelineError(f"{path} has {size} bytes, not the {expected['bytes']} its stage wrote "
+                            f"(truncated or replaced); {redo}")
+    if "rows" in expected:
+        try:
+            rows = pq.read_metadata(path).num_rows
+        except (OSError, pa.ArrowException) as exc:
+            raise PipelineError(f"{path} is not a readable Parquet file ({exc}); {redo}") from None
+        if rows != expected["rows"]:
+            raise PipelineError(f"{path} has {rows} rows, not the {expected['rows']} its stage wrote; {redo}")
 
 
 @dataclass(frozen=True)

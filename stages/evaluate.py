@@ -2,12 +2,13 @@
 
 Round 0 is the base model. Its held-out responses live where any round's do:
 `round_000/eval/part-00000.parquet`, with `round_000/metrics.json` and
-`round_000/_done/evaluate` (round 0 has no other stage). The evaluate stage of
-the first round that needs them writes them, through the same `.partial` and
-`_done` protocol as every stage, and later rounds reuse them, so every round's
-win rate is against the same answers. A round 0 that does not cover this
-round's held-out prompts, or that was decoded with other settings, is refused
-at planning time (`check_baseline`): delete `round_000/` to have it redone.
+`round_000/_done/evaluate` (round 0 has no other stage). The driver runs this
+stage on round 0, through the same `.partial` and `_done` protocol as every
+stage, before the first round that evaluates, and later rounds reuse its
+answers, so every round's win rate is against the same answers. A round 0
+that does not cover this round's held-out prompts, or that was decoded with
+other settings, is refused at planning time (`check_baseline`): delete
+`round_000/` to have it redone.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import json
 import logging
 import math
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +24,13 @@ import pyarrow as pa
 
 from pipeline import schema, timing
 from pipeline.errors import PipelineError
-from pipeline.layout import RunLayout, atomic_write_json, read_parquet_dir, shard_name, write_parquet
+from pipeline.layout import RunLayout, read_parquet_dir, shard_name, write_parquet
 from pipeline.prompts import Prompt
+from pipeline.seeds import derive_seed
 from pipeline.stats import paired_bootstrap
 from rewards.constraints import check_all
-from stages.generate import SamplingSpec, generate_shards
-from stages.rerank import score_candidates
+from pools.reward_scorers import score_candidates
+from pools.vllm_engines import SamplingSpec, generate_shards
 
 log = logging.getLogger("pipeline.evaluate")
 
@@ -164,8 +165,8 @@ def respond(prompts: list[Prompt], policy: str, round_number: int, config, out_d
     def make_table(chunk: list[Prompt], outputs: list[list[dict]]) -> pa.Table:
         return pa.Table.from_pylist(eval_rows(chunk, outputs, round_number, policy), schema=schema.EVAL)
 
-    # The same engine seed every round: only the policy differs between rounds' answers.
-    stats = generate_shards(prompts, policy, spec, config, samples_dir, config.seed, make_table)
+    stats = generate_shards(prompts, policy, spec, config, samples_dir,
+                            derive_seed(config.seed, "evaluate", round_number), make_table)
     with timing.timed("io"):
         rows = read_parquet_dir(samples_dir).to_pylist()
     for row, reward in zip(rows, score_candidates(rows, config.reward, config.worker_retries), strict=True):
@@ -177,31 +178,6 @@ def respond(prompts: list[Prompt], policy: str, round_number: int, config, out_d
         write_parquet(pa.Table.from_pylist(rows, schema=schema.EVAL), out_dir / shard_name(0))
         shutil.rmtree(samples_dir)
     return rows, {**stats, "policy": policy, **{key: getattr(config.evaluate, key) for key in SETTINGS}}
-
-
-def ensure_baseline(plan) -> list[dict]:
-    """Round 0's scored held-out answers: read them, or generate them from the base model once."""
-    baseline = plan.run.round(0)
-    if not baseline.is_done("evaluate"):
-        log.info("round 0: evaluating the base model %s on %d held-out prompts", plan.base_model,
-                 len(plan.heldout))
-        start = time.perf_counter()
-        # Round 0's own breakdown for its stats; it also counts in the evaluate stage that made it.
-        timings = timing.Timings()
-        with timings.active():
-            rows, stats = respond(plan.heldout, plan.base_model, 0, plan.config, baseline.begin_stage("evaluate"))
-        timing.add(timings.seconds)
-        stats = {**eval_metrics(rows, rows), **stats, "wall_seconds": round(time.perf_counter() - start, 2),
-                 **timings.stats()}
-        # metrics.json before the marker: a crash between the two redoes round 0, never leaves it half-made.
-        atomic_write_json(baseline.metrics, {
-            "round": 0, "policy": plan.base_model, "eval": {k: stats.get(k) for k in EVAL_KEYS},
-            "stage_seconds": {"evaluate": stats["wall_seconds"]}, "stages": {"evaluate": stats},
-        })
-        baseline.finish_stage("evaluate", stats)
-        log.info("round 0: base model evaluated in %.1f s", stats["wall_seconds"])
-    with timing.timed("io"):
-        return read_parquet_dir(baseline.eval).to_pylist()
 
 
 def check_baseline(run: RunLayout, heldout: list[Prompt], config) -> None:
@@ -234,9 +210,11 @@ def run_stage(plan, out_dir: Path) -> dict[str, Any]:
                  plan.round.number)
         write_parquet(pa.Table.from_pylist([], schema=schema.EVAL), out_dir / shard_name(0))
         return {"eval_prompts": 0}
-    made_baseline = not plan.run.round(0).is_done("evaluate")
-    baseline = ensure_baseline(plan)
-    rows, stats = respond(plan.heldout, str(plan.round.policy), plan.round.number, plan.config, out_dir)
-    # A run's first evaluate stage also evaluates the base model, once: say how much of its wall time that was.
-    once = {"baseline_seconds": plan.run.round(0).stage_stats("evaluate")["wall_seconds"]} if made_baseline else {}
-    return {**eval_metrics(rows, baseline), **stats, **once}
+    number = plan.round.number
+    policy = plan.base_model if number == 0 else str(plan.round.policy)
+    rows, stats = respond(plan.heldout, policy, number, plan.config, out_dir)
+    if number == 0:
+        return {**eval_metrics(rows, rows), **stats}
+    with timing.timed("io"):
+        baseline = read_parquet_dir(plan.run.round(0).eval).to_pylist()
+    return {**eval_metrics(rows, baseline), **stats}

@@ -1,8 +1,8 @@
 """Reference log-probs of every list item, stored beside the lists.
 
 The trainer then holds no reference model: it reads `ref_logp` from the
-train shard. Scoring runs in one Ray task through the trainer's own code
-(`stages.train.data`, `stages.train.logprobs`), dtype and batch layout
+train shard. Scoring runs in one Ray task through the log-prob scorer the
+trainer uses (pools/logprob_scorer.py), with its dtype and batch layout
 (`train.share_prompt`), so that log pi_theta - log pi_ref is zero, to fp32
 rounding, before the first update.
 """
@@ -18,57 +18,7 @@ import ray
 from pipeline import schema, timing
 from pipeline.hardware import cluster_has_gpus
 from pipeline.layout import EARLIER_ROUNDS, read_parquet_dir, shard_name, write_parquet
-
-
-def list_batches(sizes: list[int], lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Indices of lists, grouped so that a batch holds about ``batch_size`` items (at least one
-    list); lists of similar token counts go together, which wastes less compute on padding."""
-    batches, current, items = [], [], 0
-    for index in sorted((i for i in range(len(sizes)) if sizes[i]), key=lambda i: lengths[i]):
-        if current and items + sizes[index] > batch_size:
-            batches.append(current)
-            current, items = [], 0
-        current.append(index)
-        items += sizes[index]
-    return batches + [current] if current else batches
-
-
-def reference_logprobs(model_path: str, lists: list[tuple[list[dict], list[str]]], dtype: str, max_length: int,
-                       batch_size: int, chunk_size: int, trust_remote_code: bool = False,
-                       autocast_setting: str = "off", share_prompt: bool = True) -> list[list[float]]:
-    """log pi(response | prompt) of each response of each (messages, responses) list, in order."""
-    with timing.timed("startup"):
-        import torch
-        from tqdm import tqdm
-
-        from stages.train.data import autocast, load_policy, pad_token_id, use_all_cpu_threads
-        from stages.train.logprobs import list_batch, sequence_logprobs, tokenize_example
-
-        use_all_cpu_threads()
-        model, tokenizer = load_policy(model_path, dtype, trust_remote_code)
-        model.eval()
-    with timing.timed("work"), torch.no_grad(), autocast(autocast_setting):
-        tokens = [[tokenize_example(tokenizer, messages, response, max_length) for response in responses]
-                  for messages, responses in lists]
-        batches = list_batches([len(items) for items in tokens],
-                               [sum(len(ids) for ids, _ in items) for items in tokens], batch_size)
-        results: list[list[float]] = [[] for _ in lists]
-        pad = pad_token_id(tokenizer)
-        for index in tqdm(batches, desc="reference log-probs", unit="batch"):
-            batch = list_batch([tokens[i] for i in index], pad, share_prompt)
-            values = iter(sequence_logprobs(model, {k: v.to(model.device) for k, v in batch.items()}, chunk_size).tolist())
-            for i in index:
-                results[i] = [next(values) for _ in tokens[i]]
-    return results
-
-
-@ray.remote
-def score_items(*args, **kwargs) -> tuple[list[float], dict[str, float]]:
-    """reference_logprobs as a Ray task, so the model's memory is released when scoring ends;
-    returns the log-probs and the task's own timings."""
-    timings = timing.Timings()
-    with timings.active():
-        return reference_logprobs(*args, **kwargs), timings.seconds
+from pools.logprob_scorer import score_items
 
 
 def replayed_lists(plan) -> list[dict[str, Any]]:

@@ -9,9 +9,9 @@ The stage writes two things:
 Why the scored shard: with `lists.memory`, a prompt's candidate pool also holds
 earlier rounds' responses to the same prompt_id, with the rewards they got then;
 they are read back from those rounds' scored shards, never scored again, and
-keep their `round`. The shard is written into `scored.partial/` and renamed into
-place just before the stage returns; the driver then renames `lists.partial/`
-and writes `_done/rerank` last, so the marker vouches for both, and an earlier
+keep their `round`. Both are the stage's declared outputs (pipeline/layout.py,
+STAGE_REGISTRY): written into `.partial/` directories that the driver renames
+before it writes `_done/rerank`, so the marker vouches for both, and an earlier
 round's scored shard is read only once that round's rerank is done.
 
 A prompt's pool: this round's candidates with a finite reward plus, with memory,
@@ -33,12 +33,9 @@ min_margin), all_invalid (no candidate with a finite reward, reward.on_invalid: 
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import logging
 import random
-import shutil
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -46,84 +43,19 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray
 
 from pipeline import schema, timing
 from pipeline.errors import PipelineError
-from pipeline.layout import (EARLIER_ROUNDS, PARTIAL_SUFFIX, RoundLayout, RunLayout, read_parquet_dir, shard_name,
-                             write_parquet)
-from rewards import Sample, build_reward_from_config
+from pipeline.layout import EARLIER_ROUNDS, RunLayout, read_parquet_dir, shard_name, write_parquet
+from pipeline.seeds import derive_seed
+from pools.reward_scorers import score_candidates
 
 log = logging.getLogger("pipeline.rerank")
 
 # What a list item keeps of its candidate row.
 ITEM_FIELDS = ("response", "reward", "sample_index", "round", "num_tokens", "temperature")
-SCORED_DIR = "scored"
 # Rewards are often fractions: 2/3 - 1/3 must count as a margin of 1/3.
 MARGIN_TOLERANCE = 1e-9
-
-
-# --- rewards --------------------------------------------------------------------
-
-@ray.remote
-class RewardWorker:
-    """Owns one reward model; scores batches of samples."""
-
-    def __init__(self, reward_config):
-        self.clock = timing.Timings()
-        with self.clock("startup"):
-            import torch
-
-            # Ray gives an actor OMP_NUM_THREADS=1; a model reward on a CPU host should
-            # share the cores with the other reward actors instead.
-            if not torch.cuda.is_available():
-                torch.set_num_threads(max(1, (os.cpu_count() or 1) // reward_config.num_actors))
-            self.reward = build_reward_from_config(reward_config)
-
-    def score(self, samples: list[Sample]) -> list[float]:
-        with self.clock("work"):
-            return [float(r) for r in self.reward.score(samples)]
-
-    def timings(self) -> dict[str, float]:
-        return self.clock.seconds
-
-
-def score_candidates(rows: list[dict[str, Any]], reward_config, retries: int = 0) -> list[float]:
-    """Rewards for candidate rows, in order, as the reward model returns them (NaN included).
-
-    Batches hold responses of similar length (less padding for a neural
-    reward) and go round-robin to `reward.num_actors` Ray actors.
-    """
-    if not rows:
-        return []
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["response"]))
-    size = reward_config.batch_size
-    batches = [order[i:i + size] for i in range(0, len(order), size)]
-    # A reward actor whose process dies is started again by Ray (its model reloaded), and the
-    # batches it had not answered are sent to it again: up to `retries` times each.
-    workers = [RewardWorker.options(num_gpus=reward_config.num_gpus_per_actor, max_restarts=retries,
-                                    max_task_retries=retries).remote(reward_config)
-               for _ in range(min(reward_config.num_actors, len(batches)))]
-    try:
-        futures = [workers[n % len(workers)].score.remote([to_sample(rows[i]) for i in batch])
-                   for n, batch in enumerate(batches)]
-        results = ray.get(futures)
-        timing.add_slowest(ray.get([worker.timings.remote() for worker in workers]))
-    finally:
-        for worker in workers:
-            ray.kill(worker)
-    rewards = [math.nan] * len(rows)
-    for batch, scores in zip(batches, results, strict=True):
-        if len(scores) != len(batch):
-            raise PipelineError(f"reward '{reward_config.name}' returned {len(scores)} rewards "
-                                f"for a batch of {len(batch)} samples")
-        for i, reward in zip(batch, scores):
-            rewards[i] = reward
-    return rewards
-
-
-def to_sample(row: dict[str, Any]) -> Sample:
-    return Sample(row["prompt_id"], row["prompt"], row["response"], json.loads(row["metadata"]))
 
 
 def screen_rewards(scored: list[dict[str, Any]], on_invalid: str) -> tuple[list[dict[str, Any]], int]:
@@ -152,16 +84,12 @@ def reward_summary(rewards: list[float]) -> dict[str, float]:
 # --- memory: earlier rounds' scored candidates ------------------------------------
 
 
-def scored_dir(round_layout: RoundLayout) -> Path:
-    return round_layout.dir / SCORED_DIR
-
-
 def earlier_scored(run: RunLayout, number: int, memory: str, prompt_ids: set[str]) -> list[dict[str, Any]]:
     """Earlier rounds' candidates for these prompts with their stored, finite rewards."""
     rows: list[dict[str, Any]] = []
     for earlier in EARLIER_ROUNDS[memory](number):
         layout = run.round(earlier)
-        directory = scored_dir(layout)
+        directory = layout.scored
         if not layout.is_done("rerank") or not directory.is_dir():
             raise PipelineError(f"lists.memory={memory} needs round {earlier}'s rewards in {directory}, which its "
                                 "rerank stage did not write; use lists.memory=none for this run")
@@ -274,16 +202,6 @@ def build_lists(pool: list[dict[str, Any]], config, seed: int = 0) -> tuple[list
 
 # --- the stage ------------------------------------------------------------------
 
-def write_scored(rows: list[dict[str, Any]], round_layout: RoundLayout) -> None:
-    """This round's scored candidates, written aside and renamed into place."""
-    final = scored_dir(round_layout)
-    partial = final.with_name(final.name + PARTIAL_SUFFIX)
-    shutil.rmtree(partial, ignore_errors=True)
-    write_parquet(pa.Table.from_pylist(rows, schema=schema.SCORED), partial / shard_name(0))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(partial, final)
-
-
 def run_stage(plan, out_dir: Path) -> dict[str, Any]:
     config = plan.config
     number = plan.round.number
@@ -301,10 +219,11 @@ def run_stage(plan, out_dir: Path) -> dict[str, Any]:
                     "earlier rounds' lists, set train.replay", number, config.lists.memory)
     with timing.timed("work"):
         pool, duplicates = candidate_pool(valid, earlier)
-        lists, counts = build_lists(pool, config.lists, seed=config.seed + 1000 * number)
+        lists, counts = build_lists(pool, config.lists, seed=derive_seed(config.seed, "lists", number))
     with timing.timed("io"):
         write_parquet(pa.Table.from_pylist(lists, schema=schema.LISTS), out_dir / shard_name(0))
-        write_scored(scored, plan.round)
+        write_parquet(pa.Table.from_pylist(scored, schema=schema.SCORED), plan.round.partial("rerank", "scored")
+                      / shard_name(0))
     items = [item for row in lists for item in row["positives"] + row["negatives"]]
     return {
         **counts,

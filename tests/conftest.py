@@ -67,4 +67,6 @@ def smoke_run(tmp_path_factory, tiny_model) -> Path:
     result = run_cli("rounds", "2", "--config", "configs/smoke.yaml", "--run", "e2e", "--output", str(output),
                      TRACK_ALL, timeout=1200)
     assert result.returncode == 0, result.stderr[-5000:]
+    # What the terminal showed, for tests/test_e2e_rounds.py's check of a quiet console.
+    (output / "console.txt").write_text(result.stdout + result.stderr)
     return output / "e2e"

@@ -1,4 +1,4 @@
-"""pipeline/config.py: YAML + overrides into a validated, typed Config."""
+"""pipeline/config.py (and config_parse.py): YAML + overrides into a validated, typed Config."""
 
 import re
 from pathlib import Path
@@ -426,9 +426,9 @@ def test_config_from_dict_validates():
     ("ifeval:1, hf_classifier:0.5", dict[str, float], {"ifeval": 1.0, "hf_classifier": 0.5}),
 ])
 def test_list_and_mapping_values(value, hint, expected):
-    from pipeline.config import _coerce
+    from pipeline.config_parse import coerce
 
-    assert _coerce(value, hint, "section.key", "test") == expected
+    assert coerce(value, hint, "section.key", "test") == expected
 
 
 @pytest.mark.parametrize("value, hint, message", [
@@ -439,10 +439,10 @@ def test_list_and_mapping_values(value, hint, expected):
     ([1.0], dict[str, float], "'section.key' (test) must be a mapping"),
 ])
 def test_bad_list_and_mapping_values_name_the_key(value, hint, message):
-    from pipeline.config import _coerce
+    from pipeline.config_parse import coerce
 
     with pytest.raises(ConfigError, match=re.escape(message)):
-        _coerce(value, hint, "section.key", "test")
+        coerce(value, hint, "section.key", "test")
 
 
 def test_worker_retries_default_and_range():
@@ -450,3 +450,79 @@ def test_worker_retries_default_and_range():
     assert load_config(None, ["worker_retries=0"]).worker_retries == 0
     with pytest.raises(ConfigError, match="'worker_retries' must be zero \\(no retry\\) or more"):
         load_config(None, ["worker_retries=-1"])
+
+
+# --- field metadata ------------------------------------------------------------------
+
+def test_every_knob_is_documented():
+    import dataclasses
+
+    from pipeline.config_parse import leaf_fields
+
+    sections = [(f.name, f) for f in dataclasses.fields(Config)]
+    for key, f in [*leaf_fields(Config), *sections]:
+        assert f.metadata.get("help"), f"config key '{key}' has no help text"
+
+
+def test_run_identity_keys_come_from_the_fields():
+    from pipeline.config import RUN_IDENTITY_KEYS
+
+    assert len(RUN_IDENTITY_KEYS) == len(set(RUN_IDENTITY_KEYS))
+    assert set(RUN_IDENTITY_KEYS) == {
+        "seed", "model.name", "prompts.train", "prompts.heldout", "prompts.messages_field", "prompts.per_round",
+        "prompts.duplicates", "reward.name", "reference.policy", "train.replay", "reward.model",
+        "reward.components", "reward.length_penalty", "evaluate.temperature", "evaluate.max_tokens"}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("worker_retries=-1", "config key 'worker_retries' must be zero (no retry) or more; got -1"),
+    ("tracking=wandb,wandb", "config key 'tracking' must be a list of tensorboard, mlflow, wandb, without repeats; "
+                             "got ['wandb', 'wandb']"),
+    ("generate.temperatures=0.6,0.6", "config key 'generate.temperatures' must be zero or more each, without "
+                                      "repeats; got [0.6, 0.6]"),
+    ("generate.top_p=0", "config key 'generate.top_p' must be in (0, 1]; got 0.0"),
+    ("reward.components=ifeval:.nan", "config key 'reward.components' must be finite weights; got {'ifeval': nan}"),
+    ("lists.min_margin=.inf", "config key 'lists.min_margin' must be zero or more; got inf"),
+    ("train.checkpoint_every=-1", "config key 'train.checkpoint_every' must be zero (never) or more; got -1"),
+    ("train.lora_dropout=1", "config key 'train.lora_dropout' must be in [0, 1); got 1.0"),
+    ("evaluate.max_tokens=0", "config key 'evaluate.max_tokens' must be positive; got 0"),
+])
+def test_range_messages_from_field_metadata(override, message):
+    assert config_error(None, [override]) == message
+
+
+def test_train_fingerprint_leaves_out_the_same_knobs_and_hash(tmp_path):
+    from pipeline.config import TRAIN_FINGERPRINT_EXCLUDED
+    from stages.train.checkpoint import fingerprint
+
+    assert TRAIN_FINGERPRINT_EXCLUDED == {"checkpoint_every", "num_workers", "sharding"}
+    shard = tmp_path / "part-00000.parquet"
+    shard.write_bytes(b"x" * 1000)
+    train = {"objective": "lambdarank", "beta": 0.1, "learning_rate": 1e-06, "lambdarank_ndcg": True,
+             "checkpoint_every": 50, "num_workers": 1, "sharding": "none"}
+    cfg = {"train": train, "seed": 3, "policy_in": "round_001/policy", "train_shard": str(shard)}
+    # The value the deny-list version of fingerprint() gave for these inputs: resumable checkpoints stay so.
+    assert fingerprint(cfg, 12) == "7a8ed52ae16115da"
+    moved = dict(train, checkpoint_every=0, num_workers=8, sharding="fsdp")
+    assert fingerprint(dict(cfg, train=moved), 12) == "7a8ed52ae16115da"
+    assert fingerprint(dict(cfg, train=dict(train, beta=0.2)), 12) != "7a8ed52ae16115da"
+
+
+# --- objective-specific options ----------------------------------------------------
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.lambdarank_ndcg=true"],
+     "config key 'train.lambdarank_ndcg' has no effect with train.objective=contrastive (read by: lambdarank)"),
+    (["train.objective=dpo", "train.simpo_gamma=1.0"],
+     "config key 'train.simpo_gamma' has no effect with train.objective=dpo (read by: simpo)"),
+])
+def test_option_of_another_objective_is_an_error(overrides, message):
+    assert config_error(None, overrides) == message
+
+
+def test_objective_options_for_the_chosen_objective_load():
+    assert load_config(None, ["train.objective=lambdarank", "train.lambdarank_ndcg=true"]).train.lambdarank_ndcg
+    assert load_config(None, ["train.objective=simpo", "train.simpo_gamma=1.0"]).train.simpo_gamma == 1.0
+    # At their defaults they may be written for any objective; beta is common to all.
+    load_config(None, ["train.objective=dpo", "train.simpo_gamma=0.5", "train.lambdarank_ndcg=false",
+                       "train.beta=0.3"])

@@ -1,6 +1,5 @@
 """Two Ray Train workers on CPU (gloo) make the same update as one worker on the same global batch."""
 
-import dataclasses
 import json
 
 import pyarrow as pa
@@ -12,6 +11,7 @@ from safetensors.torch import load_file
 from pipeline import schema
 from pipeline.config import TrainConfig
 from pipeline.layout import write_parquet
+from stages.train.loop import LoopConfig
 from stages.train.stage import fit
 from tests.conftest import REPO_ROOT
 from tests.test_reference_numerics import lists_rows, with_reference
@@ -37,10 +37,10 @@ def train_shard(tmp_path, tiny_model):
 def run(tmp_path, tiny_model, shard, workers, **options):
     out = tmp_path / f"policy-{workers}-{'-'.join(map(str, options.values()))}"
     out.mkdir()
-    train = dataclasses.asdict(TrainConfig(objective="contrastive", learning_rate=1e-3, batch_size=4,
-                                           micro_batch_size=1, max_length=128, warmup_ratio=0.0, **options))
-    config = {"train": train, "seed": 0, "policy_in": str(tiny_model), "trust_remote_code": False,
-              "train_shard": str(shard), "output_dir": str(out)}
+    train = TrainConfig(objective="contrastive", learning_rate=1e-3, batch_size=4, micro_batch_size=1,
+                        max_length=128, warmup_ratio=0.0, **options)
+    config = LoopConfig(train=train, seed=0, policy_in=str(tiny_model), trust_remote_code=False,
+                        train_shard=str(shard), output_dir=str(out))
     fit(config, workers, tmp_path / "ray_train", out.name)
     log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
     return log, load_file(out / "model.safetensors")

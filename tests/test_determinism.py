@@ -11,7 +11,7 @@ import ray
 from pipeline.config import load_config
 from pipeline.layout import read_parquet_dir
 from pipeline.prompts import load_prompts
-from stages.generate import SamplingSpec, generate_shards
+from pools.vllm_engines import SamplingSpec, generate_shards
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.e2e

@@ -188,6 +188,21 @@ def test_round_0_is_the_base_model_evaluated_once(run_dir, tiny_model):
     assert log.count("evaluating the base model") == 1
 
 
+def test_the_console_shows_the_pipeline_and_the_logs_keep_the_rest(run_dir):
+    """Two smoke rounds print a line per stage and little else; vLLM, Ray and the workers write to logs/."""
+    lines = (run_dir.parent / "console.txt").read_text().splitlines()
+    assert len(lines) <= 40, "\n".join(lines)
+    finished = [line for line in lines if " finished in " in line]
+    assert len(finished) == 1 + 2 * len(STAGES) + 2, finished  # round 0, every stage, each round
+    assert not [line for line in lines if "vLLM" in line or "(pid=" in line or "WARNING" in line], lines
+    logs = run_dir / "logs"
+    assert sorted(p.name for p in (logs / "round_000").iterdir()) == ["evaluate.log"]
+    for number in (1, 2):
+        assert sorted(p.stem for p in (logs / f"round_00{number}").iterdir()) == sorted([*STAGES, "ray"])
+    assert "vllm" in (logs / "round_001" / "generate.log").read_text().lower()
+    assert "TrainController" in (logs / "round_001" / "train.log").read_text()
+
+
 def test_pipeline_log_has_every_stage_with_its_time(run_dir):
     log = (run_dir / "pipeline.log").read_text()
     for number in (1, 2):

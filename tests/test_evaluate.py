@@ -3,7 +3,6 @@
 import json
 import math
 import random
-from types import SimpleNamespace
 
 import pyarrow as pa
 import pytest
@@ -13,6 +12,7 @@ from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.layout import RunLayout, read_parquet_dir, shard_name, write_parquet
 from pipeline.prompts import Prompt
+from pipeline import driver
 from stages import evaluate
 from stages.evaluate import check_baseline, eval_metrics, pass_rate, win_rate
 
@@ -170,10 +170,19 @@ def fake_respond(calls: list):
     return respond
 
 
-def plan_for(tmp_path, config, number: int, heldout: list[Prompt]):
+def plan_for(tmp_path, config, number: int, heldout: list[Prompt]) -> driver.RoundPlan:
     run = RunLayout(tmp_path / "run")
-    return SimpleNamespace(config=config, run=run, round=run.round(number), base_model="/models/base",
-                           heldout=heldout)
+    return driver.RoundPlan(config, run, run.round(number), base_model="/models/base", policy_in="/models/base",
+                            reference="/models/base", prompts=[], heldout=heldout, dropped_too_long=[])
+
+
+def evaluate_round(plan: driver.RoundPlan) -> dict:
+    """The evaluate stage as the driver runs it: round 0 through the stage path first, once."""
+    baseline = driver.baseline_plan(plan)
+    if plan.heldout and not baseline.round.is_done("evaluate"):
+        driver.run_one_stage(baseline, "evaluate", lambda *args, **kwargs: None)
+        driver.write_baseline_metrics(baseline)
+    return evaluate.run_stage(plan, plan.round.begin_stage("evaluate"))
 
 
 def test_round_0_is_made_once_then_reused(tmp_path, config, monkeypatch):
@@ -182,8 +191,7 @@ def test_round_0_is_made_once_then_reused(tmp_path, config, monkeypatch):
     heldout = prompts(3)
     for number in (1, 2, 3):
         plan = plan_for(tmp_path, config, number, heldout)
-        out_dir = plan.round.begin_stage("evaluate")
-        stats = evaluate.run_stage(plan, out_dir)
+        stats = evaluate_round(plan)
         # Rounds 1 and 2 answer with 2 and 3 words (within 3): a tie with round 0; round 3 goes over.
         assert stats["win_rate"] == (0.5 if number < 3 else 0.0)
     assert calls == [("/models/base", 0), (str(plan.run.round(1).policy), 1),
@@ -202,16 +210,15 @@ def test_evaluation_off_makes_no_round_0(tmp_path, config, monkeypatch):
     calls = []
     monkeypatch.setattr(evaluate, "respond", fake_respond(calls))
     plan = plan_for(tmp_path, config, 1, [])
-    out_dir = plan.round.begin_stage("evaluate")
-    assert evaluate.run_stage(plan, out_dir) == {"eval_prompts": 0}
-    assert read_parquet_dir(out_dir).num_rows == 0
+    assert evaluate_round(plan) == {"eval_prompts": 0}
+    assert read_parquet_dir(plan.round.partial("evaluate")).num_rows == 0
     assert calls == [] and not plan.run.round(0).dir.exists()
     check_baseline(plan.run, [], config)  # nothing to check against
 
 
 def make_round_0(tmp_path, config, monkeypatch, heldout):
     monkeypatch.setattr(evaluate, "respond", fake_respond([]))
-    evaluate.ensure_baseline(plan_for(tmp_path, config, 1, heldout))
+    evaluate_round(plan_for(tmp_path, config, 1, heldout))
     return RunLayout(tmp_path / "run")
 
 

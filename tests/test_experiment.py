@@ -73,7 +73,7 @@ def test_table_verdict_and_plots(store, tmp_path):
     results_md.parent.mkdir()
     results_md.write_text("# Results\n\nintro\n\n<!-- experiment:start -->\nstale text\n<!-- experiment:end -->\n\n"
                           "<!-- speed:start -->\nspeed numbers stay\n<!-- speed:end -->\n")
-    held = summarize(store, list(experiment.METHODS), [0, 1, 2], results_md)
+    held = summarize(store, list(experiment.MAIN_METHODS), [0, 1, 2], results_md)
     text = results_md.read_text()
     assert "stale text" not in text and "speed numbers stay" in text and text.startswith("# Results\n\nintro")
     rows = table_rows(text)
@@ -234,3 +234,26 @@ def test_a_broken_metrics_file_is_named_not_skipped(store, tmp_path, capsys):
     (store / "listmle" / "seed-1" / "round_002" / "metrics.json").write_text("{not json")
     assert main(["--summarize-only", "--store", str(store), "--results", str(tmp_path / "r.md")]) == 2
     assert "listmle/seed-1/round_002/metrics.json is not valid JSON" in capsys.readouterr().err
+
+
+def test_the_replay_ablation_gets_its_own_table_and_verdicts(tmp_path):
+    root = tmp_path / "experiments"
+    for seed in (0, 1, 2):
+        write_seed(root, "contrastive", seed, [0.4, 0.5, 0.6])
+        write_seed(root, "replay-previous", seed, [0.4, 0.5, 0.6])  # the same answers: no difference
+        write_seed(root, "replay-all", seed, [0.4, 0.7, 0.9])
+    results_md = tmp_path / "results.md"
+    summarize(root, ["contrastive"], [0, 1, 2], results_md)
+    text = results_md.read_text()
+    assert "### Replaying earlier rounds' lists" in text
+    assert "- replay previous minus none, round 3 (3 seeds): strict pass rate +0.0 [+0.0, +0.0] points: " \
+           "not distinguishable" in text
+    assert "- replay all minus none, round 3 (3 seeds): strict pass rate +30.0 [" in text
+    assert "round 1 (" not in text.split("### Replaying")[1]  # nothing earlier to replay in round 1
+    assert "| LarPO contrastive + rounds 1..N-1's lists | 3 | 3 |" in text
+
+
+def test_the_ablation_is_not_in_the_main_experiment_by_default():
+    assert experiment.MAIN_METHODS == ("dpo", "dpo-k", "contrastive", "lambdarank", "listmle")
+    assert experiment.METHODS["replay-all"].overrides[-1] == "train.replay=all"
+    assert experiment.METHODS["replay-all"].overrides[:-1] == experiment.METHODS["contrastive"].overrides

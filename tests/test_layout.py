@@ -118,13 +118,16 @@ def test_begin_stage_with_both_output_and_partial_keeps_partial(round1):
 def test_finish_stage_renames_and_writes_marker(round1):
     partial = round1.begin_stage("rerank")
     write_parquet(table([5]), partial / shard_name(0))
+    write_parquet(table([5, 6]), round1.partial("rerank", "scored") / shard_name(0))
     round1.finish_stage("rerank", {"lists": 1, "all_tied_dropped": 0})
-    assert not partial.exists()
-    assert names(round1.lists) == [shard_name(0)]
+    assert not partial.exists() and not round1.partial("rerank", "scored").exists()
+    assert names(round1.lists) == [shard_name(0)] and names(round1.scored) == [shard_name(0)]
     assert round1.is_done("rerank")
-    # The marker keeps the stage's numbers and what it wrote: each file's size, a shard's rows.
+    # The marker keeps the stage's numbers and what it wrote: each file's size, a shard's rows,
+    # for its main output and for every other output the registry declares.
     files = {shard_name(0): {"bytes": (round1.lists / shard_name(0)).stat().st_size, "rows": 1}}
-    expected = {"lists": 1, "all_tied_dropped": 0, "files": files}
+    scored = {shard_name(0): {"bytes": (round1.scored / shard_name(0)).stat().st_size, "rows": 2}}
+    expected = {"lists": 1, "all_tied_dropped": 0, "files": files, "extra_outputs": {"scored": scored}}
     assert json.loads(round1.done_marker("rerank").read_text()) == expected
     assert round1.stage_stats("rerank") == expected
     assert names(round1.dir / "_done") == ["rerank"]  # no temporary files next to the marker
@@ -167,9 +170,24 @@ def test_is_finished_needs_every_stage(round1):
         round1.begin_stage(stage)
         round1.finish_stage(stage, {"stage": stage})
     assert round1.is_finished()
-    assert all(round1.stage_stats(s) == {"stage": s, "files": {}} for s in STAGES)
+    assert all(round1.stage_stats(s) == {"stage": s, "files": {}, **({"extra_outputs": {"scored": {}}}
+                                                                     if s == "rerank" else {})} for s in STAGES)
     round1.done_marker("train").unlink()
     assert not round1.is_finished()
+
+
+def test_every_output_of_a_stage_is_kept_and_checked(round1):
+    """rerank's scored/ goes back to .partial with lists/ when the stage reruns, and a damaged one is named."""
+    round1.begin_stage("rerank")
+    write_parquet(table([1, 2]), round1.partial("rerank", "scored") / shard_name(0))
+    round1.finish_stage("rerank", {})
+    round1.check_output("rerank")
+    (round1.scored / shard_name(0)).write_bytes(b"cut")
+    with pytest.raises(layout.PipelineError, match=r"scored/part-00000.parquet has 3 bytes.*redo the rerank stage"):
+        round1.check_output("rerank")
+    round1.done_marker("rerank").unlink()
+    round1.begin_stage("rerank")
+    assert not round1.scored.exists() and (round1.partial("rerank", "scored") / shard_name(0)).is_file()
 
 
 def test_done_marker_directory_is_not_done(round1):

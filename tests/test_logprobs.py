@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from stages.train.logprobs import collate, pack_lists, sequence_logprobs, tokenize_example
+from pools.logprobs import collate, pack_lists, sequence_logprobs, tokenize_example
 
 PAD = 0
 

@@ -6,9 +6,13 @@ import math
 import pytest
 import torch
 
-from stages.train.objectives import OBJECTIVES, mean_margin, ranking_accuracy
+from pipeline.config import TrainConfig
+from pipeline.objectives import OBJECTIVES, mean_margin, objective_options, ranking_accuracy
 
-OPTIONS = {"beta": 0.5, "gamma": 0.5}  # one options dict for every objective, as the trainer does
+
+def options(name: str, ndcg: bool = False) -> dict:
+    """What the trainer hands objective `name` besides `rewards`: its own options, from a train config."""
+    return objective_options(TrainConfig(objective=name, beta=0.5, simpo_gamma=0.5, lambdarank_ndcg=ndcg))
 
 
 def log_sigmoid(x: float) -> float:
@@ -105,14 +109,14 @@ def test_padding_changes_nothing(name, pad):
     scores = torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.float64, requires_grad=True)
     mask = torch.tensor([[True] * len(r) + [False] * (width - len(r)) for r in rows])
     rewards = torch.tensor([r + [pad] * (width - len(r)) for r in rewards_rows], dtype=torch.float64)
-    options = {**OPTIONS, "ndcg_weights": True, "rewards": rewards}
-    loss = OBJECTIVES[name](scores, mask, **options)
+    given = {**options(name, ndcg=True), "rewards": rewards}
+    loss = OBJECTIVES[name](scores, mask, **given)
     loss.sum().backward()
     assert torch.isfinite(loss).all() and torch.isfinite(scores.grad).all()
     assert (scores.grad[~mask] == 0).all()
     for b, values in enumerate(rows):
         alone = torch.tensor([values], dtype=torch.float64, requires_grad=True)
-        alone_options = {**options, "rewards": torch.tensor([rewards_rows[b]], dtype=torch.float64)}
+        alone_options = {**given, "rewards": torch.tensor([rewards_rows[b]], dtype=torch.float64)}
         alone_loss = OBJECTIVES[name](alone, torch.ones_like(alone, dtype=torch.bool), **alone_options)
         alone_loss.sum().backward()
         torch.testing.assert_close(loss[b], alone_loss[0])
@@ -131,7 +135,7 @@ def test_extreme_scores_stay_finite(name, dtype):
     rewards = torch.tensor([[1.0, 0.5, 0.2, 0.0]] * 4, dtype=dtype)
     for ndcg in (False, True):
         scores.grad = None
-        loss = OBJECTIVES[name](scores, mask, **OPTIONS, ndcg_weights=ndcg, rewards=rewards)
+        loss = OBJECTIVES[name](scores, mask, rewards=rewards, **options(name, ndcg))
         loss.sum().backward()
         assert torch.isfinite(loss).all() and torch.isfinite(scores.grad).all()
 
@@ -140,14 +144,14 @@ def test_extreme_scores_stay_finite(name, dtype):
 def test_reward_order_beats_reverse_and_descent_learns_it(name):
     ordered = torch.tensor([[1.5, 0.5, -0.5, -1.5]], dtype=torch.float64)
     mask = torch.ones_like(ordered, dtype=torch.bool)
-    objective = OBJECTIVES[name]
-    assert objective(ordered, mask, **OPTIONS) < objective(ordered.flip(-1), mask, **OPTIONS)
+    objective, opts = OBJECTIVES[name], options(name)
+    assert objective(ordered, mask, **opts) < objective(ordered.flip(-1), mask, **opts)
 
     scores = ordered.flip(-1).clone().requires_grad_(True)
     losses, accuracies = [], []
     optimizer = torch.optim.SGD([scores], lr=0.05)
     for _ in range(30):
-        loss = objective(scores, mask, **OPTIONS).sum()
+        loss = objective(scores, mask, **opts).sum()
         losses.append(loss.item())
         accuracies.append(ranking_accuracy(scores.detach(), mask).item())
         optimizer.zero_grad()
@@ -175,15 +179,42 @@ def test_ndcg_weights_need_rewards():
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
 def test_invalid_rows_raise(name):
     with pytest.raises(ValueError):
-        OBJECTIVES[name](*row([1.0], width=3), **OPTIONS)
+        OBJECTIVES[name](*row([1.0], width=3), **options(name))
     with pytest.raises(ValueError):  # padding in the middle
-        OBJECTIVES[name](torch.zeros(1, 3), torch.tensor([[True, False, True]]), **OPTIONS)
+        OBJECTIVES[name](torch.zeros(1, 3), torch.tensor([[True, False, True]]), **options(name))
 
 
-def test_unknown_options_are_ignored():
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_unknown_option_raises(name):
     scores, mask = row([1.0, 0.0, -1.0])
-    for name, objective in OBJECTIVES.items():
-        torch.testing.assert_close(objective(scores, mask, not_an_option=3, **OPTIONS), objective(scores, mask, **OPTIONS))
+    with pytest.raises(TypeError, match="not_an_option"):
+        OBJECTIVES[name](scores, mask, not_an_option=3, **options(name))
+    # An option of another objective is unknown too: it would silently do nothing.
+    foreign = {"ipo": "gamma"}.get(name, "beta")
+    with pytest.raises(TypeError, match=foreign):
+        OBJECTIVES[name](scores, mask, **{foreign: 0.5})
+
+
+def test_misspelt_option_raises():
+    with pytest.raises(TypeError, match="ndcg_weight"):
+        OBJECTIVES["lambdarank"](*row([1.0, 0.0]), ndcg_weight=True, rewards=torch.tensor([[1.0, 0.0]]))
+
+
+def test_objective_options_are_exactly_what_each_objective_takes():
+    import dataclasses
+
+    train = TrainConfig(beta=0.3, lambdarank_ndcg=True, simpo_gamma=0.7)
+    expected = {"dpo": {}, "contrastive": {}, "listmle": {}, "lambdarank": {"ndcg_weights": True},
+                "ipo": {"beta": 0.3}, "simpo": {"gamma": 0.7}}
+    assert set(OBJECTIVES) == set(expected)
+    scores, mask = row([1.0, 0.0, -1.0])
+    rewards = torch.tensor([[1.0, 0.5, 0.0]], dtype=torch.float64)
+    for name, want in expected.items():
+        config = dataclasses.replace(train, objective=name)
+        assert objective_options(config) == want
+        assert objective_options(dataclasses.asdict(config)) == want  # the trainer's dict of the section
+        # The trainer's call: rewards for every objective, whether it reads them or not.
+        assert torch.isfinite(OBJECTIVES[name](scores, mask, rewards=rewards, **want)).all()
 
 
 def test_metrics():

@@ -4,10 +4,11 @@ before the first update, every item's score beta * (log pi - log pi_ref) is zero
 import pytest
 import torch
 
-from stages.reference import list_batches, reference_logprobs
-from stages.train.data import ListExample, build_examples, load_policy
+from pipeline.config import TrainConfig
+from pipeline.objectives import OBJECTIVES, objective_options
+from pools.logprob_scorer import list_batches, load_policy, reference_logprobs
+from stages.train.data import ListExample, build_examples
 from stages.train.loop import global_batches, list_scores, lr_lambda
-from stages.train.objectives import OBJECTIVES
 
 
 def lists_rows():
@@ -48,7 +49,8 @@ def test_scores_are_zero_before_training(tiny_model, share_prompt):
     # Padding of the shorter list is masked out, and the loss is finite for every objective.
     assert mask[1].tolist() == [True, True, False, False]
     for name, objective in OBJECTIVES.items():
-        assert torch.isfinite(objective(scores, mask, beta=0.1, rewards=rewards)).all(), name
+        options = objective_options(TrainConfig(objective=name, beta=0.1))
+        assert torch.isfinite(objective(scores, mask, rewards=rewards, **options)).all(), name
 
 
 def test_reference_logprobs_do_not_depend_on_batching_or_layout(tiny_model):

@@ -12,6 +12,7 @@ from pipeline.config import load_config
 from pipeline.driver import plan_round
 from pipeline.errors import PipelineError
 from pipeline.layout import RunLayout, shard_name, write_parquet
+from pools.logprob_scorer import reference_logprobs
 from stages import reference
 from tests.conftest import REPO_ROOT
 
@@ -72,9 +73,9 @@ def run_reference(run: RunLayout, number: int, replay: str, model) -> tuple[list
 def direct_logps(rows: list[dict], model) -> list[list[float]]:
     lists = [(row["prompt"], [item["response"] for item in row["positives"] + row["negatives"]]) for row in rows]
     config = load_config("configs/smoke.yaml")
-    return reference.reference_logprobs(str(model), lists, config.train.dtype, config.train.max_length,
-                                        config.reference.batch_size, config.train.logprob_chunk_size,
-                                        autocast_setting=config.train.autocast, share_prompt=config.train.share_prompt)
+    return reference_logprobs(str(model), lists, config.train.dtype, config.train.max_length,
+                              config.reference.batch_size, config.train.logprob_chunk_size,
+                              autocast_setting=config.train.autocast, share_prompt=config.train.share_prompt)
 
 
 def item_logps(row: dict) -> list[float]:

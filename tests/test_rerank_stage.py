@@ -16,6 +16,7 @@ from pipeline import schema
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.layout import RunLayout, read_parquet_dir, shard_name, write_parquet
+from pools import reward_scorers
 from stages import rerank
 from tests.conftest import REPO_ROOT
 
@@ -241,11 +242,11 @@ def test_score_candidates_shares_batches_across_actors_and_keeps_order():
         texts = ["one two", "one two three four five", "a", "word " * 9, "x y z", "", "fits here", "too many words now"]
         rows = [candidate_row(f"p{i}", 0, text, 1) for i, text in enumerate(texts)]
         config = load_config(None, ["reward.batch_size=3", "reward.num_actors=2"]).reward
-        rewards = rerank.score_candidates(rows, config)
-        expected = build_reward("ifeval").score([rerank.to_sample(row) for row in rows])
+        rewards = reward_scorers.score_candidates(rows, config)
+        expected = build_reward("ifeval").score([reward_scorers.to_sample(row) for row in rows])
         assert rewards == expected
         assert sorted(set(rewards)) == [0.0, 1.0]
-        assert rerank.score_candidates([], config) == []
+        assert reward_scorers.score_candidates([], config) == []
     finally:
         if started:
             ray.shutdown()

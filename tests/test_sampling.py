@@ -9,7 +9,8 @@ from pipeline import schema
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.prompts import Prompt
-from stages.generate import SamplingSpec, candidate_rows, group_samples, split_samples
+from pools.vllm_engines import SamplingSpec, group_samples, split_samples
+from stages.generate import candidate_rows
 
 
 @pytest.mark.parametrize("k, temperatures, blocks", [

@@ -1,6 +1,6 @@
 """pipeline/timing.py on a fake clock, and the driver adding a stage's timings to its stats."""
 
-import sys
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -82,12 +82,27 @@ def test_the_driver_adds_the_stage_timings_to_its_stats(tmp_path, monkeypatch):
         timing.add({"startup": 1.5, "work": 2.5})
         return {"lists": 3}
 
-    monkeypatch.setitem(sys.modules, "fake_stage", SimpleNamespace(run_stage=run_stage))
-    monkeypatch.setitem(driver.STAGE_MODULES, "rerank", "fake_stage")
+    monkeypatch.setitem(driver.STAGE_RUNNERS, "rerank", run_stage)
     plan = SimpleNamespace(round=RunLayout(tmp_path / "run").round(1))
-    driver.run_one_stage(plan, "rerank", lambda *args: None)
+    driver.run_one_stage(plan, "rerank", lambda *args, **kwargs: None)
     stats = plan.round.stage_stats("rerank")
     assert stats["lists"] == 3
     assert stats["startup_seconds"] == 1.5 and stats["work_seconds"] == 2.5
     assert 0.0 <= stats["io_seconds"] <= stats["wall_seconds"]
     assert "peak_memory_gib" in stats
+
+
+def test_a_failing_stage_says_which_log_holds_the_details(tmp_path, monkeypatch):
+    def run_stage(plan, out_dir):
+        os.write(2, b"a library's noise\n")  # as vLLM or a C extension writes
+        raise ValueError("bad shard\nsecond line")
+
+    monkeypatch.setitem(driver.STAGE_RUNNERS, "rerank", run_stage)
+    plan = SimpleNamespace(round=RunLayout(tmp_path / "run").round(1))
+    with pytest.raises(driver.StageFailed) as failure:
+        driver.run_one_stage(plan, "rerank", lambda *args, **kwargs: None)
+    log = tmp_path / "run" / "logs" / "round_001" / "rerank.log"
+    assert str(failure.value) == f"rerank of round 1 failed: ValueError: bad shard (details: {log})"
+    text = log.read_text()
+    assert "a library's noise" in text and "Traceback" in text and "second line" in text
+    assert not plan.round.is_done("rerank")

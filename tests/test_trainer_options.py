@@ -3,9 +3,10 @@
 import torch
 from safetensors.torch import load_file
 
-from stages.train.data import add_lora, autocast, build_examples, load_policy, use_sparse_embedding_grad
+from pools.logprob_scorer import autocast, load_policy
+from stages.train.data import add_lora, build_examples, use_sparse_embedding_grad
 from stages.train.loop import list_scores
-from stages.train.objectives import OBJECTIVES
+from pipeline.objectives import OBJECTIVES
 from tests.test_reference_numerics import lists_rows, with_reference
 
 

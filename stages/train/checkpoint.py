@@ -26,17 +26,17 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-log = logging.getLogger(__name__)
+from pipeline.config import TRAIN_FINGERPRINT_EXCLUDED
 
-# Knobs that change neither the steps nor their results.
-_NOT_IN_FINGERPRINT = {"checkpoint_every", "num_workers", "sharding"}
+log = logging.getLogger(__name__)
 
 
 def fingerprint(cfg: dict[str, Any], num_examples: int) -> str:
     """What a checkpoint must have been trained on to be resumed from."""
     shard = Path(cfg["train_shard"])
+    # Train knobs that change neither the steps nor their results (fingerprint=False) are left out.
     identity = {
-        "train": {k: v for k, v in cfg["train"].items() if k not in _NOT_IN_FINGERPRINT},
+        "train": {k: v for k, v in cfg["train"].items() if k not in TRAIN_FINGERPRINT_EXCLUDED},
         "seed": cfg["seed"], "policy_in": cfg["policy_in"], "examples": num_examples,
         "train_shard_bytes": shard.stat().st_size,
     }

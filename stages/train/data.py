@@ -1,41 +1,17 @@
-"""What the trainer and the reference stage share: the policy, and list items as token ids.
+"""The trainer's data and model options: list items as token ids, LoRA, sparse embedding grads.
 
-The reference log-probs are only valid if they are computed exactly as the
-trainer computes the policy's, so both stages load the model and tokenize
-items through these functions.
+The policy is loaded and scored through pools/logprob_scorer.py, which the
+reference stage shares, so both compute log-probs the same way.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from stages.train.logprobs import tokenize_example
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def use_all_cpu_threads() -> None:
-    # Ray sets OMP_NUM_THREADS to a task's CPU count (often 1); a stage that
-    # owns the machine should use every core.
-    if not torch.cuda.is_available():
-        torch.set_num_threads(os.cpu_count() or 1)
-
-
-def load_policy(path: str, dtype: str, trust_remote_code: bool = False):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
-    return model.to(pick_device()), tokenizer
-
+from pools.logprobs import tokenize_example
 
 def use_sparse_embedding_grad(model) -> bool:
     """Let the input embedding's backward write only the rows of the batch's tokens.
@@ -54,15 +30,6 @@ def use_sparse_embedding_grad(model) -> bool:
     return True
 
 
-def autocast(setting: str):
-    """The bf16 autocast context the trainer and the reference stage both run under."""
-    from pipeline.hardware import native_bf16
-
-    device = pick_device()
-    enabled = setting == "on" or (setting == "auto" and native_bf16())
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
 def add_lora(model, rank: int, alpha: float, dropout: float, target_modules: str):
     from peft import LoraConfig, get_peft_model
 
@@ -70,10 +37,6 @@ def add_lora(model, rank: int, alpha: float, dropout: float, target_modules: str
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                         task_type="CAUSAL_LM")
     return get_peft_model(model, config)
-
-
-def pad_token_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 @dataclass

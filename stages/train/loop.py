@@ -9,22 +9,26 @@ forward pass call into the model however the log-prob code needs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from pipeline.config import TrainConfig
+from pipeline.console import worker_bar
+from pipeline.objectives import OBJECTIVES, REFERENCE_FREE, mean_margin, objective_options, ranking_accuracy
 from pipeline.timing import Timings
-from stages.train.data import (DTYPES, ListExample, add_lora, autocast, build_examples, load_policy,
-                               pad_token_id, use_all_cpu_threads, use_sparse_embedding_grad)
-from stages.train.logprobs import list_batch, sequence_logprobs
-from stages.train.objectives import OBJECTIVES, REFERENCE_FREE, mean_margin, ranking_accuracy
+from pools.logprob_scorer import DTYPES, autocast, load_policy, pad_token_id, use_all_cpu_threads
+from pools.logprobs import list_batch, sequence_logprobs
 from stages.train.checkpoint import TrainingCheckpoint, fingerprint
+from stages.train.data import ListExample, add_lora, build_examples, use_sparse_embedding_grad
 from stages.train.optim import build_optimizer
 
 
@@ -97,122 +101,168 @@ def micro_batches(mine: list[int], micro_batch_size: int, count: int) -> list[tu
     return batches + [([0], 0.0)] * (count - len(batches))
 
 
-def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+@dataclass(frozen=True)
+class LoopConfig:
+    """What every training worker is given: the typed train config and the round's inputs."""
+
+    train: TrainConfig
+    seed: int
+    policy_in: str
+    trust_remote_code: bool
+    train_shard: str
+    output_dir: str
+
+
+@dataclass
+class Trainer:
+    """What set-up builds once and every step uses."""
+
+    cfg: LoopConfig
+    rank: int
+    world: int
+    sharded: bool
+    model: Any
+    tokenizer: Any
+    params: list
+    examples: list[ListExample]
+    steps: list[list[int]]
+    optimizer: Any
+    scheduler: Any
+    checkpoints: TrainingCheckpoint
+    history: list[dict[str, float]]
+
+
+def set_up(cfg: LoopConfig, clock: Timings) -> Trainer:
+    """Model, data, optimizer and any in-training checkpoint, with their time on `clock`."""
     import pyarrow.parquet as pq
     import ray.train
-    from tqdm import tqdm
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    train = cfg["train"]
-    sharded = train["sharding"] == "fsdp" and world > 1
-    # Rank 0's clock: the workers wait for each other at every collective, so one speaks for all.
-    clock = Timings()
+    train = cfg.train
+    sharded = train.sharding == "fsdp" and world > 1
     with clock("startup"):
         use_all_cpu_threads()
         if world > 1 and not torch.cuda.is_available():
             torch.set_num_threads(max(1, torch.get_num_threads() // world))
-        torch.manual_seed(cfg["seed"])
-
-        model, tokenizer = load_policy(cfg["policy_in"], train["dtype"], cfg["trust_remote_code"])
-        if train["gradient_checkpointing"]:
+        torch.manual_seed(cfg.seed)
+        model, tokenizer = load_policy(cfg.policy_in, train.dtype, cfg.trust_remote_code)
+        if train.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if train["lora_rank"]:
-            model = add_lora(model, train["lora_rank"], train["lora_alpha"], train["lora_dropout"],
-                             train["lora_target_modules"])
+        if train.lora_rank:
+            model = add_lora(model, train.lora_rank, train.lora_alpha, train.lora_dropout, train.lora_target_modules)
         if sharded:
             shard_model(model)
-        elif not train["lora_rank"]:
+        elif not train.lora_rank:
             use_sparse_embedding_grad(model)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
     with clock("io"):
-        rows = pq.read_table(cfg["train_shard"]).to_pylist()
+        rows = pq.read_table(cfg.train_shard).to_pylist()
     with clock("work"):
-        examples = build_examples(rows, tokenizer, train["max_length"], train["max_list_size"])
-    steps = global_batches(len(examples), train["batch_size"], train["epochs"], cfg["seed"])
+        examples = build_examples(rows, tokenizer, train.max_length, train.max_list_size)
+    steps = global_batches(len(examples), train.batch_size, train.epochs, cfg.seed)
     with clock("startup"):
-        optimizer = build_optimizer(train["optimizer"], params, train["learning_rate"], train["weight_decay"],
-                                    seed=cfg["seed"])
+        optimizer = build_optimizer(train.optimizer, params, train.learning_rate, train.weight_decay, seed=cfg.seed)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_lambda(int(train["warmup_ratio"] * len(steps)), len(steps)))
-    objective = OBJECTIVES[train["objective"]]
-    options = {"beta": train["beta"], "ndcg_weights": train["lambdarank_ndcg"], "gamma": train["simpo_gamma"]}
-
-    output_dir = Path(cfg["output_dir"])
-    checkpoints = TrainingCheckpoint(output_dir / "checkpoint", fingerprint(cfg, len(examples)))
-    with clock("startup"):
+            optimizer, lr_lambda(int(train.warmup_ratio * len(steps)), len(steps)))
+        checkpoints = TrainingCheckpoint(Path(cfg.output_dir) / "checkpoint",
+                                         fingerprint(dataclasses.asdict(cfg), len(examples)))
         history = checkpoints.restore(model, optimizer, scheduler)
-    progress = tqdm(steps, desc="train", unit="step", disable=rank != 0, initial=len(history))
+    return Trainer(cfg, rank, world, sharded, model, tokenizer, params, examples, steps, optimizer, scheduler,
+                   checkpoints, history)
+
+
+def train_step(trainer: Trainer, indices: list[int]) -> dict[str, float]:
+    """One optimizer step over a global batch; its metrics, read from the device once."""
+    train, world = trainer.cfg.train, trainer.world
+    objective, options = OBJECTIVES[train.objective], objective_options(train)
+    mine = indices[trainer.rank::world]
+    count = math.ceil(math.ceil(len(indices) / world) / train.micro_batch_size) if trainer.sharded else 0
+    # Losses are divided by the global batch size, and the workers' gradients must add
+    # up; FSDP averages them over workers instead (gloo has no pre-scaled sum), so undo it.
+    scale = world / len(indices) if trainer.sharded else 1 / len(indices)
+    # Summed on the device, read back once after the step: a read per micro-batch would sync each time.
+    device = trainer.params[0].device
+    loss = accuracy = margin = torch.zeros((), dtype=torch.float64, device=device)
+    examples = tokens = 0.0
+    for micro_indices, weight in micro_batches(mine, train.micro_batch_size, count):
+        micro = [trainer.examples[i] for i in micro_indices]
+        with autocast(train.autocast):
+            scores, mask, rewards = list_scores(trainer.model, micro, trainer.tokenizer, train.objective, train.beta,
+                                                train.logprob_chunk_size, train.share_prompt)
+        losses = objective(scores.float(), mask, rewards=rewards.float(), **options)
+        (weight * scale * losses.sum()).backward()
+        with torch.no_grad():
+            loss = loss + weight * losses.detach().sum().double()
+            accuracy = accuracy + weight * ranking_accuracy(scores, mask).sum().double()
+            margin = margin + weight * mean_margin(scores, mask).detach().sum().double()
+        examples += weight * len(micro)
+        tokens += weight * sum(len(ids) for e in micro for ids, _ in e.tokens)
+    totals = torch.stack([loss, accuracy, margin, torch.tensor(examples, dtype=torch.float64, device=device),
+                          torch.tensor(tokens, dtype=torch.float64, device=device)])
+    if world > 1:
+        if not trainer.sharded:
+            # Every worker reduces every gradient, in the same order, even one whose
+            # share of a short last batch was empty: a skipped collective would hang the rest.
+            for param in trainer.params:
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+                dist.all_reduce(param.grad)
+        dist.all_reduce(totals)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainer.params, train.max_grad_norm)
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+        grad_norm = grad_norm.full_tensor()
+    trainer.optimizer.step()
+    trainer.scheduler.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    loss, accuracy, margin, examples, tokens, norm = \
+        torch.cat([totals, grad_norm.detach().double().to(device).reshape(1)]).tolist()
+    return {"loss": loss / examples, "ranking_accuracy": accuracy / examples, "margin": margin / examples,
+            "grad_norm": norm, "learning_rate": trainer.scheduler.get_last_lr()[0], "tokens": tokens}
+
+
+def train_loop_per_worker(config: dict[str, LoopConfig]) -> None:
+    """Ray Train's entry point on every worker: `config["loop"]` is the round's LoopConfig."""
+    import ray.train
+
+    cfg = config["loop"]
+    # Rank 0's clock: the workers wait for each other at every collective, so one speaks for all.
+    clock = Timings()
+    trainer = set_up(cfg, clock)
+    history, steps = trainer.history, trainer.steps
+    progress = worker_bar(steps, desc="train", unit="step", disable=trainer.rank != 0, initial=len(history))
     for step in range(len(history), len(steps)):
-        indices = steps[step]
         start = time.perf_counter()
-        mine = indices[rank::world]
-        per_worker = math.ceil(len(indices) / world)
-        count = math.ceil(per_worker / train["micro_batch_size"]) if sharded else 0
-        # Losses are divided by the global batch size, and the workers' gradients must add
-        # up; FSDP averages them over workers instead (gloo has no pre-scaled sum), so undo it.
-        scale = world / len(indices) if sharded else 1 / len(indices)
-        totals = torch.zeros(5, dtype=torch.float64)  # loss, accuracy, margin, examples, tokens
-        for micro_indices, weight in micro_batches(mine, train["micro_batch_size"], count):
-            micro = [examples[i] for i in micro_indices]
-            with autocast(train["autocast"]):
-                scores, mask, rewards = list_scores(model, micro, tokenizer, train["objective"], train["beta"],
-                                                    train["logprob_chunk_size"], train["share_prompt"])
-            losses = objective(scores.float(), mask, rewards=rewards.float(), **options)
-            (weight * scale * losses.sum()).backward()
-            with torch.no_grad():
-                totals += weight * torch.tensor(
-                    [losses.sum().item(), ranking_accuracy(scores, mask).sum().item(),
-                     mean_margin(scores, mask).sum().item(), len(micro),
-                     sum(len(ids) for e in micro for ids, _ in e.tokens)], dtype=torch.float64)
-        if world > 1:
-            if not sharded:
-                # Every worker reduces every gradient, in the same order, even one whose
-                # share of a short last batch was empty: a skipped collective would hang the rest.
-                for param in params:
-                    if param.grad is None:
-                        param.grad = torch.zeros_like(param)
-                    dist.all_reduce(param.grad)
-            dist.all_reduce(totals)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, train["max_grad_norm"])
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
-            grad_norm = grad_norm.full_tensor()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        metrics = train_step(trainer, steps[step])
         seconds = time.perf_counter() - start
         clock.add({"work": seconds})
-        record = {
-            "step": step + 1, "loss": totals[0].item() / totals[3].item(),
-            "ranking_accuracy": totals[1].item() / totals[3].item(), "margin": totals[2].item() / totals[3].item(),
-            "grad_norm": float(grad_norm), "learning_rate": scheduler.get_last_lr()[0],
-            "tokens_per_second": totals[4].item() / seconds, "seconds": seconds,
-        }
-        history.append(record)
+        tokens = metrics.pop("tokens")
+        history.append({"step": step + 1, **metrics, "tokens_per_second": tokens / seconds, "seconds": seconds})
         progress.update(1)
-        progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['ranking_accuracy']:.2f}")
-        every = train["checkpoint_every"]
+        progress.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['ranking_accuracy']:.2f}")
+        every = cfg.train.checkpoint_every
         if every and (step + 1) % every == 0 and step + 1 < len(steps):
             with clock("save"):
-                checkpoints.save(model, optimizer, scheduler, history, rank)
-
+                trainer.checkpoints.save(trainer.model, trainer.optimizer, trainer.scheduler, history, trainer.rank)
+    progress.close()
+    output_dir = Path(cfg.output_dir)
     with clock("save"):
-        save_policy(model, tokenizer, train, output_dir, rank, sharded)
-    if rank == 0:
+        save_policy(trainer.model, trainer.tokenizer, cfg.train, output_dir, trainer.rank, trainer.sharded)
+    if trainer.rank == 0:
         with (output_dir / "training_log.jsonl").open("w") as f:
             for record in history:
                 f.write(json.dumps(record) + "\n")
-        checkpoints.remove()
+        trainer.checkpoints.remove()
         # Ray Train V2 keeps reported metrics only beside a checkpoint: the driver reads this file instead.
         (output_dir / TIMINGS_FILE).write_text(json.dumps(clock.seconds))
     ray.train.report({"steps": len(history)})
 
 
-def save_policy(model, tokenizer, train: dict[str, Any], output_dir: Path, rank: int, sharded: bool) -> None:
+def save_policy(model, tokenizer, train: TrainConfig, output_dir: Path, rank: int, sharded: bool) -> None:
     """Rank 0 writes the HF checkpoint (LoRA merged, in train.save_dtype); under FSDP
     every worker takes part in gathering the full weights first."""
-    save_dtype = DTYPES[train["save_dtype"]]
+    save_dtype = DTYPES[train.save_dtype]
     if sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -224,7 +274,7 @@ def save_policy(model, tokenizer, train: dict[str, Any], output_dir: Path, rank:
             state = {name: tensor.to(save_dtype) for name, tensor in state.items() if name not in tied}
             model.save_pretrained(output_dir, state_dict=state, safe_serialization=True)
     elif rank == 0:
-        if train["lora_rank"]:
+        if train.lora_rank:
             model = model.merge_and_unload()
         model.to(save_dtype).save_pretrained(output_dir, safe_serialization=True)
     if rank == 0:

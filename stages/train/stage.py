@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -16,7 +15,8 @@ from ray.train.torch import TorchTrainer
 from pipeline import timing
 from pipeline.hardware import cluster_has_gpus
 from pipeline.layout import shard_name
-from stages.train.loop import TIMINGS_FILE, summarize, train_loop_per_worker
+from pipeline.seeds import derive_seed
+from stages.train.loop import TIMINGS_FILE, LoopConfig, summarize, train_loop_per_worker
 
 log = logging.getLogger("pipeline")
 
@@ -41,7 +41,7 @@ def worker_env() -> dict[str, str]:
     return {"THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "1")}
 
 
-def fit(loop_config: dict[str, Any], num_workers: int, storage_path: Path, name: str, retries: int = 0) -> None:
+def fit(loop_config: LoopConfig, num_workers: int, storage_path: Path, name: str, retries: int = 0) -> None:
     """Run the training loop on `num_workers` Ray Train workers.
 
     A worker that dies makes Ray Train start the group again, up to `retries` times;
@@ -49,7 +49,7 @@ def fit(loop_config: dict[str, Any], num_workers: int, storage_path: Path, name:
     """
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config={"loop": loop_config},
         scaling_config=scaling_config(num_workers),
         run_config=RunConfig(name=name, storage_path=os.fspath(storage_path),
                              failure_config=FailureConfig(max_failures=retries),
@@ -60,14 +60,9 @@ def fit(loop_config: dict[str, Any], num_workers: int, storage_path: Path, name:
 
 def run_stage(plan, out_dir: Path) -> dict[str, Any]:
     config = plan.config
-    loop_config = {
-        "train": dataclasses.asdict(config.train),
-        "seed": config.seed + plan.round.number,
-        "policy_in": plan.policy_in,
-        "trust_remote_code": config.model.trust_remote_code,
-        "train_shard": str(plan.round.train / shard_name(0)),
-        "output_dir": str(out_dir),
-    }
+    loop_config = LoopConfig(train=config.train, seed=derive_seed(config.seed, "train", plan.round.number),
+                             policy_in=plan.policy_in, trust_remote_code=config.model.trust_remote_code,
+                             train_shard=str(plan.round.train / shard_name(0)), output_dir=str(out_dir))
     fit(loop_config, config.train.num_workers, plan.run.dir / ".ray_train", f"round_{plan.round.number:03d}",
         config.worker_retries)
     if not (out_dir / "config.json").is_file():

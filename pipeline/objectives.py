@@ -1,14 +1,18 @@
 """Ranking objectives of LarPO (arXiv 2502.03699) and two pairwise baselines.
 
-Every objective has the same shape::
+Every objective is called the same way::
 
-    loss = OBJECTIVES[name](scores, mask, **options)   # [B, K], [B, K] -> [B]
+    loss = OBJECTIVES[name](scores, mask, rewards=rewards, **objective_options(train))   # [B, K] -> [B]
 
 - ``scores[b, i]`` is the retriever score of list item i, s_i = beta * (log pi_theta(y_i|x) -
   log pi_ref(y_i|x)) (``simpo`` reads a different score, see there).
 - Items are in reward order, best first; ``mask`` is True for real items, padding sits at the end.
+- ``rewards`` [B, K] (the items' rewards) is accepted by every objective, and handed on only to
+  those that read it (``lambdarank``); it may be left out.
+- The other keyword options are exactly the keyword-only parameters of the objective's function
+  (``OPTIONS[name]``); ``objective_options`` reads them from the train config. Any other option is
+  a TypeError, so a misspelt option fails instead of training with its default.
 - The result is the per-example loss; the trainer reduces it.
-- Unknown keyword options are ignored, so the trainer can hand every objective one options dict.
 
 Padding never reaches the arithmetic: it is replaced by a constant before any operation, so
 neither its value (huge, inf, nan) nor its gradient can leak into the real items.
@@ -17,13 +21,22 @@ neither its value (huge, inf, nan) nor its gradient can leak into the real items
 from __future__ import annotations
 
 import functools
-from typing import Callable
+import inspect
+from collections.abc import Mapping
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 OBJECTIVES: dict[str, Callable[..., Tensor]] = {}
+# The keyword options each objective takes, besides `rewards`.
+OPTIONS: dict[str, tuple[str, ...]] = {}
+# The train config field each option is read from. `rewards` is none: the trainer passes the lists' own.
+OPTION_FIELDS = {"beta": "beta", "ndcg_weights": "lambdarank_ndcg", "gamma": "simpo_gamma"}
+# Train config fields that only the objectives taking them read (config loading refuses one set for
+# another objective). Not beta: it scales every objective's scores, not only IPO's option.
+OBJECTIVE_SPECIFIC_FIELDS = ("lambdarank_ndcg", "simpo_gamma")
 
 
 def _check(scores: Tensor, mask: Tensor) -> Tensor:
@@ -39,17 +52,41 @@ def _check(scores: Tensor, mask: Tensor) -> Tensor:
 
 
 def objective(name: str) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
-    """Register ``fn`` under ``name``; the registered function validates its inputs first."""
+    """Register ``fn`` under ``name``; the registered function validates its inputs first.
+
+    ``fn``'s keyword-only parameters are its options; ``rewards`` among them means it reads the rewards.
+    """
 
     def register(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        params = inspect.signature(fn).parameters.values()
+        keywords = [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        reads_rewards = "rewards" in keywords
+        takes = tuple(k for k in keywords if k != "rewards")
+        if unmapped := set(takes) - set(OPTION_FIELDS):
+            raise TypeError(f"objective {name!r}: option(s) {sorted(unmapped)} have no entry in OPTION_FIELDS")
+
         @functools.wraps(fn)
-        def checked(scores: Tensor, mask: Tensor, **options) -> Tensor:
-            return fn(scores, _check(scores, mask), **options)
+        def checked(scores: Tensor, mask: Tensor, *, rewards: Tensor | None = None, **options) -> Tensor:
+            if reads_rewards:
+                options["rewards"] = rewards
+            return fn(scores, _check(scores, mask), **options)  # an option fn does not take: TypeError
 
         OBJECTIVES[name] = checked
+        OPTIONS[name] = takes
         return checked
 
     return register
+
+
+def objective_options(train: Any) -> dict[str, Any]:
+    """The options the train config's objective takes, from its fields (a TrainConfig or its dict)."""
+    values = train if isinstance(train, Mapping) else vars(train)
+    return {option: values[OPTION_FIELDS[option]] for option in OPTIONS[values["objective"]]}
+
+
+def readers(field: str) -> list[str]:
+    """The objectives that take an option read from train config field ``field``."""
+    return sorted(name for name, options in OPTIONS.items() if any(OPTION_FIELDS[o] == field for o in options))
 
 
 def _fill(scores: Tensor, mask: Tensor, value: float) -> Tensor:
@@ -77,14 +114,14 @@ def _pair_diffs(scores: Tensor, mask: Tensor) -> Tensor:
 
 
 @objective("dpo")
-def dpo(scores: Tensor, mask: Tensor, **options) -> Tensor:
+def dpo(scores: Tensor, mask: Tensor) -> Tensor:
     """Pairwise (DPO) on the best and the worst real item: -log sigmoid(s_0 - s_last)."""
     best, worst = _first_last(scores, mask)
     return -F.logsigmoid(best - worst)
 
 
 @objective("contrastive")
-def contrastive(scores: Tensor, mask: Tensor, **options) -> Tensor:
+def contrastive(scores: Tensor, mask: Tensor) -> Tensor:
     """InfoNCE of item 0 against every other real item.
 
     loss = -log( exp s_0 / sum_{i real} exp s_i ) = logsumexp_{i real} s_i - s_0
@@ -116,9 +153,7 @@ def _ndcg_pair_weights(scores: Tensor, mask: Tensor, rewards: Tensor) -> Tensor:
 
 
 @objective("lambdarank")
-def lambdarank(
-    scores: Tensor, mask: Tensor, ndcg_weights: bool = False, rewards: Tensor | None = None, **options
-) -> Tensor:
+def lambdarank(scores: Tensor, mask: Tensor, *, ndcg_weights: bool = False, rewards: Tensor | None = None) -> Tensor:
     """Pairwise logistic loss over all ordered pairs of real items (the paper's LambdaRank).
 
     loss = sum_{i<j real} w_ij * -log sigmoid(s_i - s_j)
@@ -137,7 +172,7 @@ def lambdarank(
 
 
 @objective("listmle")
-def listmle(scores: Tensor, mask: Tensor, **options) -> Tensor:
+def listmle(scores: Tensor, mask: Tensor) -> Tensor:
     """Exact Plackett-Luce negative log-likelihood of the given (reward) order of real items.
 
     loss = -sum_{i real} log( exp s_i / sum_{j >= i, j real} exp s_j )
@@ -154,7 +189,7 @@ def listmle(scores: Tensor, mask: Tensor, **options) -> Tensor:
 
 
 @objective("ipo")
-def ipo(scores: Tensor, mask: Tensor, beta: float = 0.1, **options) -> Tensor:
+def ipo(scores: Tensor, mask: Tensor, *, beta: float = 0.1) -> Tensor:
     """IPO (Azar et al. 2023) on the best and the worst real item, as in TRL.
 
     IPO's regression target is on the raw log-ratio difference
@@ -168,7 +203,7 @@ def ipo(scores: Tensor, mask: Tensor, beta: float = 0.1, **options) -> Tensor:
 
 
 @objective("simpo")
-def simpo(scores: Tensor, mask: Tensor, gamma: float = 0.5, **options) -> Tensor:
+def simpo(scores: Tensor, mask: Tensor, *, gamma: float = 0.5) -> Tensor:
     """SimPO (Meng et al. 2024): reference-free, length-normalised pairwise loss.
 
     Here ``scores`` are NOT log-ratios: s_i = beta * (1/|y_i|) * log pi_theta(y_i|x), beta times

@@ -1,0 +1,152 @@
+"""How pipeline/config.py reads YAML values and `key=value` overrides into its dataclasses.
+
+Nothing here knows the config's sections: every function takes the dataclass (or an
+instance of it) to work on, so pipeline/config.py imports this module and not the reverse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """The mapping a config file holds ({} for an empty file)."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        first_line = str(exc).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML: {first_line}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(raw).__name__}")
+    return raw
+
+
+def leaf_fields(cls: type, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field]]:
+    """(dotted key, field) of every knob of `cls`, its sections' knobs in place of the sections."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from leaf_fields(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f
+
+
+def all_keys(cls: type) -> list[str]:
+    return [dotted for dotted, _ in leaf_fields(cls)]
+
+
+def unknown_key_message(root: type, dotted: str, source: str) -> str:
+    close = difflib.get_close_matches(dotted, all_keys(root), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"unknown config key '{dotted}' ({source}){hint}"
+
+
+def build(cls: type, raw: dict[str, Any], source: str, prefix: str = "", root: type | None = None) -> Any:
+    """An instance of dataclass `cls` from a mapping of its keys (sections nested)."""
+    root = root or cls
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(unknown_key_message(root, dotted, source))
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{dotted}' ({source}) must be a mapping of keys")
+            kwargs[key] = build(hint, value, source, prefix=f"{dotted}.", root=root)
+        else:
+            kwargs[key] = coerce(value, hint, dotted, source)
+    return cls(**kwargs)
+
+
+def coerce(value: Any, hint: Any, dotted: str, source: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        # YAML 1.1 reads a bare on/off as a boolean.
+        if isinstance(value, bool) and {"on", "off"} <= set(choices):
+            value = "on" if value else "off"
+        if value not in choices:
+            raise ConfigError(f"config key '{dotted}' ({source}) must be one of "
+                              f"{', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if origin is list:
+        # A YAML list, or a comma-separated string on the command line (temperatures=0.6,1.0).
+        (item_hint,) = typing.get_args(hint)
+        if isinstance(value, str):
+            # Names stay strings as written (a column may be called `1` or `true`).
+            value = [part.strip() if item_hint is str else yaml.safe_load(part)
+                     for part in value.split(",") if part.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{dotted}' ({source}) must be a list; got {type(value).__name__} {value!r}")
+        return [coerce(item, item_hint, f"{dotted}[{i}]", source) for i, item in enumerate(value)]
+    if origin is dict:
+        # A YAML mapping, or `name:weight,name:weight` on the command line.
+        if isinstance(value, str):
+            pairs = [part.split(":", 1) for part in value.split(",") if part.strip()]
+            if any(len(pair) != 2 for pair in pairs):
+                raise ConfigError(f"config key '{dotted}' ({source}) must look like name:value,name:value; got {value!r}")
+            value = {k.strip(): yaml.safe_load(v) for k, v in pairs}
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{dotted}' ({source}) must be a mapping; got {type(value).__name__} {value!r}")
+        key_hint, value_hint = typing.get_args(hint)
+        return {coerce(k, key_hint, f"{dotted} key", source): coerce(v, value_hint, f"{dotted}.{k}", source)
+                for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        return coerce(value, next(a for a in typing.get_args(hint) if a is not type(None)), dotted, source)
+    # bool is an int in Python; a `true` given for a number is a mistake.
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    # YAML 1.1 reads `1e-5` (no dot) as a string; it is a float to any reader.
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint in (int, str, bool) and type(value) is hint:
+        return value
+    raise ConfigError(f"config key '{dotted}' ({source}) must be {hint.__name__}; "
+                      f"got {type(value).__name__} {value!r}")
+
+
+def apply_override(config: Any, item: str) -> None:
+    """Set one `key=value` of the command line on `config` (a root config instance)."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override '{item}' must look like key=value (for example train.beta=0.2)")
+    source = "command line"
+    if key not in all_keys(type(config)):
+        raise ConfigError(unknown_key_message(type(config), key, source))
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    *parents, leaf = key.split(".")
+    section: Any = config
+    for part in parents:
+        section = getattr(section, part)
+    hint = typing.get_type_hints(type(section))[leaf]
+    if hint is str and not isinstance(value, str):
+        value = text  # `run=123` or `name=true` are strings when a string is expected
+    if typing.get_origin(hint) in (types.UnionType, typing.Union) and value is not None:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))  # `key=null` stays None
+    if typing.get_origin(hint) in (list, dict) and not isinstance(value, (list, dict)):
+        value = text  # `temperatures=0.6,1.0` reads as a string; coerce splits it
+    setattr(section, leaf, coerce(value, hint, key, source))

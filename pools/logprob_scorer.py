@@ -1,0 +1,98 @@
+"""The log-prob scorer the reference stage and the trainer share: the policy, loaded and run alike.
+
+The reference log-probs are only valid if they are computed exactly as the
+trainer computes the policy's, so both load the model, tokenize items and
+batch them through these functions (pools/logprobs.py holds the batch
+layouts and the log-prob math). `score_items` runs the reference scoring as
+one Ray task, so the model's memory is released when scoring ends.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ray
+import torch
+
+from pipeline import timing
+from pipeline.console import worker_bar
+from pools.logprobs import list_batch, sequence_logprobs, tokenize_example
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def use_all_cpu_threads() -> None:
+    # Ray sets OMP_NUM_THREADS to a task's CPU count (often 1); a stage that
+    # owns the machine should use every core.
+    if not torch.cuda.is_available():
+        torch.set_num_threads(os.cpu_count() or 1)
+
+
+def load_policy(path: str, dtype: str, trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    return model.to(pick_device()), tokenizer
+
+
+def autocast(setting: str):
+    """The bf16 autocast context the trainer and the reference stage both run under."""
+    from pipeline.hardware import native_bf16
+
+    device = pick_device()
+    enabled = setting == "on" or (setting == "auto" and native_bf16())
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def pad_token_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def list_batches(sizes: list[int], lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices of lists, grouped so that a batch holds about ``batch_size`` items (at least one
+    list); lists of similar token counts go together, which wastes less compute on padding."""
+    batches, current, items = [], [], 0
+    for index in sorted((i for i in range(len(sizes)) if sizes[i]), key=lambda i: lengths[i]):
+        if current and items + sizes[index] > batch_size:
+            batches.append(current)
+            current, items = [], 0
+        current.append(index)
+        items += sizes[index]
+    return batches + [current] if current else batches
+
+
+def reference_logprobs(model_path: str, lists: list[tuple[list[dict], list[str]]], dtype: str, max_length: int,
+                       batch_size: int, chunk_size: int, trust_remote_code: bool = False,
+                       autocast_setting: str = "off", share_prompt: bool = True) -> list[list[float]]:
+    """log pi(response | prompt) of each response of each (messages, responses) list, in order."""
+    with timing.timed("startup"):
+        use_all_cpu_threads()
+        model, tokenizer = load_policy(model_path, dtype, trust_remote_code)
+        model.eval()
+    with timing.timed("work"), torch.no_grad(), autocast(autocast_setting):
+        tokens = [[tokenize_example(tokenizer, messages, response, max_length) for response in responses]
+                  for messages, responses in lists]
+        batches = list_batches([len(items) for items in tokens],
+                               [sum(len(ids) for ids, _ in items) for items in tokens], batch_size)
+        results: list[list[float]] = [[] for _ in lists]
+        pad = pad_token_id(tokenizer)
+        for index in worker_bar(batches, desc="reference log-probs", unit="batch"):
+            batch = list_batch([tokens[i] for i in index], pad, share_prompt)
+            values = iter(sequence_logprobs(model, {k: v.to(model.device) for k, v in batch.items()}, chunk_size).tolist())
+            for i in index:
+                results[i] = [next(values) for _ in tokens[i]]
+    return results
+
+
+@ray.remote
+def score_items(*args, **kwargs) -> tuple[list[float], dict[str, float]]:
+    """reference_logprobs as a Ray task, so the model's memory is released when scoring ends;
+    returns the log-probs and the task's own timings."""
+    timings = timing.Timings()
+    with timings.active():
+        return reference_logprobs(*args, **kwargs), timings.seconds
