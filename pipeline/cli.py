@@ -9,6 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
+from pipeline import console
 from pipeline.errors import PipelineError, Terminated
 
 
@@ -83,8 +84,6 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     if args.command in ("round", "rounds"):
-        from pipeline import console
-
         console.configure(verbose=args.verbose)
     else:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -146,5 +145,6 @@ def run_rounds(args: argparse.Namespace) -> int:
         return interrupted(_terminated[0] if _terminated else signal.SIGINT)
     finally:
         if tracking:
-            tracking.close()
+            with console.capture(run.dir / "logs" / "tracking.log"):
+                tracking.close()
     return 0

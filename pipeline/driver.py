@@ -137,7 +137,8 @@ def run_round(plan: RoundPlan, tracking: Tracking | None = None) -> dict[str, An
         if plan.round.is_finished() and plan.round.metrics.is_file():
             log.info("round %d is already finished: %s", number, plan.round.dir)
             if tracking:
-                tracking.round_finished(number)
+                with console.capture(log_path(plan.round, "tracking")):
+                    tracking.round_finished(number)
             return read_metrics(plan.round)
         start = time.perf_counter()
         with console.capture(log_path(plan.round, "ray")):
@@ -164,7 +165,8 @@ def run_round(plan: RoundPlan, tracking: Tracking | None = None) -> dict[str, An
                 if step_plan is baseline:
                     write_baseline_metrics(baseline)
                 if stage == "train" and tracking:
-                    tracking.train_finished(number)
+                    with console.capture(log_path(plan.round, "tracking")):
+                        tracking.train_finished(number)
                 progress.update()
         if baseline and not baseline.round.metrics.is_file():
             write_baseline_metrics(baseline)  # made by an earlier command that stopped before writing them
@@ -178,7 +180,9 @@ def run_round(plan: RoundPlan, tracking: Tracking | None = None) -> dict[str, An
         log.info("round %d finished in %.1f s of stages: %s", number, sum(metrics["stage_seconds"].values()),
                  plan.round.metrics)
         if tracking:
-            tracking.round_finished(number)
+            # The trackers' own chatter (W&B, MLflow) goes to the round's logs too.
+            with console.capture(log_path(plan.round, "tracking")):
+                tracking.round_finished(number)
         return metrics
 
 

@@ -16,6 +16,7 @@ import torch
 
 from pipeline import timing
 from pipeline.console import worker_bar
+from pipeline.hardware import native_bf16
 from pools.logprobs import list_batch, sequence_logprobs, tokenize_example
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -42,8 +43,6 @@ def load_policy(path: str, dtype: str, trust_remote_code: bool = False):
 
 def autocast(setting: str):
     """The bf16 autocast context the trainer and the reference stage both run under."""
-    from pipeline.hardware import native_bf16
-
     device = pick_device()
     enabled = setting == "on" or (setting == "auto" and native_bf16())
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)

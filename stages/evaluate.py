@@ -13,6 +13,7 @@ other settings, is refused at planning time (`check_baseline`): delete
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -23,22 +24,24 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline import schema, timing
+from pipeline.config import EvaluateConfig
 from pipeline.errors import PipelineError
 from pipeline.layout import RunLayout, read_parquet_dir, shard_name, write_parquet
 from pipeline.prompts import Prompt
 from pipeline.seeds import derive_seed
 from pipeline.stats import paired_bootstrap
-from rewards.constraints import check_all
 from pools.reward_scorers import score_candidates
 from pools.vllm_engines import SamplingSpec, generate_shards
+from rewards.constraints import check_all
 
 log = logging.getLogger("pipeline.evaluate")
 
 # What a round's metrics.json carries under "eval" (None where evaluation was off).
 EVAL_KEYS = ("eval_prompts", "reward_mean", "win_rate", "pass_rate", "response_tokens_mean",
              "vs_round_0", "pass_rate_by_kind")
-# Decoding settings that must match round 0's for a win rate to mean anything.
-SETTINGS = ("temperature", "max_tokens")
+# Decoding settings that must match round 0's for a win rate to mean anything: the
+# evaluate knobs that define the run (pipeline/config.py).
+SETTINGS = tuple(f.name for f in dataclasses.fields(EvaluateConfig) if f.metadata["identity"])
 
 
 def eval_rows(prompts: list[Prompt], outputs: list[list[dict]], round_number: int, policy: str) -> list[dict]:
