@@ -18,6 +18,7 @@ import yaml
 from safetensors.torch import load_file
 
 from pipeline.layout import STAGES
+from pipeline.report import read_training_log
 from tests import wandb_records
 from tests.conftest import REPO_ROOT, TRACK_ALL, run_cli
 from tests.test_tracking import mlflow_run, tensorboard_scalars
@@ -247,7 +248,7 @@ def test_every_tracker_received_the_run_once(run_dir):
 
 
 def read_log(round_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (round_dir / "policy" / "training_log.jsonl").read_text().splitlines()]
+    return read_training_log(round_dir / "policy" / "training_log.jsonl")
 
 
 def test_finished_round_is_not_redone(run_dir):
