@@ -47,10 +47,12 @@ bench-generate: check-venv
 	$(PY) bench/generate_bench.py $(ARGS)
 
 ## where a round's wall time goes, per stage: start-up, Ray, Parquet I/O and the work itself
-## (docs/bench/round.json, the `round` section of docs/results.md). Runs round 1 of CONFIG as
-## the run bench-round (replaced each time); ARGS="--from-run runs/<run>" only reads that run's rounds.
+## (docs/bench/round.json, the `round` section of docs/results.md). Runs rounds 1-3 of CONFIG on the
+## old path (bench-round-old: engines restarted, reference on its own) and then as the run bench-round
+## (both replaced each time); ARGS="--from-run runs/<run>" only reads that run's rounds.
 bench-round: check-venv
-	$(PY) bench/round_breakdown.py --config $(CONFIG) $(if $(OUTPUT),--output $(OUTPUT)) $(ARGS)
+	$(PY) bench/round_breakdown.py --config $(CONFIG) $(if $(OUTPUT),--output $(OUTPUT)) \
+		$(if $(filter --from-run%,$(ARGS)),,--compare-old) $(ARGS)
 
 ## make experiment [N=3] [CONFIG=...] [OUTPUT=...] [ARGS="--methods dpo,listmle key=value ..."]:
 ## iterative DPO against the LarPO objectives, N rounds each (hours on CPU), then docs/results.md.

@@ -1,11 +1,14 @@
 """`make bench-round`: where a round's wall time goes, stage by stage.
 
-Runs `python -m pipeline round 1 --config configs/default.yaml --run bench-round`
+Runs `python -m pipeline rounds 3 --config configs/default.yaml --run bench-round`
 and times the whole command (the run is the benchmark's own: one left by an
 earlier benchmark, known by its `.bench-round` marker file, is removed first so
-the round really runs; a directory without the marker is never touched), or,
+the rounds really run; a directory without the marker is never touched), or,
 with --from-run, only reads the finished rounds of an existing run, leaving out
-those recorded before the per-stage timings existed. Each stage's
+those recorded before the per-stage timings existed. With --compare-old it first
+runs the same rounds on the old path, `<run>-old` (engines started by every
+sampling stage, the reference as its own stage: OLD_PATH), so that both are
+measured side by side on the same machine. Each stage's
 wall time is split with the timings the driver records in the stage's stats
 (round_NNN/metrics.json, `stages.<stage>`; see pipeline/timing.py), each
 measured where it happens:
@@ -27,9 +30,9 @@ Ray and orchestration. Raw numbers go to docs/bench/round.json and the table
 to the `round` section of docs/results.md.
 
 Usage:
-  python bench/round_breakdown.py [--config configs/default.yaml] [--run bench-round]
-                                  [--output ROOT] [key=value ...]
-  python bench/round_breakdown.py --from-run runs/<run> [--results FILE] [--json FILE]
+  python bench/round_breakdown.py [--config configs/default.yaml] [--run bench-round] [--rounds 3]
+                                  [--compare-old] [--output ROOT] [key=value ...]
+  python bench/round_breakdown.py --from-run runs/<run> [--old-from-run runs/<run>-old] [--results FILE] [--json FILE]
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ COLUMNS = [("wall", "wall"), ("startup", "start-up"), ("ray", "Ray & orchestrati
 MEASURED = ("startup", "io", "save", "work")
 # Written into a run directory the benchmark creates: only such a directory is ever removed.
 MARKER = ".bench-round"
+# The path before engines were kept and the reference was scored in the train workers.
+OLD_PATH = ("generate.keep_engines=off", "reference.in_train_workers=false")
 
 
 # --- the breakdown ---------------------------------------------------------------
@@ -86,6 +91,10 @@ def round_breakdown(metrics: dict[str, Any]) -> dict[str, Any]:
             raise PipelineError(f"round {metrics.get('round')}'s {stage} stage has no start-up/io/work timings: "
                                 "it was run before they were recorded")
         rows[stage] = row
+    # A reference scored in the train workers ran inside the train stage's wall time: counted once, as reference.
+    inside = float(stages.get("train", {}).get("reference_seconds_inside", 0.0))
+    rows["train"]["wall"] -= inside
+    rows["train"]["ray"] -= inside
     if "ray_init_seconds" not in metrics or "round_seconds" not in metrics:
         raise PipelineError(f"round {metrics.get('round')}'s metrics.json has no ray_init_seconds/round_seconds")
     empty = dict.fromkeys(MEASURED, 0.0)
@@ -133,6 +142,29 @@ def breakdown_table(rows: dict[str, dict[str, float]]) -> str:
 
 
 # --- the section -----------------------------------------------------------------
+
+def outside_work(row: dict[str, float]) -> str:
+    """A round row's seconds outside the work itself (start-up, Ray, I/O, save), and their share."""
+    seconds = row["wall"] - row["work"]
+    return f"{seconds:.1f} s ({seconds / row['wall'] * 100:.1f}%)" if row["wall"] else f"{seconds:.1f} s"
+
+
+def comparison_table(results: dict[str, Any]) -> str:
+    """Markdown: per round and for the whole run, wall time and the part outside the work, per path."""
+    paths = [("this path", results)] + ([("old path", results["old_path"])] if "old_path" in results else [])
+    header = "| round | " + " | ".join(f"{name}: wall | {name}: outside the work" for name, _ in paths) + " |"
+    lines = [header, "|---|" + "---:|---:|" * len(paths)]
+    by_round = [{b["round"]: b["rows"]["round"] for b in path["rounds"]} for _, path in paths]
+    for number in sorted(set().union(*by_round)):
+        cells = [f"{rows[number]['wall']:.1f} s | {outside_work(rows[number])}" if number in rows else "- | -"
+                 for rows in by_round]
+        lines.append(f"| {number} | " + " | ".join(cells) + " |")
+    totals = []
+    for rows in by_round:
+        total = {key: sum(row[key] for row in rows.values()) for key in ("wall", "work")}
+        totals.append(f"**{total['wall']:.1f} s** | **{outside_work(total)}**")
+    lines.append("| **all** | " + " | ".join(totals) + " |")
+    return "\n".join(lines)
 
 def settings_sentence(config: dict[str, Any]) -> str:
     """What the round did, from the run's resolved config.yaml."""
@@ -194,6 +226,14 @@ def round_section(results: dict[str, Any]) -> str:
                      "prompts, checks) and Ray's shutdown.")
     if notes:
         lines += ["", " ".join(notes)]
+    if "old_path" in results:
+        old = results["old_path"]
+        lines += ["", f"### Side by side with the old path (`{old['run']}`)", "",
+                  f"The same rounds, one after the other on this machine: the old path ({', '.join(f'`{o}`' for o in OLD_PATH)}: "
+                  "every generate and evaluate stage starts its own vLLM engine, and the reference is a stage of "
+                  "its own with its own model load) ran first. Outside the work is start-up, Ray and "
+                  "orchestration, Parquet I/O and checkpoint saves: everything but sampling, scoring, reference "
+                  "log-probs and training steps.", "", comparison_table(results)]
     return "\n".join(lines) + "\n"
 
 
@@ -223,9 +263,10 @@ def read_rounds(run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any], li
     return breakdowns, config, left_out
 
 
-def run_round(args: argparse.Namespace) -> tuple[Path, float, str]:
-    """Run round 1 as a fresh run; (its run directory, the command's wall seconds, the command)."""
-    run_dir = output_root(args) / args.run
+def run_round(args: argparse.Namespace, name: str, path_overrides: tuple[str, ...] = ()) -> tuple[Path, float, str]:
+    """Run rounds 1..args.rounds as the fresh run `name`; (its run directory, the command's wall
+    seconds, the command)."""
+    run_dir = output_root(args) / name
     if run_dir.exists():
         if not (run_dir / MARKER).is_file():
             raise PipelineError(f"{run_dir} exists and was not made by this benchmark (no {MARKER} file); "
@@ -234,18 +275,25 @@ def run_round(args: argparse.Namespace) -> tuple[Path, float, str]:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     (run_dir / MARKER).write_text("made by bench/round_breakdown.py, which removes this run before each round\n")
-    command = [sys.executable, "-m", "pipeline", "round", "1", "--config", args.config, "--run", args.run]
+    command = [sys.executable, "-m", "pipeline", "rounds", str(args.rounds), "--config", args.config, "--run", name]
     if args.output:
         command += ["--output", args.output]
-    command += list(args.overrides)
+    command += [*path_overrides, *args.overrides]
     shown = " ".join(["python", *command[1:6], repo_relative(Path(args.config)), *command[7:]])
     print(f"== {shown}", flush=True)
     start = time.perf_counter()
     code = subprocess.run(command, check=False, cwd=REPO_ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
     seconds = time.perf_counter() - start
     if code != 0:
-        raise PipelineError(f"the round failed (exit status {code}); its log: {run_dir / 'pipeline.log'}")
+        raise PipelineError(f"the rounds failed (exit status {code}); their log: {run_dir / 'pipeline.log'}")
     return run_dir, seconds, shown
+
+
+def path_results(run_dir: Path, process_seconds: float | None, command: str | None) -> dict[str, Any]:
+    """One run's part of round.json: its rounds' breakdowns and their mean."""
+    breakdowns, config, left_out = read_rounds(run_dir)
+    return {"run": repo_relative(run_dir), "command": command, "process_seconds": process_seconds, "config": config,
+            "rows": mean_rows(breakdowns), "rounds": breakdowns, "left_out": left_out}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,23 +302,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", default="bench-round",
                         help=f"the run the benchmark makes (replaced each time; never a directory without {MARKER})")
     parser.add_argument("--output", help="output root of the run (default: the config's `output`)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds the benchmark's run goes through")
+    parser.add_argument("--compare-old", action="store_true",
+                        help="first run the same rounds on the old path as <run>-old (" + " ".join(OLD_PATH) + ")")
     parser.add_argument("--from-run", help="only read this run's finished rounds, e.g. runs/default")
+    parser.add_argument("--old-from-run", help="with --from-run: the old path's run to read beside it")
     parser.add_argument("--results", default=str(RESULTS_MD), help="markdown file whose `round` section is written")
     parser.add_argument("--json", default=str(ROUND_JSON), help="where the raw numbers go")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for the round")
     args = parser.parse_intermixed_args(argv)
     args.config = str(Path(args.config).resolve())
     try:
-        process_seconds = command = None
+        old = None
         if args.from_run:
-            run_dir = Path(args.from_run).resolve()
+            new = (Path(args.from_run).resolve(), None, None)
+            if args.old_from_run:
+                old = (Path(args.old_from_run).resolve(), None, None)
         else:
-            run_dir, process_seconds, command = run_round(args)
-        breakdowns, config, left_out = read_rounds(run_dir)
-        results = {"run": repo_relative(run_dir), "json": repo_relative(Path(args.json)), "command": command,
-                   "process_seconds": process_seconds,
-                   "machine": machine(), "versions": versions(), "config": config,
-                   "rows": mean_rows(breakdowns), "rounds": breakdowns, "left_out": left_out}
+            # The old path first: a machine that warms up (page cache, CPU clocks) favours the second run.
+            if args.compare_old:
+                old = run_round(args, f"{args.run}-old", OLD_PATH)
+            new = run_round(args, args.run)
+        results = {**path_results(*new), "json": repo_relative(Path(args.json)), "machine": machine(),
+                   "versions": versions()}
+        if old:
+            results["old_path"] = path_results(*old)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

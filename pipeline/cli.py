@@ -127,6 +127,7 @@ def run_rounds(args: argparse.Namespace) -> int:
     from pipeline.layout import RunLayout
     from pipeline.lock import run_lock
     from pipeline.tracking import Tracking
+    from pools.vllm_engines import EnginePool
 
     overrides = list(args.overrides) + ([f"output={args.output}"] if args.output else [])
     config = load_config(args.config, overrides)
@@ -135,15 +136,18 @@ def run_rounds(args: argparse.Namespace) -> int:
     run.ensure_writable()
     signal.signal(signal.SIGTERM, _terminate)
     tracking = Tracking(run, config.tracking, config.to_dict()) if config.tracking else None
+    # One set of vLLM engines for every round of the command (generate.keep_engines).
+    engines = EnginePool(config)
     try:
         with run_lock(run.dir):
             for number in range(first, args.number + 1):
-                metrics = run_round(plan_round(config, args.run, number), tracking)
+                metrics = run_round(plan_round(config, args.run, number, engines), tracking)
                 print(json.dumps({"round": number, "eval": metrics.get("eval"),
                                   "stage_seconds": metrics.get("stage_seconds")}))
     except KeyboardInterrupt:  # Terminated (SIGTERM) included
         return interrupted(_terminated[0] if _terminated else signal.SIGINT)
     finally:
+        engines.close()
         if tracking:
             with console.capture(run.dir / "logs" / "tracking.log"):
                 tracking.close()

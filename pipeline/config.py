@@ -111,6 +111,11 @@ class GenerateConfig:
     enforce_eager: bool = knob(True, "CUDA graphs / torch.compile cost a minute of start-up and did not speed up "
                                "decoding on CPU, so CPU engines run eagerly; GPUs may turn it off.")
     gpu_memory_utilization: float = knob(0.85, "Share of each GPU's memory a vLLM engine may take.", UP_TO_1)
+    keep_engines: Literal["auto", "on", "off"] = knob(
+        "auto", "on: the engines live through the whole `round`/`rounds` command and load each new policy from its "
+        "checkpoint (vLLM reload_weights) instead of restarting; on GPUs they sleep while reference and train run. "
+        "off: each generate and evaluate stage starts its own. auto: on on CPU hosts, off on GPUs (where it was not "
+        "measured yet; docs/engine-reuse.md).")
 
 
 @dataclass
@@ -173,6 +178,10 @@ class ReferenceConfig:
                                                   "Algorithm 1); initial: the base model (as in RLHFlow).",
                                                   identity=True)
     batch_size: int = knob(16, "List items per forward pass, in whole lists (a longer list goes alone).", POSITIVE)
+    in_train_workers: bool = knob(True, "Where the reference is the round's starting policy (policy previous, and "
+                                  "round 1), the train stage's Ray Train workers score it with the model they load "
+                                  "to train, before the first step: one model load and one process start fewer. "
+                                  "The log-probs still go to train/ (and its done marker) before training starts.")
 
 
 @dataclass

@@ -35,6 +35,8 @@ from pipeline.prompts import Prompt, fit_to_context, load_prompts, round_slice
 from pipeline.resources import wait_for_resources
 from pipeline.timing import Timings
 from pipeline.tracking import Tracking
+from pools.reference_lists import scored_in_train_workers
+from pools.vllm_engines import EnginePool
 from rewards.base import metadata_problem
 from stages.evaluate import EVAL_KEYS, check_baseline
 
@@ -52,9 +54,12 @@ class RoundPlan:
     prompts: list[Prompt]
     heldout: list[Prompt]
     dropped_too_long: list[str]
+    # The command's vLLM engines (pools/vllm_engines.py), kept across stages and rounds when
+    # generate.keep_engines says so; None: each sampling stage starts its own.
+    engines: EnginePool | None = None
 
 
-def plan_round(config: Config, run_name: str, number: int) -> RoundPlan:
+def plan_round(config: Config, run_name: str, number: int, engines: EnginePool | None = None) -> RoundPlan:
     if number < 1:
         raise PipelineError(f"round number must be 1 or more; got {number}")
     run = RunLayout.at(config.output, run_name)
@@ -95,7 +100,7 @@ def plan_round(config: Config, run_name: str, number: int) -> RoundPlan:
         heldout, _ = fit_to_context(held, tokenizer, eval_budget, config.prompts.too_long)
         check_baseline(run, heldout, config)
     check_metadata(config, [(config.prompts.train, prompts), (config.prompts.heldout, heldout)])
-    return RoundPlan(config, run, this_round, base_model, policy_in, reference, prompts, heldout, dropped)
+    return RoundPlan(config, run, this_round, base_model, policy_in, reference, prompts, heldout, dropped, engines)
 
 
 def check_metadata(config: Config, prompt_sets: list[tuple[str, list[Prompt]]]) -> None:
@@ -157,11 +162,7 @@ def run_round(plan: RoundPlan, tracking: Tracking | None = None) -> dict[str, An
         with console.progress(total=len(steps), desc=f"round {number}", unit="stage") as progress:
             for step_plan, stage in steps:
                 progress.set_postfix(stage=stage if step_plan is plan else "round 0")
-                if step_plan.round.is_done(stage):
-                    log.info("round %d: %s already done, skipped", number, stage)
-                else:
-                    check_input(step_plan, stage)
-                    run_one_stage(step_plan, stage, file_only)
+                run_if_needed(step_plan, stage, file_only)
                 if step_plan is baseline:
                     write_baseline_metrics(baseline)
                 if stage == "train" and tracking:
@@ -184,6 +185,27 @@ def run_round(plan: RoundPlan, tracking: Tracking | None = None) -> dict[str, An
             with console.capture(log_path(plan.round, "tracking")):
                 tracking.round_finished(number)
         return metrics
+
+
+def run_if_needed(plan: RoundPlan, stage: str, file_only) -> None:
+    """Run a stage unless it is done; a reference left to the train workers runs with train."""
+    number = plan.round.number
+    if plan.round.is_done(stage):
+        log.info("round %d: %s already done, skipped", number, stage)
+        return
+    with_reference = stage in ("reference", "train") and scored_in_train_workers(plan) \
+        and not plan.round.is_done("reference")
+    if stage == "reference" and with_reference:
+        check_input(plan, stage)
+        file_only("round %d: reference deferred to the train workers (reference.in_train_workers)", number,
+                  level=logging.INFO)
+        return
+    # The train stage's input is the reference's output, which it makes itself here.
+    check_input(plan, "reference" if with_reference else stage)
+    run_one_stage(plan, stage, file_only)
+    if with_reference:
+        log.info("round %d: reference finished in the train workers in %.1f s", number,
+                 plan.round.stage_stats("reference")["wall_seconds"])
 
 
 def baseline_plan(plan: RoundPlan) -> RoundPlan:

@@ -72,7 +72,13 @@ def reference_logprobs(model_path: str, lists: list[tuple[list[dict], list[str]]
     with timing.timed("startup"):
         use_all_cpu_threads()
         model, tokenizer = load_policy(model_path, dtype, trust_remote_code)
-        model.eval()
+    return score_lists(model, tokenizer, lists, max_length, batch_size, chunk_size, autocast_setting, share_prompt)
+
+
+def score_lists(model, tokenizer, lists: list[tuple[list[dict], list[str]]], max_length: int, batch_size: int,
+                chunk_size: int, autocast_setting: str = "off", share_prompt: bool = True) -> list[list[float]]:
+    """reference_logprobs on a loaded model (left in eval mode): the train workers' reference scoring."""
+    model.eval()
     with timing.timed("work"), torch.no_grad(), autocast(autocast_setting):
         tokens = [[tokenize_example(tokenizer, messages, response, max_length) for response in responses]
                   for messages, responses in lists]

@@ -74,18 +74,40 @@ def group_samples(outputs: list[Any], blocks: list[tuple[float, int]]) -> list[l
 class GenerationWorker:
     """One vLLM engine. Only this actor imports vllm, so the driver stays light."""
 
-    def __init__(self, model_path: str, engine_args: dict[str, Any]):
+    def __init__(self, model_path: str, engine_args: dict[str, Any], sleeps: bool = False):
         self.clock = timing.Timings()
+        self.model_path = model_path
+        # GPU engines kept between stages sleep while the trainer needs the memory.
+        self.sleeps, self.asleep = sleeps, False
         with self.clock("startup"):
             from vllm import LLM
 
             if engine_args["dtype"] == "auto":
                 engine_args = {**engine_args, "dtype": "bfloat16" if native_bf16() else "float32"}
-            self.llm = LLM(model=model_path, **engine_args)
+            self.llm = LLM(model=model_path, worker_extension_cls=EXTENSION, **engine_args)
 
-    def generate(self, conversations: list[list[dict[str, str]]], spec: SamplingSpec) -> list[list[dict]]:
+    def load(self, model_path: str, seed: int) -> None:
+        """Sample `model_path` from here on, as a fresh engine on it with engine seed `seed` would."""
+        with self.clock("startup"):
+            if self.asleep:
+                self.llm.wake_up()
+                self.asleep = False
+            if model_path != self.model_path:
+                # Read from the checkpoint's safetensors into the live model, layer by layer.
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_path": model_path})
+                self.llm.collective_rpc("retie_lm_head")
+                self.model_path = model_path
+            # Cached prefixes were computed under the weights they were computed with.
+            if not self.llm.reset_prefix_cache():
+                raise RuntimeError("vLLM kept KV blocks in use after its last request: the prefix cache "
+                                   "was not reset")
+            self.llm.collective_rpc("reseed", args=(seed,))
+
+    def generate(self, conversations: list[list[dict[str, str]]], spec: SamplingSpec, model_path: str,
+                 seed: int) -> list[list[dict]]:
         from vllm import SamplingParams
 
+        self.load(model_path, seed)
         # Per-request seeds fail on CPU (vLLM's CPU generator has no offset);
         # the engine-level seed makes sampling reproducible instead.
         blocks = spec.blocks()
@@ -97,47 +119,155 @@ class GenerationWorker:
             outputs = self.llm.chat(requests, params * len(conversations), use_tqdm=engine_bar)
         return group_samples(outputs, blocks)
 
-    def timings(self) -> dict[str, float]:
-        return self.clock.seconds
+    def sleep(self) -> None:
+        """Give the GPU memory back until the next call (vLLM sleep level 1: weights to CPU RAM,
+        KV cache dropped); nothing on CPU, where vLLM has no sleep mode."""
+        if self.sleeps and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def take_timings(self) -> dict[str, float]:
+        """The time spent since the last call of this, by part."""
+        seconds, self.clock = self.clock.seconds, timing.Timings()
+        return seconds
 
 
-def engine_args(config, seed: int, use_gpu: bool) -> dict[str, Any]:
+# The engines' extra collective_rpc methods (reseed), by qualified name: vLLM imports it in its workers.
+EXTENSION = "pools.engine_extension.EngineExtension"
+# With engines kept on GPUs, each takes this share of its GPU in Ray's accounting, and the
+# reference task and the train workers the rest, so that both fit on one GPU while the engine sleeps.
+KEPT_ENGINE_GPU_SHARE = 0.5
+
+
+def engine_args(config, seed: int, use_gpu: bool, keep: bool = False) -> dict[str, Any]:
     gen = config.generate
     args: dict[str, Any] = dict(dtype=gen.dtype, seed=seed, max_model_len=config.model.max_model_len,
                                 enforce_eager=gen.enforce_eager, trust_remote_code=config.model.trust_remote_code,
                                 tensor_parallel_size=gen.tensor_parallel_size)
     if use_gpu:
         args["gpu_memory_utilization"] = gen.gpu_memory_utilization
+        # Sleep mode exists on GPUs only (vLLM refuses it elsewhere).
+        args["enable_sleep_mode"] = keep
     return args
 
 
-def worker_options(config, use_gpu: bool) -> dict[str, Any]:
+def worker_options(config, use_gpu: bool, keep: bool = False) -> dict[str, Any]:
     gen = config.generate
     if use_gpu:
-        return {"num_gpus": gen.tensor_parallel_size, "num_cpus": 1}
-    # On CPU the engine's threads are what matter; the Ray CPU count only schedules.
+        return {"num_gpus": gen.tensor_parallel_size * (KEPT_ENGINE_GPU_SHARE if keep else 1), "num_cpus": 1}
+    # On CPU the engine's threads are what matter; the Ray CPU count only schedules. A kept
+    # engine idles through the other stages, so it holds no CPU that they would wait for.
     threads = max(1, (os.cpu_count() or 1) // gen.num_actors)
     env = {"VLLM_CPU_KVCACHE_SPACE": str(gen.cpu_kv_cache_gib), "OMP_NUM_THREADS": str(threads),
            "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    return {"num_cpus": 1, "runtime_env": {"env_vars": env}}
+    return {"num_cpus": 0 if keep else 1, "runtime_env": {"env_vars": env}}
+
+
+class EnginePool:
+    """The vLLM engines of one command; engine i samples shard i of every generate and evaluate call.
+
+    Kept (`generate.keep_engines`), the engines live from the first call to `close()`, the
+    end of the `round`/`rounds` command: each call loads the policy it samples into them
+    (vLLM's reload_weights, when they hold another) and reseeds them, so that they answer as
+    fresh engines on that policy with that seed would (tests/test_engine_reuse.py). Between
+    calls they sleep on GPUs and stay resident on CPU. Not kept, each call starts its engines
+    and kills them when it ends.
+    """
+
+    def __init__(self, config, keep: bool | None = None):
+        self.config = config
+        self._keep = keep
+        self._use_gpu: bool | None = None
+        self.workers: dict[int, Any] = {}
+
+    def _decide(self) -> None:
+        # Asked of the cluster, so only once Ray is up: at the first call.
+        if self._use_gpu is None:
+            self._use_gpu = cluster_has_gpus()
+            if self._keep is None:
+                self._keep = keeps_engines(self.config.generate.keep_engines, self._use_gpu)
+            if self._keep and self._use_gpu:
+                check_gpu_sharing(self.config)
+
+    @property
+    def keep(self) -> bool:
+        self._decide()
+        return bool(self._keep)
+
+    def gpu_share_left(self) -> float:
+        """The share of a GPU the other GPU stages may ask for beside these engines."""
+        self._decide()
+        return 1 - KEPT_ENGINE_GPU_SHARE if self._keep and self._use_gpu else 1.0
+
+    def engine(self, index: int, model_path: str, seed: int) -> Any:
+        """Engine `index`, started on `model_path` with engine seed `seed` if there is none."""
+        self._decide()
+        if index not in self.workers:
+            self.workers[index] = GenerationWorker.options(**worker_options(self.config, self._use_gpu, self.keep)
+                                                           ).remote(model_path,
+                                                                    engine_args(self.config, seed, self._use_gpu,
+                                                                                self.keep),
+                                                                    self.keep and self._use_gpu)
+        return self.workers[index]
+
+    def discard(self, index: int) -> None:
+        """Forget engine `index` (it died); the next `engine(index, ...)` starts a new one."""
+        worker = self.workers.pop(index, None)
+        if worker is not None:
+            ray.kill(worker)
+
+    def timings(self, indices: list[int]) -> list[dict[str, float]]:
+        return ray.get([self.workers[i].take_timings.remote() for i in indices if i in self.workers])
+
+    def call_finished(self) -> None:
+        """After a generate or evaluate call: kept engines sleep (GPU), others are killed."""
+        if self.keep:
+            ray.get([worker.sleep.remote() for worker in self.workers.values()])
+        else:
+            self.close()
+
+    def close(self) -> None:
+        if ray.is_initialized():  # after ray.shutdown the engines are gone already
+            for worker in self.workers.values():
+                ray.kill(worker)
+        self.workers.clear()
+
+
+def keeps_engines(setting: str, use_gpu: bool) -> bool:
+    """`generate.keep_engines`: auto keeps them on CPU, where it was measured (docs/engine-reuse.md)."""
+    return setting == "on" or (setting == "auto" and not use_gpu)
+
+
+def check_gpu_sharing(config) -> None:
+    """Refuse kept GPU engines with a layout the GPU shares cannot express."""
+    if config.generate.tensor_parallel_size > 1:
+        raise PipelineError("generate.keep_engines=on on GPUs needs generate.tensor_parallel_size 1 (a kept engine "
+                            "takes half of one GPU); set generate.keep_engines=off")
+    if config.reward.num_gpus_per_actor > 1 - KEPT_ENGINE_GPU_SHARE:
+        raise PipelineError(f"reward.num_gpus_per_actor is {config.reward.num_gpus_per_actor}, but kept engines "
+                            f"(generate.keep_engines) hold {KEPT_ENGINE_GPU_SHARE} of a GPU each: at most "
+                            f"{1 - KEPT_ENGINE_GPU_SHARE}, or set generate.keep_engines=off")
 
 
 def generate_shards(prompts: list[Prompt], model_path: str, spec: SamplingSpec, config, out_dir: Path,
-                    seed: int, make_table: Callable[[list[Prompt], list[list[dict]]], pa.Table]) -> dict[str, Any]:
-    """Write one shard per engine (`make_table` turns its outputs into rows); shards on disk are kept."""
+                    seed: int, make_table: Callable[[list[Prompt], list[list[dict]]], pa.Table],
+                    engines: EnginePool | None = None) -> dict[str, Any]:
+    """Write one shard per engine (`make_table` turns its outputs into rows); shards on disk are kept.
+
+    `engines` is the command's pool (kept engines); without one, the call starts its own and
+    kills them at its end.
+    """
+    engines = engines if engines is not None else EnginePool(config, keep=False)
     num_shards = shard_count(out_dir, [p.prompt_id for p in prompts], min(config.generate.num_actors, len(prompts)))
     chunks = [prompts[i::num_shards] for i in range(num_shards)]
     todo = [i for i in range(num_shards) if not (out_dir / shard_name(i)).exists()]
-    use_gpu = cluster_has_gpus()
     start = time.perf_counter()
-    workers: dict[int, Any] = {}
     retries = {i: 0 for i in todo}
 
     def submit(i: int) -> Any:
         # The same engine seed for a replacement: a redone shard samples what the lost one would have.
-        workers[i] = GenerationWorker.options(**worker_options(config, use_gpu)).remote(
-            model_path, engine_args(config, seed + i, use_gpu))
-        return workers[i].generate.remote([p.messages for p in chunks[i]], spec)
+        worker = engines.engine(i, model_path, seed + i)
+        return worker.generate.remote([p.messages for p in chunks[i]], spec, model_path, seed + i)
 
     try:
         pending = {submit(i): i for i in todo}
@@ -148,6 +278,7 @@ def generate_shards(prompts: list[Prompt], model_path: str, spec: SamplingSpec, 
                 outputs = ray.get(ready[0])
             except ray.exceptions.RayActorError as exc:
                 retries[index] += 1
+                engines.discard(index)
                 if retries[index] > config.worker_retries:
                     raise PipelineError(f"the vLLM engine of shard {index} died {retries[index]} times "
                                         f"(worker_retries is {config.worker_retries}); last: "
@@ -158,13 +289,15 @@ def generate_shards(prompts: list[Prompt], model_path: str, spec: SamplingSpec, 
                 continue
             with timing.timed("io"):
                 write_parquet(make_table(chunks[index], outputs), out_dir / shard_name(index))
-        timing.add_slowest(ray.get([worker.timings.remote() for worker in workers.values()]))
-    finally:
-        for worker in workers.values():
-            ray.kill(worker)
+        timing.add_slowest(engines.timings(todo))
+        engines.call_finished()
+    except BaseException:
+        # A failed call leaves no engine behind, kept or not: the command is ending.
+        engines.close()
+        raise
     seconds = time.perf_counter() - start
     return {"shards_generated": len(todo), "generate_seconds": round(seconds, 2),
-            "engine_retries": sum(retries.values())}
+            "engine_retries": sum(retries.values()), "engines_kept": engines.keep}
 
 
 def shard_count(out_dir: Path, prompt_ids: list[str], wanted: int) -> int:

@@ -159,9 +159,10 @@ def eval_metrics(rows: list[dict], baseline: list[dict]) -> dict[str, Any]:
             "vs_round_0": intervals_vs_round_0(rows, baseline), "pass_rate_by_kind": pass_rate_by_kind(rows)}
 
 
-def respond(prompts: list[Prompt], policy: str, round_number: int, config, out_dir: Path
+def respond(prompts: list[Prompt], policy: str, round_number: int, config, out_dir: Path, engines=None
             ) -> tuple[list[dict], dict[str, Any]]:
-    """Generate one answer per prompt with `policy`, score it, write `out_dir/part-00000.parquet`."""
+    """Generate one answer per prompt with `policy` (on the command's `engines` when given), score it,
+    write `out_dir/part-00000.parquet`."""
     spec = SamplingSpec(1, config.evaluate.temperature, 1.0, config.evaluate.max_tokens)
     samples_dir = out_dir / "samples"
 
@@ -169,7 +170,7 @@ def respond(prompts: list[Prompt], policy: str, round_number: int, config, out_d
         return pa.Table.from_pylist(eval_rows(chunk, outputs, round_number, policy), schema=schema.EVAL)
 
     stats = generate_shards(prompts, policy, spec, config, samples_dir,
-                            derive_seed(config.seed, "evaluate", round_number), make_table)
+                            derive_seed(config.seed, "evaluate", round_number), make_table, engines)
     with timing.timed("io"):
         rows = read_parquet_dir(samples_dir).to_pylist()
     for row, reward in zip(rows, score_candidates(rows, config.reward, config.worker_retries), strict=True):
@@ -215,7 +216,7 @@ def run_stage(plan, out_dir: Path) -> dict[str, Any]:
         return {"eval_prompts": 0}
     number = plan.round.number
     policy = plan.base_model if number == 0 else str(plan.round.policy)
-    rows, stats = respond(plan.heldout, policy, number, plan.config, out_dir)
+    rows, stats = respond(plan.heldout, policy, number, plan.config, out_dir, plan.engines)
     if number == 0:
         return {**eval_metrics(rows, rows), **stats}
     with timing.timed("io"):

@@ -43,7 +43,7 @@ def run_stage(plan, out_dir: Path) -> dict[str, Any]:
         rows = candidate_rows(prompts, outputs, plan.round.number, plan.policy_in)
         return pa.Table.from_pylist(rows, schema=schema.CANDIDATES)
 
-    stats = generate_shards(plan.prompts, plan.policy_in, spec, config, out_dir, seed, make_table)
+    stats = generate_shards(plan.prompts, plan.policy_in, spec, config, out_dir, seed, make_table, plan.engines)
     with timing.timed("io"):
         table = read_parquet_dir(out_dir)
     tokens = sum(table.column("num_tokens").to_pylist())

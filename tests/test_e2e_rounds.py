@@ -124,6 +124,8 @@ def test_train_shard_has_reference_logprobs(run_dir, tiny_model, number):
     rows = read(round_dir / "train")
     assert len(rows) == len(read(round_dir / "lists"))
     expected_reference = str(tiny_model.resolve()) if number == 1 else str(run_dir / "round_001" / "policy")
+    # The reference is the round's starting policy: the train workers scored it (reference.in_train_workers).
+    assert json.loads((round_dir / "_done" / "reference").read_text())["in_train_workers"] is True
     for row in rows:
         assert row["reference"] == expected_reference
         for item in row["positives"] + row["negatives"]:

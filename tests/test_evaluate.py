@@ -157,7 +157,7 @@ def config():
 
 def fake_respond(calls: list):
     """Stands in for vLLM: answers 'word' * (round + 1), so later rounds answer longer."""
-    def respond(heldout, policy, round_number, config, out_dir):
+    def respond(heldout, policy, round_number, config, out_dir, engines=None):
         calls.append((policy, round_number))
         outputs = [[{"text": " ".join(["word"] * (round_number + 1)), "num_tokens": round_number + 1}]
                    for _ in heldout]

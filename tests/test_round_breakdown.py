@@ -74,6 +74,17 @@ def test_rounds_are_averaged_cell_by_cell():
     assert rows["train"]["save"] == pytest.approx(4.5)
 
 
+def test_a_reference_scored_inside_the_train_stage_is_counted_once():
+    fused = metrics(1)
+    reference = fused["stages"]["reference"]["wall_seconds"]
+    fused["stages"]["train"]["wall_seconds"] += reference  # the train stage's wall held the reference's
+    fused["stages"]["train"]["reference_seconds_inside"] = reference
+    rows = round_breakdown(fused)["rows"]
+    plain = round_breakdown(metrics(1))["rows"]
+    assert rows["train"] == pytest.approx(plain["train"])
+    assert rows["round"] == pytest.approx(plain["round"])
+
+
 def test_metrics_without_timings_are_refused():
     old = metrics()
     del old["stages"]["rerank"]["io_seconds"]
@@ -195,17 +206,46 @@ def test_a_run_it_makes_replaces_its_own_previous_run_and_reports_the_command(tm
     results_md, out_json = tmp_path / "results.md", tmp_path / "round.json"
     assert main(["--output", str(tmp_path / "runs"), "--results", str(results_md), "--json", str(out_json),
                  "train.beta=0.2"]) == 0
-    assert commands[0][1:5] == ["-m", "pipeline", "round", "1"] and commands[0][-1] == "train.beta=0.2"
+    assert commands[0][1:5] == ["-m", "pipeline", "rounds", "3"] and commands[0][-1] == "train.beta=0.2"
     assert ["--run", "bench-round"] == commands[0][7:9]
     text = results_md.read_text()
-    assert "The `python -m pipeline round 1 --config configs/default.yaml --run bench-round --output " in text
+    assert "The `python -m pipeline rounds 3 --config configs/default.yaml --run bench-round --output " in text
     raw = json.loads(out_json.read_text())
-    assert raw["process_seconds"] >= 0 and raw["command"].startswith("python -m pipeline round 1")
+    assert raw["process_seconds"] >= 0 and raw["command"].startswith("python -m pipeline rounds 3")
+    assert "old_path" not in raw and "Side by side" not in text
     assert raw["left_out"] == [] and "left out" not in text
     # Its next run replaces it again: the marker is still there.
     commands.clear()
     assert main(["--output", str(tmp_path / "runs"), "--results", str(results_md), "--json", str(out_json)]) == 0
     assert len(commands) == 1 and (run / ".bench-round").is_file()
+
+
+def test_compare_old_runs_the_old_path_first_and_tables_both(tmp_path, monkeypatch):
+    import bench.round_breakdown as bench
+
+    commands = []
+
+    def fake_rounds(command, **kwargs):
+        commands.append(command)
+        run = tmp_path / "runs" / command[command.index("--run") + 1]
+        write_run(run, [metrics(n, scale=2.0 if run.name.endswith("-old") else 1.0) for n in (1, 2)])
+        return SimpleNamespace(returncode=0)
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_rounds)
+    results_md, out_json = tmp_path / "results.md", tmp_path / "round.json"
+    assert main(["--output", str(tmp_path / "runs"), "--rounds", "2", "--compare-old", "--results", str(results_md),
+                 "--json", str(out_json)]) == 0
+    old_command, new_command = commands
+    assert old_command[old_command.index("--run") + 1] == "bench-round-old"
+    assert set(bench.OLD_PATH) <= set(old_command) and not set(bench.OLD_PATH) & set(new_command)
+    assert old_command[3:5] == ["rounds", "2"] == new_command[3:5]
+    raw = json.loads(out_json.read_text())
+    assert raw["run"].endswith("bench-round") and raw["old_path"]["run"].endswith("bench-round-old")
+    assert [b["round"] for b in raw["old_path"]["rounds"]] == [1, 2]
+    text = results_md.read_text()
+    assert "### Side by side with the old path" in text
+    table = text[text.index("| round | this path: wall"):]
+    assert "| 1 | " in table and "| 2 | " in table and "| **all** | " in table
 
 
 @pytest.mark.parametrize("make", ["a user's run", "an empty directory"])
@@ -235,6 +275,6 @@ def test_a_failed_round_is_a_one_line_error(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(bench.subprocess, "run", lambda command, **kwargs: SimpleNamespace(returncode=1))
     assert main(["--output", str(tmp_path), "--results", str(tmp_path / "r.md"), "--json", str(tmp_path / "r.json")]) == 2
-    assert "the round failed (exit status 1)" in capsys.readouterr().err
+    assert "the rounds failed (exit status 1)" in capsys.readouterr().err
     # The failed run is still marked as the benchmark's, so the next benchmark may replace it.
     assert (tmp_path / "bench-round" / ".bench-round").is_file()

@@ -2,7 +2,8 @@
 
 One smoke round, with evaluation off and a checkpoint after every step as in
 test_resume.py: its vLLM generation engine is SIGKILLed while it samples, and
-its Ray Train worker right after the first in-training checkpoint. The command
+its Ray Train worker while it scores the reference (reference.in_train_workers)
+and again right after the first in-training checkpoint. The command
 must finish by itself, log the retries, and leave the same rows as the
 session's uninterrupted smoke round.
 """
@@ -35,7 +36,7 @@ def workers_named(root: psutil.Process, name: str) -> list[psutil.Process]:
     return found
 
 
-def run_and_kill(tmp_path, run: str, targets) -> tuple[int, str, list[str]]:
+def run_and_kill(tmp_path, run: str, targets, *overrides: str) -> tuple[int, str, list[str]]:
     """Run a smoke round; for each (process name, ready, delay) in turn, SIGKILL that worker once
     `ready()` holds and it is running. Returns the exit status, the output and what was killed."""
     round_dir = tmp_path / run / "round_001"
@@ -43,7 +44,7 @@ def run_and_kill(tmp_path, run: str, targets) -> tuple[int, str, list[str]]:
     env.pop("RAY_ADDRESS", None)
     log_path = tmp_path / f"{run}.log"
     command = [sys.executable, "-m", "pipeline", "round", "1", "--config", "configs/smoke.yaml", "--run", run,
-               "--output", str(tmp_path), "prompts.eval_size=0", "train.checkpoint_every=1"]
+               "--output", str(tmp_path), "prompts.eval_size=0", "train.checkpoint_every=1", *overrides]
     killed, family = [], set()
     with log_path.open("w") as sink:
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
@@ -89,11 +90,14 @@ def test_a_killed_engine_and_train_worker_are_replaced(smoke_run, tmp_path):
     baseline = smoke_run / "round_001"
     code, output, killed = run_and_kill(tmp_path, "faults", [
         ("GenerationWorker", lambda d: (d / "candidates.partial").is_dir(), 2.0),  # starting its engine or sampling
+        # Loading the policy or scoring the reference with it.
+        ("RayTrainWorker", lambda d: (d / "train.partial").is_dir() and not (d / "_done" / "reference").exists(), 0.0),
         ("RayTrainWorker", lambda d: (d / "policy.partial" / "checkpoint.pt").is_file(), 0.0),
     ])
     round_dir = tmp_path / "faults" / "round_001"
     assert code == 0, output[-5000:]
-    assert {"GenerationWorker", "RayTrainWorker"} <= set(killed)
+    assert killed.count("RayTrainWorker") >= 2 and "GenerationWorker" in killed
+    assert json.loads((round_dir / "_done" / "reference").read_text())["in_train_workers"] is True
     assert "generate: the vLLM engine of shard 0 died; starting another (retry 1 of 2)" in output
     assert json.loads((round_dir / "_done" / "generate").read_text())["engine_retries"] == 1
     assert_same_rows(round_dir, baseline)
@@ -106,12 +110,13 @@ def test_a_killed_engine_and_train_worker_are_replaced(smoke_run, tmp_path):
 
 
 def test_a_killed_reward_actor_and_reference_task_are_replaced(smoke_run, tmp_path):
-    """Killed while their stage runs (its marker not yet written): Ray starts them again."""
+    """Killed while their stage runs (its marker not yet written): Ray starts them again. The
+    reference as its own stage (one Ray task), as when it is not the round's starting policy."""
     baseline = smoke_run / "round_001"
     code, output, killed = run_and_kill(tmp_path, "faults2", [
         ("RewardWorker", lambda d: (d / "lists.partial").is_dir() and not (d / "_done" / "rerank").exists(), 0.0),
         ("score_items", lambda d: (d / "train.partial").is_dir() and not (d / "_done" / "reference").exists(), 0.0),
-    ])
+    ], "reference.in_train_workers=false")
     assert code == 0, output[-5000:]
     assert {"RewardWorker", "score_items"} <= set(killed)
     assert_same_rows(tmp_path / "faults2" / "round_001", baseline)

@@ -30,6 +30,7 @@ from pools.logprobs import list_batch, sequence_logprobs
 from stages.train.checkpoint import TrainingCheckpoint, fingerprint
 from stages.train.data import ListExample, add_lora, build_examples, use_sparse_embedding_grad
 from stages.train.optim import build_optimizer
+from stages.train.reference_in_workers import ReferenceJob, score_reference
 
 
 # Rank 0's start-up, I/O, work and save seconds, for the driver to add to the stage's (stages/train/stage.py).
@@ -111,6 +112,8 @@ class LoopConfig:
     trust_remote_code: bool
     train_shard: str
     output_dir: str
+    # The reference stage, when these workers score it before training (reference.in_train_workers).
+    reference: ReferenceJob | None = None
 
 
 @dataclass
@@ -141,12 +144,18 @@ def set_up(cfg: LoopConfig, clock: Timings) -> Trainer:
     rank, world = context.get_world_rank(), context.get_world_size()
     train = cfg.train
     sharded = train.sharding == "fsdp" and world > 1
-    with clock("startup"):
+    # Scoring the reference here, the model load is the reference stage's start-up.
+    scores_reference = cfg.reference is not None and cfg.reference.pending()
+    load_clock, started = (Timings() if scores_reference else clock), time.perf_counter()
+    with load_clock("startup"):
         use_all_cpu_threads()
         if world > 1 and not torch.cuda.is_available():
             torch.set_num_threads(max(1, torch.get_num_threads() // world))
         torch.manual_seed(cfg.seed)
         model, tokenizer = load_policy(cfg.policy_in, train.dtype, cfg.trust_remote_code)
+    if scores_reference:
+        score_reference(cfg.reference, model, tokenizer, train, rank, world, load_clock, started)
+    with clock("startup"):
         if train.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if train.lora_rank:

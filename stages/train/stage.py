@@ -16,13 +16,18 @@ from pipeline import timing
 from pipeline.hardware import cluster_has_gpus
 from pipeline.layout import shard_name
 from pipeline.seeds import derive_seed
+from pools.reference_lists import reference_inputs
 from stages.train.loop import TIMINGS_FILE, LoopConfig, summarize, train_loop_per_worker
+from stages.train.reference_in_workers import ReferenceJob
 
 log = logging.getLogger("pipeline")
 
 
-def scaling_config(num_workers: int) -> ScalingConfig:
+def scaling_config(num_workers: int, gpu_share: float = 1.0) -> ScalingConfig:
+    """`gpu_share`: the share of a GPU each worker asks for (less than 1 beside kept vLLM engines)."""
     if cluster_has_gpus():
+        if gpu_share < 1:
+            return ScalingConfig(num_workers=num_workers, use_gpu=True, resources_per_worker={"GPU": gpu_share})
         return ScalingConfig(num_workers=num_workers, use_gpu=True)
     # Ray counts CPUs only to schedule; the loop sets its own thread count.
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // num_workers)
@@ -41,7 +46,8 @@ def worker_env() -> dict[str, str]:
     return {"THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "1")}
 
 
-def fit(loop_config: LoopConfig, num_workers: int, storage_path: Path, name: str, retries: int = 0) -> None:
+def fit(loop_config: LoopConfig, num_workers: int, storage_path: Path, name: str, retries: int = 0,
+        gpu_share: float = 1.0) -> None:
     """Run the training loop on `num_workers` Ray Train workers.
 
     A worker that dies makes Ray Train start the group again, up to `retries` times;
@@ -50,7 +56,7 @@ def fit(loop_config: LoopConfig, num_workers: int, storage_path: Path, name: str
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"loop": loop_config},
-        scaling_config=scaling_config(num_workers),
+        scaling_config=scaling_config(num_workers, gpu_share),
         run_config=RunConfig(name=name, storage_path=os.fspath(storage_path),
                              failure_config=FailureConfig(max_failures=retries),
                              worker_runtime_env={"env_vars": worker_env()}),
@@ -58,15 +64,31 @@ def fit(loop_config: LoopConfig, num_workers: int, storage_path: Path, name: str
     trainer.fit()
 
 
+def reference_job(plan) -> ReferenceJob | None:
+    """The reference stage for the workers to run first, when the driver left it to them
+    (pools/reference_lists.py, scored_in_train_workers); None when it is done."""
+    if plan.round.is_done("reference"):
+        return None
+    rows, current = reference_inputs(plan.run, plan.round, plan.config.train.replay)
+    out_dir = plan.round.begin_stage("reference")
+    return ReferenceJob(rows, current, plan.reference, plan.round, str(out_dir), plan.config.reference.batch_size)
+
+
 def run_stage(plan, out_dir: Path) -> dict[str, Any]:
     config = plan.config
+    reference = reference_job(plan)
     loop_config = LoopConfig(train=config.train, seed=derive_seed(config.seed, "train", plan.round.number),
                              policy_in=plan.policy_in, trust_remote_code=config.model.trust_remote_code,
-                             train_shard=str(plan.round.train / shard_name(0)), output_dir=str(out_dir))
+                             train_shard=str(plan.round.train / shard_name(0)), output_dir=str(out_dir),
+                             reference=reference)
     fit(loop_config, config.train.num_workers, plan.run.dir / ".ray_train", f"round_{plan.round.number:03d}",
-        config.worker_retries)
+        config.worker_retries, plan.engines.gpu_share_left() if plan.engines else 1.0)
     if not (out_dir / "config.json").is_file():
         raise RuntimeError(f"training finished without writing a checkpoint to {out_dir}")
+    if reference and not plan.round.is_done("reference"):
+        raise RuntimeError(f"the train workers scored the reference but left no {plan.round.done_marker('reference')}")
+    # The reference stage's seconds are inside this stage's wall time (bench/round_breakdown.py).
+    inside = {"reference_seconds_inside": plan.round.stage_stats("reference")["wall_seconds"]} if reference else {}
     history = [json.loads(line) for line in (out_dir / "training_log.jsonl").read_text().splitlines()]
     # Not part of the checkpoint: its numbers go into the stage's stats.
     timings_file = out_dir / TIMINGS_FILE
@@ -78,4 +100,4 @@ def run_stage(plan, out_dir: Path) -> dict[str, Any]:
         log.warning("training wrote no %s: the breakdown of the train stage will be missing (its start-up, "
                     "work and save seconds stay 0, and bench/round_breakdown.py would count all of train as "
                     "Ray & orchestration)", timings_file)
-    return {**summarize(history), "objective": config.train.objective, "policy_in": plan.policy_in}
+    return {**summarize(history), "objective": config.train.objective, "policy_in": plan.policy_in, **inside}

@@ -1,0 +1,63 @@
+"""The reference stage run inside the train workers (`reference.in_train_workers`).
+
+Where the reference is the round's starting policy, the model the workers load
+to train is the reference until the first step. Scoring the lists with it there
+saves the reference stage's own model load and process start, and gives the
+same log-probs: the same loader, dtype, batch layout and autocast
+(pools/logprob_scorer.py). Rank 0 writes `train/part-00000.parquet` and the
+reference stage's done marker before any worker reads the shard to train, so
+resume and `inspect` see what a separate reference stage leaves; a restarted
+worker group finds the marker and goes straight to training.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from pipeline.layout import RoundLayout
+from pipeline.timing import Timings
+from pools.logprob_scorer import score_lists
+from pools.reference_lists import items_to_score, reference_stats, with_reference, write_train_shard
+
+
+@dataclass(frozen=True)
+class ReferenceJob:
+    """What the workers score (the rows the reference stage would) and where it goes."""
+
+    rows: list[dict[str, Any]]
+    current: int          # how many rows are the round's own lists (the rest are replayed)
+    reference: str        # the checkpoint: the round's starting policy
+    round: RoundLayout
+    out_dir: str          # the reference stage's train.partial/
+    batch_size: int       # reference.batch_size
+
+    def pending(self) -> bool:
+        return not self.round.is_done("reference")
+
+
+def score_reference(job: ReferenceJob, model, tokenizer, train, rank: int, world: int, clock: Timings,
+                    started: float) -> None:
+    """Score `job` with the freshly loaded `model`; rank 0 finishes the reference stage.
+
+    `clock` already holds the model load (the stage's start-up) and `started` is when it began.
+    """
+    with clock.active():
+        logps = score_lists(model, tokenizer, items_to_score(job.rows), train.max_length, job.batch_size,
+                            train.logprob_chunk_size, train.autocast, train.share_prompt) if job.rows else []
+        if rank == 0:
+            write_train_shard(with_reference(job.rows, logps, job.reference), Path(job.out_dir))
+    if rank == 0:
+        import psutil
+
+        stats = {**reference_stats(job.rows, job.current, job.reference), "in_train_workers": True,
+                 "wall_seconds": round(time.perf_counter() - started, 2), **clock.stats(),
+                 # Sampled once, at its end: the stage has no memory monitor of its own here.
+                 "peak_memory_gib": round(psutil.virtual_memory().used / 2**30, 2)}
+        job.round.finish_stage("reference", stats)
+    if world > 1:
+        dist.barrier()  # the others read the shard rank 0 has just written
