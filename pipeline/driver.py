@@ -199,12 +199,18 @@ def run_if_needed(plan: RoundPlan, stage: str, file_only) -> None:
         check_input(plan, stage)
         file_only("round %d: reference deferred to the train workers (reference.in_train_workers)", number,
                   level=logging.INFO)
+        # Where someone looking for the stage's output will look first.
+        stage_log = log_path(plan.round, stage)
+        stage_log.parent.mkdir(parents=True, exist_ok=True)
+        with stage_log.open("a") as f:
+            f.write("reference.in_train_workers: the train stage's workers score the reference before training; "
+                    "their output is in train.log\n")
         return
     # The train stage's input is the reference's output, which it makes itself here.
     check_input(plan, "reference" if with_reference else stage)
     run_one_stage(plan, stage, file_only)
     if with_reference:
-        log.info("round %d: reference finished in the train workers in %.1f s", number,
+        log.info("round %d: reference finished in %.1f s (in the train workers)", number,
                  plan.round.stage_stats("reference")["wall_seconds"])
 
 

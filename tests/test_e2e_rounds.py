@@ -203,7 +203,10 @@ def test_the_console_shows_the_pipeline_and_the_logs_keep_the_rest(run_dir):
     for number in (1, 2):
         # The smoke run reports to every tracker: their output is kept apart as well.
         assert sorted(p.stem for p in (logs / f"round_00{number}").iterdir()) == sorted([*STAGES, "ray", "tracking"])
-    assert "vllm" in (logs / "round_001" / "generate.log").read_text().lower()
+    # The engines started in round 0's evaluate and were kept (generate.keep_engines): round 1's generate
+    # only reset their prefix cache.
+    assert "vllm" in (logs / "round_000" / "evaluate.log").read_text().lower()
+    assert "reset prefix cache" in (logs / "round_001" / "generate.log").read_text()
     assert "TrainController" in (logs / "round_001" / "train.log").read_text()
 
 
