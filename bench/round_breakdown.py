@@ -154,17 +154,21 @@ def comparison_table(results: dict[str, Any]) -> str:
     paths = [("this path", results)] + ([("old path", results["old_path"])] if "old_path" in results else [])
     header = "| round | " + " | ".join(f"{name}: wall | {name}: outside the work" for name, _ in paths) + " |"
     lines = [header, "|---|" + "---:|---:|" * len(paths)]
-    by_round = [{b["round"]: b["rows"]["round"] for b in path["rounds"]} for _, path in paths]
+    # Round 0 (evaluate only) is where kept engines start: left out, they would look free.
+    by_round = [{**({0: path["round_0"]} if path.get("round_0") else {}), **{b["round"]: b["rows"]["round"]
+                                                                           for b in path["rounds"]}}
+                for _, path in paths]
     for number in sorted(set().union(*by_round)):
         cells = [f"{rows[number]['wall']:.1f} s | {outside_work(rows[number])}" if number in rows else "- | -"
                  for rows in by_round]
-        lines.append(f"| {number} | " + " | ".join(cells) + " |")
+        lines.append(f"| {number if number else '0 (base model, evaluate only)'} | " + " | ".join(cells) + " |")
     totals = []
     for rows in by_round:
         total = {key: sum(row[key] for row in rows.values()) for key in ("wall", "work")}
         totals.append(f"**{total['wall']:.1f} s** | **{outside_work(total)}**")
     lines.append("| **all** | " + " | ".join(totals) + " |")
     return "\n".join(lines)
+
 
 def settings_sentence(config: dict[str, Any]) -> str:
     """What the round did, from the run's resolved config.yaml."""
@@ -220,10 +224,13 @@ def round_section(results: dict[str, Any]) -> str:
                      f"{'per round ' if len(results['rounds']) > 1 else ''}of evaluating round 0 (the base "
                      "model's held-out answers), done once per run by its first round.")
     if results.get("process_seconds") is not None:
-        outside = results["process_seconds"] - results["rows"]["round"]["wall"]
+        # Every round the command ran, round 0 included (its own stage, timed apart from round 1).
+        rounds = sum(b["rows"]["round"]["wall"] for b in results["rounds"]) + \
+            float((results.get("round_0") or {}).get("wall", 0.0))
+        plural = "s" if len(results["rounds"]) > 1 else ""
         notes.append(f"The `{results['command']}` command took {results['process_seconds']:.1f} s in all; the "
-                     f"{outside:.1f} s outside the round are Python's start-up and imports, planning (tokenizer, "
-                     "prompts, checks) and Ray's shutdown.")
+                     f"{results['process_seconds'] - rounds:.1f} s outside the round{plural} are Python's start-up "
+                     "and imports, planning (tokenizer, prompts, checks) and Ray's shutdown.")
     if notes:
         lines += ["", " ".join(notes)]
     if "old_path" in results:
@@ -293,7 +300,17 @@ def path_results(run_dir: Path, process_seconds: float | None, command: str | No
     """One run's part of round.json: its rounds' breakdowns and their mean."""
     breakdowns, config, left_out = read_rounds(run_dir)
     return {"run": repo_relative(run_dir), "command": command, "process_seconds": process_seconds, "config": config,
-            "rows": mean_rows(breakdowns), "rounds": breakdowns, "left_out": left_out}
+            "rows": mean_rows(breakdowns), "rounds": breakdowns, "left_out": left_out,
+            "round_0": round_0_breakdown(run_dir)}
+
+
+def round_0_breakdown(run_dir: Path) -> dict[str, float] | None:
+    """Round 0's one stage (the base model's answers), run by the first round's command: with kept
+    engines, it is where they start. None when the run has no timed round 0."""
+    path = run_dir / "round_000" / "metrics.json"
+    if not path.is_file():
+        return None
+    return stage_breakdown(json.loads(path.read_text()).get("stages", {}).get("evaluate", {}))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import signal
-import threading
 import time
 import traceback
 from contextlib import contextmanager
@@ -30,6 +29,7 @@ from pipeline.errors import PipelineError
 from pipeline import console
 from pipeline.layout import (EARLIER_ROUNDS, STAGE_BY_NAME, STAGE_REGISTRY, STAGES, RoundLayout, RunLayout,
                              atomic_write_json, atomic_write_text)
+from pipeline.memory import MemoryMonitor
 from pipeline.models import REPO_ROOT, resolve_model
 from pipeline.prompts import Prompt, fit_to_context, load_prompts, round_slice
 from pipeline.resources import wait_for_resources
@@ -371,34 +371,3 @@ def ensure_ray() -> float:
         if handler is not None:
             signal.signal(signum, handler)
     return time.perf_counter() - start
-
-
-class MemoryMonitor:
-    """Peak memory in use on this machine while a stage runs (Ray workers included)."""
-
-    def __init__(self, interval: float = 0.5):
-        import psutil
-
-        self._psutil = psutil
-        self._interval = interval
-        self._stop = threading.Event()
-        self.peak_bytes = 0
-
-    def __enter__(self) -> "MemoryMonitor":
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _sample(self) -> None:
-        while True:
-            self.peak_bytes = max(self.peak_bytes, self._psutil.virtual_memory().used)
-            if self._stop.wait(self._interval):
-                return
-
-    @property
-    def peak_gib(self) -> float:
-        return round(self.peak_bytes / 2**30, 2)

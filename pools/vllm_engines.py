@@ -97,7 +97,8 @@ class GenerationWorker:
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_path": model_path})
                 self.llm.collective_rpc("retie_lm_head")
                 self.model_path = model_path
-            # Cached prefixes were computed under the weights they were computed with.
+            # Block hashes ignore the weights: a cached prefix from another policy, or from the
+            # previous call, would be reused silently (and a fresh engine starts with none).
             if not self.llm.reset_prefix_cache():
                 raise RuntimeError("vLLM kept KV blocks in use after its last request: the prefix cache "
                                    "was not reset")
@@ -132,7 +133,7 @@ class GenerationWorker:
         return seconds
 
 
-# The engines' extra collective_rpc methods (reseed), by qualified name: vLLM imports it in its workers.
+# The engines' extra collective_rpc methods (reseed, retie_lm_head), by qualified name: vLLM imports it in its workers.
 EXTENSION = "pools.engine_extension.EngineExtension"
 # With engines kept on GPUs, each takes this share of its GPU in Ray's accounting, and the
 # reference task and the train workers the rest, so that both fit on one GPU while the engine sleeps.

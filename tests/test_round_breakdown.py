@@ -229,6 +229,10 @@ def test_compare_old_runs_the_old_path_first_and_tables_both(tmp_path, monkeypat
         commands.append(command)
         run = tmp_path / "runs" / command[command.index("--run") + 1]
         write_run(run, [metrics(n, scale=2.0 if run.name.endswith("-old") else 1.0) for n in (1, 2)])
+        # Round 0 timed like any stage: where kept engines start.
+        (run / "round_000" / "metrics.json").write_text(json.dumps(
+            {"round": 0, "stages": {"evaluate": {"wall_seconds": 30.0, "startup_seconds": 20.0, "io_seconds": 0.0,
+                                                 "work_seconds": 9.0}}}))
         return SimpleNamespace(returncode=0)
 
     monkeypatch.setattr(bench.subprocess, "run", fake_rounds)
@@ -246,6 +250,9 @@ def test_compare_old_runs_the_old_path_first_and_tables_both(tmp_path, monkeypat
     assert "### Side by side with the old path" in text
     table = text[text.index("| round | this path: wall"):]
     assert "| 1 | " in table and "| 2 | " in table and "| **all** | " in table
+    # Round 0 is in the table and in the totals: 30 s of which 21 s outside its 9 s of work.
+    assert "| 0 (base model, evaluate only) | 30.0 s | 21.0 s (70.0%) | 30.0 s | 21.0 s (70.0%) |" in table
+    assert "| **all** | **430.0 s** |" in table
 
 
 @pytest.mark.parametrize("make", ["a user's run", "an empty directory"])
