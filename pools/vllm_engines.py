@@ -204,11 +204,9 @@ class EnginePool:
         """Engine `index`, started on `model_path` with engine seed `seed` if there is none."""
         self._decide()
         if index not in self.workers:
-            self.workers[index] = GenerationWorker.options(**worker_options(self.config, self._use_gpu, self.keep)
-                                                           ).remote(model_path,
-                                                                    engine_args(self.config, seed, self._use_gpu,
-                                                                                self.keep),
-                                                                    self.keep and self._use_gpu)
+            keep, gpu = self.keep, bool(self._use_gpu)
+            self.workers[index] = GenerationWorker.options(**worker_options(self.config, gpu, keep)).remote(
+                model_path, engine_args(self.config, seed, gpu, keep), keep and gpu)
         return self.workers[index]
 
     def discard(self, index: int) -> None:

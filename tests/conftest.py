@@ -38,6 +38,16 @@ def repo_root() -> Path:
     return REPO_ROOT
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """A Ray of the test's own for tests that call the worker pools directly; its workers import this checkout."""
+    import ray
+
+    ray.init(num_cpus=2, runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
     path = REPO_ROOT / ".cache" / "models" / "tiny-random-llama"

@@ -6,7 +6,6 @@ The third makes sure the test can fail, i.e. that sampling really depends on the
 
 import pyarrow as pa
 import pytest
-import ray
 
 from pipeline.config import load_config
 from pipeline.layout import read_parquet_dir
@@ -15,13 +14,6 @@ from pools.vllm_engines import SamplingSpec, generate_shards
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
-    yield
-    ray.shutdown()
 
 
 def test_same_seed_gives_identical_candidates(local_ray, tiny_model, tmp_path):

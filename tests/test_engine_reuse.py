@@ -13,7 +13,6 @@ import shutil
 
 import pyarrow as pa
 import pytest
-import ray
 import torch
 
 from pipeline.config import load_config
@@ -23,13 +22,6 @@ from pools.vllm_engines import EnginePool, SamplingSpec, generate_shards
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
