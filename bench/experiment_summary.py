@@ -253,7 +253,31 @@ def replay_section(store: Path, seeds: list[int]) -> list[str]:
                 interval, count = found
                 lines.append(f"- {METHODS[method].short} minus none, round {number} ({count} seeds): strict pass "
                              f"rate {interval_text(interval)} points: {verdict_word(interval)}")
-    return lines + ["", results_table(results, list(REPLAY_METHODS))]
+    return lines + ["", results_table(results, list(REPLAY_METHODS)), *replay_cost_lines(results)]
+
+
+def replay_cost_lines(results: Results) -> list[str]:
+    """What replay costs the train stage: lists trained and train seconds per round, against none."""
+    def mean_of(method: str, number: int, key: Callable[[dict[str, Any]], float]) -> float | None:
+        values = [key(r[number].metrics.get("stages", {})) for r in results.get(method, {}).values() if number in r]
+        return sum(values) / len(values) if values else None
+
+    lists = lambda s: s["reference"]["lists_current"] + s["reference"]["lists_replayed"]  # noqa: E731
+    seconds = lambda s: s["train"]["train_seconds"]  # noqa: E731
+    lines = ["", "Training cost (mean over seeds; train seconds are the training steps' wall time, which other "
+             "load on the machine also moves):", "",
+             "| method | round | lists trained | vs none | train seconds | vs none |", "|---|---:|---:|---:|---:|---:|"]
+    for method in REPLAY_METHODS:
+        for number in sorted({n for r in results.get(method, {}).values() for n in r if n > 0}):
+            try:
+                cells = [(mean_of(method, number, key), mean_of(DEFAULT_METHOD, number, key))
+                         for key in (lists, seconds)]
+            except (KeyError, TypeError):  # a round stored before replay was counted
+                continue
+            text = [f"{v:.0f} | " + (f"{v / none:.2f}x" if none else "-") for v, none in cells]
+            name = "none" if method == DEFAULT_METHOD else METHODS[method].short
+            lines.append(f"| {name} | {number} | " + " | ".join(text) + " |")
+    return lines if len(lines) > 5 else []
 
 
 def wall_time(results: Results, store: Path) -> str:

@@ -257,3 +257,39 @@ def test_the_ablation_is_not_in_the_main_experiment_by_default():
     assert experiment.MAIN_METHODS == ("dpo", "dpo-k", "contrastive", "lambdarank", "listmle")
     assert experiment.METHODS["replay-all"].overrides[-1] == "train.replay=all"
     assert experiment.METHODS["replay-all"].overrides[:-1] == experiment.METHODS["contrastive"].overrides
+
+
+def add_training_stats(directory: Path, lists_by_round: dict[int, tuple[int, int]], seconds_per_list: float) -> None:
+    """Give a stored seed's rounds the reference and train stage numbers a real round writes."""
+    for number, (current, replayed) in lists_by_round.items():
+        path = directory / f"round_{number:03d}" / "metrics.json"
+        metrics = json.loads(path.read_text())
+        metrics["stages"]["reference"] = {"lists_current": current, "lists_replayed": replayed}
+        metrics["stages"]["train"] = {"train_seconds": seconds_per_list * (current + replayed)}
+        path.write_text(json.dumps(metrics))
+
+
+def test_the_replay_ablation_says_what_replay_costs_the_train_stage(tmp_path):
+    root = tmp_path / "experiments"
+    for seed in (0, 1):
+        add_training_stats(write_seed(root, "contrastive", seed, [0.4, 0.5, 0.6]),
+                           {1: (100, 0), 2: (100, 0), 3: (100, 0)}, 2.0)
+        add_training_stats(write_seed(root, "replay-all", seed, [0.4, 0.5, 0.6]),
+                           {1: (100, 0), 2: (100, 100), 3: (100, 200)}, 2.0 + seed)  # seed 1 ran slower
+    results_md = tmp_path / "results.md"
+    summarize(root, ["contrastive"], [0, 1], results_md)
+    text = results_md.read_text().split("Training cost")[1]
+    assert "| none | 3 | 100 | 1.00x | 200 | 1.00x |" in text
+    assert "| replay all | 2 | 200 | 2.00x | 500 | 2.50x |" in text  # (2*200 + 3*200) / 2 against 200
+    assert "| replay all | 3 | 300 | 3.00x | 750 | 3.75x |" in text
+    assert "replay previous" not in text  # not run: no rows
+
+
+def test_rounds_stored_before_replay_was_counted_get_no_cost_rows(tmp_path):
+    root = tmp_path / "experiments"
+    write_seed(root, "contrastive", 0, [0.4, 0.5])
+    write_seed(root, "replay-previous", 0, [0.4, 0.5])
+    results_md = tmp_path / "results.md"
+    summarize(root, ["contrastive"], [0], results_md)
+    assert "### Replaying earlier rounds' lists" in results_md.read_text()
+    assert "Training cost" not in results_md.read_text()
