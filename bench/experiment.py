@@ -115,9 +115,10 @@ def store_run(run_dir: Path, target: Path, rounds: int) -> None:
     rounds says which CPU (or GPU) ran them, so wall times are read with it.
     """
     from bench.generate_bench import machine
-    from pipeline.layout import atomic_write_json
+    from pipeline.layout import atomic_write_json, atomic_write_text
 
     atomic_write_json(target / "machine.json", machine())
+    atomic_write_text(target / "config.yaml", (run_dir / "config.yaml").read_text())
     for number in range(rounds + 1):
         source, dest = run_dir / f"round_{number:03d}", target / f"round_{number:03d}"
         shards = sorted((source / "eval").glob("part-*.parquet"))
@@ -131,16 +132,46 @@ def store_run(run_dir: Path, target: Path, rounds: int) -> None:
             os.replace(tmp, dest / relative)
 
 
+# Keys that say where and how fast a run went, not what it computed: stored runs may differ in them.
+NOT_COMPARED = frozenset({
+    "output", "worker_retries", "resources_wait_seconds", "tracking", "generate.num_actors",
+    "generate.tensor_parallel_size", "generate.cpu_kv_cache_gib", "generate.gpu_memory_utilization",
+    "generate.keep_engines", "reward.batch_size", "reward.num_actors", "reward.num_gpus_per_actor",
+    "reference.batch_size", "reference.in_train_workers", "train.num_workers", "train.sharding",
+    "train.checkpoint_every"})
+
+
+def check_stored_settings(method: str, seed: int, args: argparse.Namespace, overrides: list[str]) -> None:
+    """Refuse to reuse or extend a stored (method, seed) that ran with other settings than this call's."""
+    import yaml
+
+    from pipeline.config import config_from_dict, get_key, load_config
+    from pipeline.config_parse import leaf_fields
+
+    stored_path = seed_dir(args.store, method, seed) / "config.yaml"
+    if not stored_path.is_file():  # stored before the settings were kept beside the runs
+        return
+    stored = config_from_dict(yaml.safe_load(stored_path.read_text()), source=str(stored_path))
+    wanted = load_config(args.config, overrides)
+    for key, _ in leaf_fields(type(wanted)):
+        if key not in NOT_COMPARED and get_key(stored, key) != get_key(wanted, key):
+            raise PipelineError(f"{repo_relative(stored_path)} has {key}={get_key(stored, key)!r} but this "
+                                f"experiment asks for {get_key(wanted, key)!r}: use another --store, or move "
+                                "the stored run away to run it again")
+
+
 def run_method(method: str, seed: int, args: argparse.Namespace, root: Path) -> int:
     """Run one (method, seed) unless the store has all its rounds; store it when it finishes."""
+    # The method's overrides first, so that the user's may change them; the seed last.
+    overrides = [*METHODS[method].overrides, *args.overrides, f"seed={seed}"]
+    check_stored_settings(method, seed, args, overrides)
     if stored_rounds(args.store, method, seed) >= set(range(args.rounds + 1)):
         print(f"== {method} seed {seed}: rounds 0..{args.rounds} already in {repo_relative(args.store)}", flush=True)
         return 0
     name = run_name(args.prefix, method, seed)
     command = [sys.executable, "-m", "pipeline", "rounds", str(args.rounds), "--config", args.config,
                "--run", name, "--output", str(root)]
-    # The method's overrides first, so that the user's may change them; the seed last.
-    command += [*METHODS[method].overrides, *args.overrides, f"seed={seed}"]
+    command += overrides
     print(f"== {method} seed {seed}: {' '.join(command[1:])}", flush=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     code = subprocess.run(command, cwd=REPO_ROOT, env=env).returncode
@@ -225,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
             root = output_root(args)
             # Seed by seed, so that a stop after any seed leaves every method equally far along.
             failed = [f"{m} seed {s}" for s in seeds for m in methods if run_method(m, s, args, root) != 0]
-        summarize(args.store, methods, seeds, Path(args.results))
+        # The section is the whole experiment's, whichever methods this call ran (the replay ablation's too).
+        summarize(args.store, list(MAIN_METHODS), seeds, Path(args.results))
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+import yaml
 from PIL import Image
 
 from bench import experiment
 from bench.experiment import main, replace_section, store_run, stored_rounds
-from bench.experiment_summary import between_methods, judge, load, summarize
+from bench.experiment_summary import judge, summarize
+from bench.experiment_tables import between_methods, load, verdict_word
 from pipeline import schema
 from pipeline.layout import write_parquet
 
@@ -88,10 +90,10 @@ def test_table_verdict_and_plots(store, tmp_path):
     assert rows[("iterative DPO (K=2, best vs worst)", "0")][1:3] == ["0.200", "-"]
     # LambdaRank passes exactly what DPO passes: a point interval at zero, which is no evidence of a gain.
     assert held is False
-    assert "The paper's ordering did not hold at round 3: contrastive minus" in text
+    assert "The paper's ordering did not hold: contrastive minus iterative DPO at round 3" in text
     assert "(test: the strict pass rate's paired bootstrap over the held-out prompts" in text
-    assert "contrastive minus iterative DPO +40.0 [" in text and "points over 3 seeds: better" in text
-    assert "LambdaRank minus iterative DPO +0.0 [+0.0, +0.0] points over 3 seeds: not distinguishable" in text
+    assert "contrastive minus iterative DPO at round 3, +40.0 [" in text and "points over 3 seeds: better" in text
+    assert "LambdaRank minus iterative DPO at round 3, +0.0 [+0.0, +0.0] points over 3 seeds: not distinguishable" in text
     assert "contrastive minus DPO on K at round 3 (3 seeds): +20.0 [" in text
     assert "Wall time of the stored rounds: 0.8 h in all" in text
     assert "**met**" in text  # the default gained +50 points over 3 seeds
@@ -108,15 +110,16 @@ def test_table_verdict_and_plots(store, tmp_path):
 
 def test_noisy_seeds_give_intervals_and_not_distinguishable(tmp_path):
     root = tmp_path / "experiments"
-    # Seed by seed, each method passes a different subset: the pooled difference has width.
+    # Seed by seed, each method passes a different subset of the prompts: the pooled difference has width.
     for seed, (a, b) in enumerate([(0.4, 0.3), (0.3, 0.35), (0.35, 0.3)]):
-        write_seed(root, "dpo", seed, [b])
-        write_seed(root, "contrastive", seed, [a])
+        for method, share, shift in (("dpo", b, 7 + 13 * seed), ("contrastive", a, 31 * seed)):
+            write_round(root / method / f"seed-{seed}" / "round_000", 0, pattern(0.2))
+            write_round(root / method / f"seed-{seed}" / "round_001", 1, pattern(share, shift=shift))
     results = load(root, ["dpo", "contrastive"], [0, 1, 2])
     interval, seeds = between_methods(results, "contrastive", "dpo", 1, "pass_rate")
     assert seeds == 3
     assert interval.difference == pytest.approx((0.1 - 0.05 + 0.05) / 3)
-    assert interval.low < interval.difference < interval.high
+    assert interval.low < 0 < interval.high and verdict_word(interval) == "not distinguishable"
 
 
 def test_the_ordering_held_when_every_larpo_objective_is_better(tmp_path):
@@ -126,7 +129,7 @@ def test_the_ordering_held_when_every_larpo_objective_is_better(tmp_path):
         write_seed(root, method, 0, [0.5, 0.6, 0.7])  # a round further than DPO
     held, sentence = judge(load(root, ["dpo", "contrastive", "lambdarank", "listmle"], [0]))
     assert held is True
-    assert sentence.startswith("The paper's ordering held at round 2: contrastive minus iterative DPO")
+    assert sentence.startswith("The paper's ordering held: contrastive minus iterative DPO at round 2")
     assert "over 1 seed: better" in sentence
 
 
@@ -137,7 +140,7 @@ def test_a_method_not_run_is_shown_and_named(tmp_path):
     results_md = tmp_path / "results.md"
     assert summarize(root, ["dpo", "contrastive", "lambdarank", "listmle"], [0], results_md) is None
     text = results_md.read_text()
-    assert "could not be checked: no stored runs for LambdaRank, ListMLE" in text
+    assert "could not be checked yet: no runs of LambdaRank, ListMLE beside iterative DPO's. So far: contrastive minus iterative DPO at round 1" in text
     assert "| LarPO ListMLE (top-2 vs bottom-2) | not run | 0 |" in text
     assert "**not met**" in text  # one seed is not three
     assert text.startswith("# Results\n")  # a new file gets the title
@@ -166,10 +169,12 @@ def test_store_run_copies_metrics_and_eval_only(tmp_path):
         write_round(run / f"round_{number:03d}", number, pattern(0.5))
         (run / f"round_{number:03d}" / "candidates").mkdir()
         (run / f"round_{number:03d}" / "candidates" / "part-00000.parquet").write_bytes(b"x")
+    (run / "config.yaml").write_text("seed: 0\n")
     target = tmp_path / "store" / "dpo" / "seed-0"
     store_run(run, target, 1)
+    assert (target / "config.yaml").read_text() == "seed: 0\n"
     assert sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()) == [
-        "machine.json", "round_000/eval/part-00000.parquet", "round_000/metrics.json",
+        "config.yaml", "machine.json", "round_000/eval/part-00000.parquet", "round_000/metrics.json",
         "round_001/eval/part-00000.parquet", "round_001/metrics.json"]
     assert "cpu" in json.loads((target / "machine.json").read_text())
     assert stored_rounds(tmp_path / "store", "dpo", 0) == {0, 1}
@@ -186,6 +191,33 @@ def test_stored_runs_are_not_run_again(tmp_path, monkeypatch, capsys):
                  "--output", str(tmp_path / "runs"), "--results", str(tmp_path / "r.md")]) == 0
     assert calls == []
     assert "dpo seed 0: rounds 0..2 already in" in capsys.readouterr().out
+
+
+def write_stored_config(store: Path, method: str, seed: int, *more: str) -> None:
+    from pipeline.config import load_config
+
+    config = load_config(REPO_ROOT / "configs" / "default.yaml",
+                         [*experiment.METHODS[method].overrides, f"seed={seed}", *more])
+    (store / method / f"seed-{seed}" / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def test_a_stored_run_made_with_other_settings_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    store = tmp_path / "store"
+    write_seed(store, "dpo", 0, [0.3, 0.3])
+    write_seed(store, "dpo", 1, [0.3, 0.3])
+    # Seed 0 ran elsewhere with another output root and fewer retries: the same experiment.
+    write_stored_config(store, "dpo", 0, "output=/elsewhere", "worker_retries=0")
+    write_stored_config(store, "dpo", 1, "train.learning_rate=1e-4")
+    calls = []
+    monkeypatch.setattr(experiment.subprocess, "run", lambda *a, **k: calls.append(a))
+    args = ["--store", str(store), "--methods", "dpo", "--rounds", "2",
+            "--output", str(tmp_path / "runs"), "--results", str(tmp_path / "r.md")]
+    assert main([*args, "--seeds", "0"]) == 0
+    assert main([*args, "--seeds", "0,1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "dpo/seed-1/config.yaml has train.learning_rate=0.0001 but this experiment " \
+        "asks for 5e-05" in err
+    assert calls == []
 
 
 def test_replace_section_appends_a_missing_section(tmp_path):
@@ -264,24 +296,26 @@ def add_training_stats(directory: Path, lists_by_round: dict[int, tuple[int, int
     for number, (current, replayed) in lists_by_round.items():
         path = directory / f"round_{number:03d}" / "metrics.json"
         metrics = json.loads(path.read_text())
-        metrics["stages"]["reference"] = {"lists_current": current, "lists_replayed": replayed}
+        metrics["stages"]["reference"] = {"lists_current": current, "lists_replayed": replayed,
+                                          "wall_seconds": 0.1 * seconds_per_list * (current + replayed)}
         metrics["stages"]["train"] = {"train_seconds": seconds_per_list * (current + replayed)}
         path.write_text(json.dumps(metrics))
 
 
-def test_the_replay_ablation_says_what_replay_costs_the_train_stage(tmp_path):
+def test_the_replay_ablation_says_what_replay_costs_on_the_seeds_both_ran(tmp_path):
     root = tmp_path / "experiments"
     for seed in (0, 1):
         add_training_stats(write_seed(root, "contrastive", seed, [0.4, 0.5, 0.6]),
                            {1: (100, 0), 2: (100, 0), 3: (100, 0)}, 2.0)
         add_training_stats(write_seed(root, "replay-all", seed, [0.4, 0.5, 0.6]),
                            {1: (100, 0), 2: (100, 100), 3: (100, 200)}, 2.0 + seed)  # seed 1 ran slower
+    # A seed of replay without one of none beside it is left out of the means.
+    add_training_stats(write_seed(root, "replay-all", 2, [0.4, 0.5, 0.6]), {3: (100, 900)}, 9.0)
     results_md = tmp_path / "results.md"
-    summarize(root, ["contrastive"], [0, 1], results_md)
-    text = results_md.read_text().split("Training cost")[1]
-    assert "| none | 3 | 100 | 1.00x | 200 | 1.00x |" in text
-    assert "| replay all | 2 | 200 | 2.00x | 500 | 2.50x |" in text  # (2*200 + 3*200) / 2 against 200
-    assert "| replay all | 3 | 300 | 3.00x | 750 | 3.75x |" in text
+    summarize(root, ["contrastive"], [0, 1, 2], results_md)
+    text = results_md.read_text().split("What replay costs")[1]
+    assert "| replay all | 2 | 2 | 200 against 100 (2.00x) | 50 against 20 (2.50x) | 500 against 200 (2.50x) |" in text
+    assert "| replay all | 3 | 2 | 300 against 100 (3.00x) | 75 against 20 (3.75x) | 750 against 200 (3.75x) |" in text
     assert "replay previous" not in text  # not run: no rows
 
 
@@ -292,4 +326,31 @@ def test_rounds_stored_before_replay_was_counted_get_no_cost_rows(tmp_path):
     results_md = tmp_path / "results.md"
     summarize(root, ["contrastive"], [0], results_md)
     assert "### Replaying earlier rounds' lists" in results_md.read_text()
-    assert "Training cost" not in results_md.read_text()
+    assert "What replay costs" not in results_md.read_text()
+
+
+def test_the_replay_ablation_leaves_the_main_table_whole(store, tmp_path):
+    for seed in (0, 1, 2):
+        write_seed(store, "replay-all", seed, [0.4, 0.7, 0.9])
+    results_md = tmp_path / "results.md"
+    # As `make experiment-replay` calls it: only the ablation's methods named.
+    assert main(["--summarize-only", "--methods", "contrastive,replay-previous,replay-all",
+                 "--store", str(store), "--results", str(results_md)]) == 0
+    text = results_md.read_text()
+    rows = table_rows(text.split("### Replaying")[0])
+    assert ("iterative DPO (K=2, best vs worst)", "3") in rows and ("LarPO ListMLE (top-2 vs bottom-2)", "3") in rows
+    assert text.count("| LarPO contrastive + rounds 1..N-1's lists | 3 |") == 1
+
+
+def test_an_objective_without_runs_leaves_the_others_compared(store):
+    results = load(store, ["dpo", "contrastive", "listmle"], [0, 1, 2])
+    held, sentence = judge(results)
+    assert held is None and "could not be checked yet: no runs of LambdaRank" in sentence
+    assert "contrastive minus iterative DPO at round 3, +40.0 [" in sentence and "ListMLE minus" in sentence
+
+
+def test_methods_sharing_no_seed_cannot_be_compared(store):
+    results = load(store, ["dpo", "contrastive", "lambdarank", "listmle"], [0, 1, 2])
+    results["dpo"] = {9: results["dpo"][0]}  # iterative DPO on a seed no other method ran
+    held, sentence = judge(results)
+    assert held is None and sentence.startswith("The paper's ordering could not be checked: no trained round of")

@@ -1,0 +1,72 @@
+"""The replay ablation's section (`make experiment-replay`, the paper's Table 4, small).
+
+The default config (`train.replay: none`) against the same with earlier rounds'
+lists trained on again: strict pass rate differences seed by seed paired by
+prompt (bench/experiment_tables.py), and what the replayed lists cost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.experiment import DEFAULT_METHOD, METHODS, REPLAY_METHODS
+from bench.experiment_tables import Results, between_methods, interval_text, load, results_table, verdict_word
+
+
+def replay_section(store: Path, seeds: list[int]) -> list[str]:
+    """The replay ablation (`make experiment-replay`): its table and each replay against none, by round."""
+    results = load(store, list(REPLAY_METHODS), seeds)
+    if not any(method in results for method in REPLAY_METHODS[1:]):
+        return []
+    lines = ["", "### Replaying earlier rounds' lists (`train.replay`, the paper's Table 4)", "",
+             "The default config (`train.replay: none`) against the same with round N-1's lists (`previous`) "
+             "or every earlier round's (`all`) trained on again, same seeds. Differences: paired bootstrap "
+             "over the held-out prompts, seeds averaged per prompt.", ""]
+    last = max((n for by_seed in results.values() for rounds in by_seed.values() for n in rounds), default=0)
+    for method in REPLAY_METHODS[1:]:
+        for number in range(2, last + 1):  # round 1 has nothing earlier to replay
+            found = between_methods(results, method, DEFAULT_METHOD, number, "pass_rate")
+            if found:
+                interval, count = found
+                lines.append(f"- {METHODS[method].short} minus none, round {number} ({count} seeds): strict pass "
+                             f"rate {interval_text(interval)} points: {verdict_word(interval)}")
+    return lines + ["", results_table(results, list(REPLAY_METHODS)), *replay_cost_lines(results)]
+
+
+def replay_cost_lines(results: Results) -> list[str]:
+    """What replay costs: lists trained, reference and train seconds per round, against none on the same seeds."""
+    def mean_of(method: str, number: int, seeds: list[int], key: Callable[[dict[str, Any]], float]) -> str:
+        try:
+            values = [key(results[method][seed][number].metrics.get("stages", {})) for seed in seeds]
+        except (KeyError, TypeError):  # a round stored before replay was counted
+            return "-"
+        return f"{sum(values) / len(values):.0f}"
+
+    keys = (lambda s: s["reference"]["lists_current"] + s["reference"]["lists_replayed"],
+            lambda s: s["reference"]["wall_seconds"], lambda s: s["train"]["train_seconds"])
+    lines = []
+    for method in REPLAY_METHODS[1:]:
+        for number in sorted({n for r in results.get(method, {}).values() for n in r if n > 0}):
+            seeds = sorted(s for s, r in results[method].items()
+                           if number in r and number in results.get(DEFAULT_METHOD, {}).get(s, {}))
+            if not seeds:
+                continue
+            cells = [(mean_of(method, number, seeds, key), mean_of(DEFAULT_METHOD, number, seeds, key))
+                     for key in keys]
+            if all(ours == "-" for ours, _ in cells):
+                continue
+            lines.append(f"| {METHODS[method].short} | {number} | {len(seeds)} | "
+                         + " | ".join(f"{ours} against {none}{ratio(ours, none)}" for ours, none in cells) + " |")
+    if not lines:
+        return []
+    return ["", "What replay costs (means over the seeds both ran; seconds are wall time, which other load on "
+            "the machine also moves; the reference stage rescored the replayed lists under the round's "
+            "reference):", "",
+            "| method | round | seeds | lists trained, against none | reference seconds | train seconds |",
+            "|---|---:|---:|---:|---:|---:|", *lines]
+
+
+def ratio(ours: str, none: str) -> str:
+    return f" ({float(ours) / float(none):.2f}x)" if "-" not in (ours, none) and float(none) else ""
