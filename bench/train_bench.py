@@ -10,15 +10,16 @@ Each case runs in its own process so that its peak memory (max RSS) is its own:
                forward pass (train.micro_batch_size: 1), gradients accumulated over the batch
   ours-k2-lean-gc  ours-k2-lean with gradient checkpointing
   trl          TRL DPOTrainer, default settings (a reference model in memory, scored every step)
-  trl-thp      TRL DPOTrainer, default settings, in the allocator environment our trainer's workers get
-               (THP_MEM_ALLOC_ENABLE=1), to show what that setting alone does for TRL
+  trl-thp      TRL DPOTrainer, default settings, with THP_MEM_ALLOC_ENABLE=1 (transparent huge
+               pages for PyTorch's CPU buffers), to show what that setting alone does for TRL
   trl-precomp  TRL DPOTrainer with precompute_ref_log_probs=True (no reference model during steps)
   trl-micro1   trl-precomp with one prompt per forward pass (gradient_accumulation_steps = batch):
                TRL at the same micro-batch as ours-k2-lean
 
 The ours-* cases run in the environment the train stage gives its Ray Train workers
-(stages/train/stage.py worker_env: THP_MEM_ALLOC_ENABLE=1); the trl* cases in the
-caller's environment without that variable, except trl-thp.
+(stages/train/stage.py worker_env: THP_MEM_ALLOC_ENABLE=0 unless the caller sets it;
+`THP_MEM_ALLOC_ENABLE=1 make bench-train` measures ours with huge pages); the trl* cases
+in the caller's environment without that variable, except trl-thp (always 1).
 
 Usage: python bench/train_bench.py [--model DIR] [--prompts 16] [--batch 4] [--steps 3] [--out FILE]
        python bench/train_bench.py --summarize-only   # only rewrite the Trainer section of docs/results.md
@@ -168,8 +169,10 @@ def case_env(case: str) -> dict[str, str]:
     from stages.train.stage import worker_env
 
     env = {key: value for key, value in os.environ.items() if key not in worker_env()}
-    if case.startswith("ours") or case == "trl-thp":
+    if case.startswith("ours"):
         env.update(worker_env())
+    if case == "trl-thp":
+        env["THP_MEM_ALLOC_ENABLE"] = "1"
     return {**env, "PYTHONUNBUFFERED": "1"}
 
 
@@ -198,7 +201,7 @@ LABELS = {
     "ours-k2-bf16-gc": "ours, K=2, bf16 AdamW moments, 8 sequences per forward pass, gradient checkpointing",
     "ours-k2-lean-gc": "ours, K=2, bf16 AdamW moments, one prompt per forward pass, gradient checkpointing",
     "trl": "TRL DPOTrainer, defaults (reference model scored every step)",
-    "trl-thp": "TRL DPOTrainer, defaults, with our trainer's THP_MEM_ALLOC_ENABLE=1",
+    "trl-thp": "TRL DPOTrainer, defaults, with THP_MEM_ALLOC_ENABLE=1",
     "trl-precomp": "TRL DPOTrainer, precompute_ref_log_probs=True",
     "trl-micro1": "TRL DPOTrainer, precomputed reference, one prompt per forward pass",
 }
@@ -223,8 +226,10 @@ def trainer_section(tables: dict[str, dict], machine_text: str) -> str:
         trl = results.get("trl")
         when = (f"measured {results['measured_at']}" if results.get("measured_at")
                 else "an earlier trainer, before the changes docs/benchmarks.md lists")
+        # Files from before it was recorded ran ours with it on, the workers' default then.
+        huge_pages = settings.get("ours_huge_pages", "1")
         lines += [f"`{name}` ({settings.get('prompts')} prompts, {settings.get('batch')} per step, "
-                  f"{settings.get('steps')} timed steps; {when}):", "",
+                  f"{settings.get('steps')} timed steps; ours with THP_MEM_ALLOC_ENABLE={huge_pages}; {when}):", "",
                   "| case | tokens/s | s per prompt | peak RSS (GiB) | speed vs TRL | memory vs TRL |",
                   "|---|---:|---:|---:|---:|---:|"]
         for case, label in LABELS.items():
@@ -333,6 +338,7 @@ def main() -> None:
                                                                    / ours["seconds_per_prompt"])
     results["settings"] = {k: v for k, v in vars(args).items()
                            if k not in ("case", "scratch", "out", "results", "summarize_only")}
+    results["settings"]["ours_huge_pages"] = case_env("ours-k2")["THP_MEM_ALLOC_ENABLE"]
     from bench.generate_bench import machine, versions
 
     results["machine"], results["versions"] = machine(), versions()

@@ -42,3 +42,25 @@ def test_step_tokens_start_over_when_the_prompts_run_out():
 
     # 5 prompts, 2 a step: the third step takes the last prompt and the first again.
     assert step_tokens([10, 20, 30, 40, 50], batch=2, steps=4) == [30, 70, 60, 50]
+
+
+def test_huge_pages_are_off_for_our_workers_unless_the_caller_turns_them_on(monkeypatch):
+    from bench.train_bench import case_env
+    from stages.train.stage import worker_env
+
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    assert worker_env() == {"THP_MEM_ALLOC_ENABLE": "0"}
+    assert case_env("ours-k2")["THP_MEM_ALLOC_ENABLE"] == "0"
+    assert case_env("trl-thp")["THP_MEM_ALLOC_ENABLE"] == "1"
+    assert "THP_MEM_ALLOC_ENABLE" not in case_env("trl")
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
+    assert worker_env() == {"THP_MEM_ALLOC_ENABLE": "1"} and case_env("ours-k2")["THP_MEM_ALLOC_ENABLE"] == "1"
+    assert "THP_MEM_ALLOC_ENABLE" not in case_env("trl")  # TRL's default case stays in the plain allocator
+
+
+def test_each_file_says_whether_ours_ran_with_huge_pages():
+    text = trainer_section({"old.json": {"trl": case(80.0, 4.0), "settings": SETTINGS},
+                            "new.json": {"trl": case(80.0, 4.0), "settings": {**SETTINGS, "ours_huge_pages": "0"}}},
+                           "test machine")
+    assert "`old.json` (16 prompts, 4 per step, 3 timed steps; ours with THP_MEM_ALLOC_ENABLE=1;" in text
+    assert "`new.json` (16 prompts, 4 per step, 3 timed steps; ours with THP_MEM_ALLOC_ENABLE=0;" in text

@@ -38,12 +38,13 @@ def worker_env() -> dict[str, str]:
     """Environment of the training workers (a value set in the driver's environment wins).
 
     THP_MEM_ALLOC_ENABLE=1 makes PyTorch's CPU allocator ask for transparent huge pages on
-    buffers of 2 MiB and more: training allocates and frees activations and gradients of
-    that size all the time, and this way cost fewer page faults and left less freed memory
-    stranded in the process (docs/benchmarks.md). It must be in the environment before
-    torch starts, so it goes into the workers' runtime env rather than os.environ.
+    buffers of 2 MiB and more. Off by default: where it was measured, it saved a tenth of
+    the trainer's peak memory at equal speed on one machine, and slowed training and
+    reference scoring by half or more on others (docs/benchmarks.md), so it is for a user
+    who is short of memory to turn on. It must be in the environment before torch starts,
+    so it goes into the workers' runtime env rather than os.environ.
     """
-    return {"THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "1")}
+    return {"THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "0")}
 
 
 def fit(loop_config: LoopConfig, num_workers: int, storage_path: Path, name: str, retries: int = 0,
