@@ -11,7 +11,8 @@ import io
 import json
 from pathlib import Path
 
-from bench.experiment import DEFAULT_METHOD, LARPO, METHODS, RESULTS_MD, repo_relative, replace_section, seed_dir
+from bench.experiment import DEFAULT_METHOD, DEFAULT_SEEDS, LARPO, METHODS, RESULTS_MD, repo_relative, \
+    replace_section, seed_dir
 from bench.experiment_tables import Results, against_round_0, between_methods, interval_text, load, \
     results_table, verdict_word
 from bench.replay_summary import replay_section
@@ -29,10 +30,10 @@ def judge(results: Results) -> tuple[bool | None, str]:
     The test: at the last round both reached, each LarPO objective's strict pass
     rate minus iterative DPO's, paired by prompt over the seeds both ran, 95%
     bootstrap interval. Held: every one is better; not held: any is not; None
-    while a LarPO objective has no run beside iterative DPO (the comparisons
-    there are still given).
+    while a LarPO objective has no run beside iterative DPO, or fewer seeds than
+    the experiment's 3 (the comparisons there are still given).
     """
-    parts, words, unchecked = [], [], []
+    parts, words, unchecked, counts = [], [], [], []
     for method in LARPO:
         last = min((min(max(r) for r in results[m].values()) for m in (method, "dpo") if m in results), default=0)
         found = between_methods(results, method, "dpo", last, "pass_rate") if method in results and last else None
@@ -40,6 +41,7 @@ def judge(results: Results) -> tuple[bool | None, str]:
             unchecked.append(METHODS[method].short)
             continue
         interval, seeds = found
+        counts.append(seeds)
         words.append(verdict_word(interval))
         parts.append(f"{METHODS[method].short} minus iterative DPO at round {last}, {interval_text(interval)} "
                      f"points over {seeds} seed{'s' if seeds > 1 else ''}: {words[-1]}")
@@ -53,6 +55,9 @@ def judge(results: Results) -> tuple[bool | None, str]:
                       f"iterative DPO's. So far: " + "; ".join(parts) + f" (test: {test}).")
     held = all(w == "better" for w in words)
     opening = "The paper's ordering held" if held else "The paper's ordering did not hold"
+    if min(counts) < len(DEFAULT_SEEDS):  # a verdict on fewer seeds than the experiment's is not one yet
+        return None, (f"Not settled yet (some methods have fewer than {len(DEFAULT_SEEDS)} seeds); so far "
+                      + opening[0].lower() + opening[1:] + ": " + "; ".join(parts) + f" (test: {test}).")
     return held, f"{opening}: " + "; ".join(parts) + f" (test: {test})."
 
 

@@ -124,13 +124,28 @@ def test_noisy_seeds_give_intervals_and_not_distinguishable(tmp_path):
 
 def test_the_ordering_held_when_every_larpo_objective_is_better(tmp_path):
     root = tmp_path / "experiments"
-    write_seed(root, "dpo", 0, [0.2, 0.25])
-    for method in ("contrastive", "lambdarank", "listmle"):
-        write_seed(root, method, 0, [0.5, 0.6, 0.7])  # a round further than DPO
-    held, sentence = judge(load(root, ["dpo", "contrastive", "lambdarank", "listmle"], [0]))
+    for seed in (0, 1, 2):
+        write_seed(root, "dpo", seed, [0.2, 0.25])
+        for method in ("contrastive", "lambdarank", "listmle"):
+            write_seed(root, method, seed, [0.5, 0.6, 0.7])  # a round further than DPO
+    held, sentence = judge(load(root, ["dpo", "contrastive", "lambdarank", "listmle"], [0, 1, 2]))
     assert held is True
     assert sentence.startswith("The paper's ordering held: contrastive minus iterative DPO at round 2")
-    assert "over 1 seed: better" in sentence
+    assert "over 3 seeds: better" in sentence
+
+
+def test_a_verdict_on_fewer_seeds_than_three_is_not_settled(tmp_path):
+    root = tmp_path / "experiments"
+    for seed in (0, 1, 2):
+        write_seed(root, "dpo", seed, [0.2, 0.25])
+        write_seed(root, "contrastive", seed, [0.5, 0.6])
+    for method in ("lambdarank", "listmle"):
+        write_seed(root, method, 0, [0.5, 0.6])
+    held, sentence = judge(load(root, ["dpo", "contrastive", "lambdarank", "listmle"], [0, 1, 2]))
+    assert held is None
+    assert sentence.startswith("Not settled yet (some methods have fewer than 3 seeds); so far the paper's "
+                               "ordering held: contrastive minus iterative DPO at round 2")
+    assert "ListMLE minus iterative DPO at round 2, +35.0 [" in sentence and "over 1 seed: better" in sentence
 
 
 def test_a_method_not_run_is_shown_and_named(tmp_path):
