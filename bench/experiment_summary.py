@@ -74,7 +74,8 @@ def pairwise_comparison(results: Results) -> list[str]:
         if found:
             interval, seeds = found
             lines.append(f"- {METHODS[method].short} minus {METHODS['dpo-k'].short} at round {last} "
-                         f"({seeds} seeds): {interval_text(interval)} points, {verdict_word(interval)}")
+                         f"({seeds} seed{'s' if seeds > 1 else ''}): {interval_text(interval)} points, "
+                         f"{verdict_word(interval)}")
     return ["", "The loss alone, at an equal generation budget (pairwise DPO on the best and worst of the same "
             "K samples), strict pass rate:", "", *lines] if lines else []
 

@@ -30,7 +30,8 @@ def replay_section(store: Path, seeds: list[int]) -> list[str]:
             found = between_methods(results, method, DEFAULT_METHOD, number, "pass_rate")
             if found:
                 interval, count = found
-                lines.append(f"- {METHODS[method].short} minus none, round {number} ({count} seeds): strict pass "
+                lines.append(f"- {METHODS[method].short} minus none, round {number} "
+                             f"({count} seed{'s' if count > 1 else ''}): strict pass "
                              f"rate {interval_text(interval)} points: {verdict_word(interval)}")
     return lines + ["", results_table(results, list(REPLAY_METHODS)), *replay_cost_lines(results)]
 
