@@ -38,12 +38,12 @@ def replay_section(store: Path, seeds: list[int]) -> list[str]:
 
 def replay_cost_lines(results: Results) -> list[str]:
     """What replay costs: lists trained, reference and train seconds per round, against none on the same seeds."""
-    def mean_of(method: str, number: int, seeds: list[int], key: Callable[[dict[str, Any]], float]) -> str:
+    def mean_of(method: str, number: int, seeds: list[int], key: Callable[[dict[str, Any]], float]) -> float | None:
         try:
             values = [key(results[method][seed][number].metrics.get("stages", {})) for seed in seeds]
         except (KeyError, TypeError):  # a round stored before replay was counted
-            return "-"
-        return f"{sum(values) / len(values):.0f}"
+            return None
+        return sum(values) / len(values)
 
     keys = (lambda s: s["reference"]["lists_current"] + s["reference"]["lists_replayed"],
             lambda s: s["reference"]["wall_seconds"], lambda s: s["train"]["train_seconds"])
@@ -52,14 +52,12 @@ def replay_cost_lines(results: Results) -> list[str]:
         for number in sorted({n for r in results.get(method, {}).values() for n in r if n > 0}):
             seeds = sorted(s for s, r in results[method].items()
                            if number in r and number in results.get(DEFAULT_METHOD, {}).get(s, {}))
-            if not seeds:
-                continue
             cells = [(mean_of(method, number, seeds, key), mean_of(DEFAULT_METHOD, number, seeds, key))
-                     for key in keys]
-            if all(ours == "-" for ours, _ in cells):
+                     for key in keys] if seeds else []
+            if all(ours is None for ours, _ in cells):  # no seed of none beside it, or nothing counted
                 continue
             lines.append(f"| {METHODS[method].short} | {number} | {len(seeds)} | "
-                         + " | ".join(f"{ours} against {none}{ratio(ours, none)}" for ours, none in cells) + " |")
+                         + " | ".join(cost_cell(ours, none) for ours, none in cells) + " |")
     if not lines:
         return []
     return ["", "What replay costs (means over the seeds both ran; seconds are wall time, which other load on "
@@ -69,5 +67,6 @@ def replay_cost_lines(results: Results) -> list[str]:
             "|---|---:|---:|---:|---:|---:|", *lines]
 
 
-def ratio(ours: str, none: str) -> str:
-    return f" ({float(ours) / float(none):.2f}x)" if "-" not in (ours, none) and float(none) else ""
+def cost_cell(ours: float | None, none: float | None) -> str:
+    text = " against ".join("-" if v is None else f"{v:.0f}" for v in (ours, none))
+    return text + (f" ({ours / none:.2f}x)" if ours is not None and none else "")
