@@ -14,7 +14,7 @@ from pathlib import Path
 from bench.experiment import DEFAULT_METHOD, DEFAULT_SEEDS, LARPO, METHODS, RESULTS_MD, repo_relative, \
     replace_section, seed_dir
 from bench.experiment_tables import Results, against_round_0, between_methods, interval_text, load, \
-    results_table, verdict_word
+    results_table, seeds_text, verdict_word
 from bench.replay_summary import replay_section
 from pipeline.errors import PipelineError
 from pipeline.stats import BOOTSTRAP_RESAMPLES
@@ -44,21 +44,22 @@ def judge(results: Results) -> tuple[bool | None, str]:
         counts.append(seeds)
         words.append(verdict_word(interval))
         parts.append(f"{METHODS[method].short} minus iterative DPO at round {last}, {interval_text(interval)} "
-                     f"points over {seeds} seed{'s' if seeds > 1 else ''}: {words[-1]}")
+                     f"points over {seeds_text(seeds)}: {words[-1]}")
     test = ("the strict pass rate's paired bootstrap over the held-out prompts, each prompt's answers averaged "
             f"over the seeds both methods ran, {BOOTSTRAP_RESAMPLES:,} resamples, 95% interval")
     if "dpo" not in results or not parts:
         return None, ("The paper's ordering could not be checked: no trained round of "
                       + ("iterative DPO" if "dpo" not in results else ", ".join(unchecked)) + " to compare.")
+    evidence = "; ".join(parts) + f" (test: {test})."
     if unchecked:
         return None, (f"The paper's ordering could not be checked yet: no runs of {', '.join(unchecked)} beside "
-                      f"iterative DPO's. So far: " + "; ".join(parts) + f" (test: {test}).")
+                      f"iterative DPO's. So far: {evidence}")
     held = all(w == "better" for w in words)
     opening = "The paper's ordering held" if held else "The paper's ordering did not hold"
     if min(counts) < len(DEFAULT_SEEDS):  # a verdict on fewer seeds than the experiment's is not one yet
         return None, (f"Not settled yet (some methods have fewer than {len(DEFAULT_SEEDS)} seeds); so far "
-                      + opening[0].lower() + opening[1:] + ": " + "; ".join(parts) + f" (test: {test}).")
-    return held, f"{opening}: " + "; ".join(parts) + f" (test: {test})."
+                      + opening[0].lower() + opening[1:] + ": " + evidence)
+    return held, f"{opening}: {evidence}"
 
 
 def pairwise_comparison(results: Results) -> list[str]:
@@ -74,7 +75,7 @@ def pairwise_comparison(results: Results) -> list[str]:
         if found:
             interval, seeds = found
             lines.append(f"- {METHODS[method].short} minus {METHODS['dpo-k'].short} at round {last} "
-                         f"({seeds} seed{'s' if seeds > 1 else ''}): {interval_text(interval)} points, "
+                         f"({seeds_text(seeds)}): {interval_text(interval)} points, "
                          f"{verdict_word(interval)}")
     return ["", "The loss alone, at an equal generation budget (pairwise DPO on the best and worst of the same "
             "K samples), strict pass rate:", "", *lines] if lines else []
@@ -99,7 +100,7 @@ def default_section(results: Results) -> list[str]:
             lines.append(f"| {seed} | {base:.3f} | {value:.3f} | {interval_text(interval)} |")
     value, base, pooled, seeds = against_round_0(results, DEFAULT_METHOD, last, "pass_rate")
     met = seeds >= 3 and pooled.difference >= TARGET_GAIN and pooled.low >= TARGET_LOW
-    lines += ["", f"Pooled over {seeds} seed{'s' if seeds > 1 else ''}: {base:.3f} → {value:.3f}, "
+    lines += ["", f"Pooled over {seeds_text(seeds)}: {base:.3f} → {value:.3f}, "
               f"{interval_text(pooled)} points. The goal (at least +{100 * TARGET_GAIN:.0f} points over 3 seeds, "
               f"the pooled interval's lower end at least +{100 * TARGET_LOW:.0f}) is "
               f"**{'met' if met else 'not met'}**."]
@@ -120,8 +121,8 @@ def wall_time(results: Results, store: Path) -> str:
                 machines.add(machine_line(json.loads(path.read_text()), {}).rstrip(", "))
     where = f" on {'; '.join(sorted(machines))}" if machines else ""
     return (f"Wall time of the stored rounds{where}: {sum(seconds.values()) / 3600:.1f} h in all ("
-            + ", ".join(f"{METHODS[m].short} {s / 3600:.1f} h over {len(results[m])} seed"
-                        + ("s" * (len(results[m]) > 1)) for m, s in seconds.items()) + ").")
+            + ", ".join(f"{METHODS[m].short} {s / 3600:.1f} h over {seeds_text(len(results[m]))}"
+                        for m, s in seconds.items()) + ").")
 
 
 # --- the plots ---------------------------------------------------------------------

@@ -122,6 +122,10 @@ def points(x: float) -> str:
     return f"{100 * x:+.1f}"
 
 
+def seeds_text(count: int) -> str:
+    return f"{count} seed{'s' if count != 1 else ''}"
+
+
 def interval_text(interval: Interval, scale: Callable[[float], str] = points) -> str:
     return f"{scale(interval.difference)} [{scale(interval.low)}, {scale(interval.high)}]"
 

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.experiment import DEFAULT_METHOD, METHODS, REPLAY_METHODS
-from bench.experiment_tables import Results, between_methods, interval_text, load, results_table, verdict_word
+from bench.experiment_tables import Results, between_methods, interval_text, load, results_table, seeds_text, \
+    verdict_word
 
 
 def replay_section(store: Path, seeds: list[int]) -> list[str]:
@@ -30,9 +31,8 @@ def replay_section(store: Path, seeds: list[int]) -> list[str]:
             found = between_methods(results, method, DEFAULT_METHOD, number, "pass_rate")
             if found:
                 interval, count = found
-                lines.append(f"- {METHODS[method].short} minus none, round {number} "
-                             f"({count} seed{'s' if count > 1 else ''}): strict pass "
-                             f"rate {interval_text(interval)} points: {verdict_word(interval)}")
+                lines.append(f"- {METHODS[method].short} minus none, round {number} ({seeds_text(count)}): "
+                             f"strict pass rate {interval_text(interval)} points: {verdict_word(interval)}")
     return lines + ["", results_table(results, list(REPLAY_METHODS)), *replay_cost_lines(results)]
 
 
