@@ -111,11 +111,9 @@ def between_methods(results: Results, a: str, b: str, number: int, metric: str) 
 
 
 def verdict_word(interval: Interval) -> str:
-    if interval.low > 0:
-        return "better"
-    if interval.high < 0:
-        return "worse"
-    return "not distinguishable"
+    if not interval.excludes_zero():
+        return "not distinguishable"
+    return "better" if interval.low > 0 else "worse"
 
 
 def points(x: float) -> str:

@@ -20,6 +20,10 @@ import numpy as np
 BOOTSTRAP_SEED = 0
 BOOTSTRAP_RESAMPLES = 10_000
 LEVEL = 0.95
+# A bound within this of 0 counts as 0. Per-prompt differences averaged over
+# seeds are fractions such as 1/3, and their float means leave a residue near
+# 1e-17 where the exact bound is 0: rounding must never decide a verdict.
+ZERO_TOLERANCE = 1e-9
 
 
 @dataclass(frozen=True)
@@ -30,7 +34,7 @@ class Interval:
     high: float
 
     def excludes_zero(self) -> bool:
-        return self.low > 0 or self.high < 0
+        return self.low > ZERO_TOLERANCE or self.high < -ZERO_TOLERANCE
 
     def as_dict(self) -> dict[str, float]:
         return {"difference": self.difference, "low": self.low, "high": self.high}

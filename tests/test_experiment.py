@@ -122,6 +122,15 @@ def test_noisy_seeds_give_intervals_and_not_distinguishable(tmp_path):
     assert interval.low < 0 < interval.high and verdict_word(interval) == "not distinguishable"
 
 
+def test_a_bound_at_zero_bar_float_residue_is_not_called_better():
+    from pipeline.stats import Interval
+
+    # contrastive minus DPO on K at round 3 over 3 seeds once read "+4.2 [+0.0, +8.3], better".
+    assert verdict_word(Interval(0.0417, 2.3e-18, 0.0833)) == "not distinguishable"
+    assert verdict_word(Interval(0.0417, 0.0017, 0.0833)) == "better"
+    assert verdict_word(Interval(-0.0417, -0.0833, -0.0017)) == "worse"
+
+
 def test_the_ordering_held_when_every_larpo_objective_is_better(tmp_path):
     root = tmp_path / "experiments"
     for seed in (0, 1, 2):

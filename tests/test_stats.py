@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.stats import BOOTSTRAP_RESAMPLES, paired_bootstrap
+from pipeline.stats import BOOTSTRAP_RESAMPLES, Interval, paired_bootstrap
 
 
 def test_enough_resamples_by_default():
@@ -42,6 +42,20 @@ def test_no_difference_is_inside_a_balanced_interval():
     assert interval.difference == 0.0
     assert interval.low < 0 < interval.high
     assert not interval.excludes_zero()
+
+
+def test_a_lower_bound_of_zero_bar_float_residue_does_not_exclude_zero():
+    # Three seeds' passes minus round 0's ("+" 1, "-" -1), averaged per prompt into
+    # thirds: the exact lower bound is 0, the float one a residue above it.
+    seeds = ["-00+0+++0+-0000-00+0+0000+0+-0000+0000-0",
+             "0+-00000+++00+0---++0++0+00+++-0+00000-0",
+             "0+00+0+00+0-+000+000+0--00++0-00-00-+0-0"]
+    values = [[{"-": -1.0, "0": 0.0, "+": 1.0}[c] for c in seed] for seed in seeds]
+    interval = paired_bootstrap(values, resamples=2000)
+    assert 0 < interval.low < 1e-12
+    assert not interval.excludes_zero()
+    assert not Interval(-0.04, -0.08, -2e-18).excludes_zero()
+    assert Interval(0.04, 0.002, 0.08).excludes_zero() and Interval(-0.04, -0.08, -0.002).excludes_zero()
 
 
 def test_seeds_are_averaged_per_prompt_before_resampling():
