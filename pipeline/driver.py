@@ -72,10 +72,7 @@ def plan_round(config: Config, run_name: str, number: int, engines: EnginePool |
                             f"({previous.done_marker(missing)} is missing): run round {number - 1} first")
     check_compatible(run, config)
     for earlier in EARLIER_ROUNDS[config.train.replay](number):
-        if not run.round(earlier).is_done("rerank"):
-            raise PipelineError(f"train.replay={config.train.replay} needs round {earlier}'s lists, but "
-                                f"{run.round(earlier).done_marker('rerank')} is missing: run round {earlier} "
-                                "first, or use train.replay=none")
+        check_replayed_lists(run, config, earlier)
 
     base_model = resolve_model(config.model.name)
     policy_in = base_model if number == 1 else str(run.round(number - 1).policy)
@@ -233,6 +230,19 @@ def log_path(round_layout: RoundLayout, stage: str) -> Path:
     return round_layout.dir.parent / "logs" / round_layout.dir.name / f"{stage}.log"
 
 
+def check_replayed_lists(run: RunLayout, config: Config, earlier: int) -> None:
+    """Round `earlier`'s lists, which train.replay trains on again, must be there and whole.
+
+    Checked at planning, before hours of generation, and again before the reference stage reads them.
+    """
+    lists_of = run.round(earlier)
+    if not lists_of.is_done("rerank"):
+        raise PipelineError(f"train.replay={config.train.replay} needs round {earlier}'s lists, but "
+                            f"{lists_of.done_marker('rerank')} is missing: run round {earlier} "
+                            "first, or use train.replay=none")
+    lists_of.check_output("rerank", main_only=True, then=f"run round {earlier} again, then this command")
+
+
 def check_input(plan: RoundPlan, stage: str) -> None:
     """Refuse to start a stage on an input that was lost or cut short since its stage finished."""
     number = plan.round.number
@@ -241,7 +251,7 @@ def check_input(plan: RoundPlan, stage: str) -> None:
         plan.round.check_output(reads)
     if stage == "reference":
         for earlier in EARLIER_ROUNDS[plan.config.train.replay](number):
-            plan.run.round(earlier).check_output("rerank")
+            check_replayed_lists(plan.run, plan.config, earlier)
     elif stage == "generate" and number > 1:
         plan.run.round(number - 1).check_output("train")
 

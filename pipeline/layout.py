@@ -216,16 +216,18 @@ class RoundLayout:
             files["extra_outputs"] = {output: output_files(self.dir / output) for output in extra}
         atomic_write_json(self.done_marker(stage), {**stats, **files})
 
-    def check_output(self, stage: str) -> None:
+    def check_output(self, stage: str, main_only: bool = False, then: str = "run the same command") -> None:
         """One line naming the file and the stage to redo when a finished stage's output is damaged.
 
         Compared with the file lists its done marker recorded (markers written before
         those lists existed are not checked); Parquet shards must also have a readable footer.
+        `main_only` checks the stage's main output alone (a later round's replay reads only
+        rerank's lists); `then` is the step after deleting the marker.
         """
         stats = self.stage_stats(stage)
-        recorded = {STAGE_OUTPUTS[stage]: stats.get("files"), **stats.get("extra_outputs", {})}
-        redo = (f"redo the {stage} stage of round {self.number}: delete {self.done_marker(stage)} "
-                "and run the same command")
+        recorded = {STAGE_OUTPUTS[stage]: stats.get("files"),
+                    **({} if main_only else stats.get("extra_outputs", {}))}
+        redo = f"redo the {stage} stage of round {self.number}: delete {self.done_marker(stage)} and {then}"
         for output, files in recorded.items():
             for relative, expected in sorted((files or {}).items()):
                 check_file(self.dir / output / relative, expected, redo)

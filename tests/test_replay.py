@@ -14,7 +14,6 @@ from pipeline.errors import PipelineError
 from pipeline.layout import RunLayout, shard_name, write_parquet
 from pools.logprob_scorer import reference_logprobs
 from stages import reference
-from tests.conftest import REPO_ROOT
 
 
 def list_row(prompt_id: str, round_number: int, good: str, bad: str) -> dict:
@@ -49,22 +48,9 @@ def other_reference(tiny_model, tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def ray_started():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
-    yield
-    if started:
-        ray.shutdown()
-
-
 def run_reference(run: RunLayout, number: int, replay: str, model) -> tuple[list[dict], dict]:
     config = load_config("configs/smoke.yaml", [f"train.replay={replay}"])
-    plan = SimpleNamespace(config=config, run=run, round=run.round(number), reference=str(model))
+    plan = SimpleNamespace(config=config, run=run, round=run.round(number), reference=str(model), engines=None)
     out_dir = run.round(number).begin_stage("reference")
     stats = reference.run_stage(plan, out_dir)
     return pq.read_table(out_dir / shard_name(0)).to_pylist(), stats
@@ -82,7 +68,7 @@ def item_logps(row: dict) -> list[float]:
     return [item["ref_logp"] for item in row["positives"] + row["negatives"]]
 
 
-def test_replayed_lists_are_scored_under_this_rounds_reference(tmp_path, tiny_model, other_reference, ray_started):
+def test_replayed_lists_are_scored_under_this_rounds_reference(tmp_path, tiny_model, other_reference, local_ray):
     run = RunLayout.at(tmp_path, "replay")
     first, second, third = (write_lists(run, n) for n in (1, 2, 3))
 
@@ -118,13 +104,36 @@ def test_replay_is_part_of_the_run_identity():
     assert "train.replay" in RUN_IDENTITY_KEYS
 
 
-def test_a_round_whose_earlier_lists_are_missing_is_refused_at_planning(tmp_path, tiny_model):
+def finished_rounds(tmp_path, count: int) -> RunLayout:
+    """A run whose rounds 1..count are finished, each with a real lists shard (recorded in rerank's marker)."""
     run = RunLayout.at(tmp_path / "runs", "r")
-    for number in (1, 2):  # both rounds finished, then round 1's lists lost their marker
+    for number in range(1, count + 1):
         for stage in ("generate", "rerank", "reference", "train", "evaluate"):
+            if stage == "rerank":
+                write_lists(run, number)
+                continue
             run.round(number).begin_stage(stage)
             run.round(number).finish_stage(stage, {})
+    return run
+
+
+def test_a_round_whose_earlier_lists_lost_their_marker_is_refused_at_planning(tmp_path, tiny_model):
+    run = finished_rounds(tmp_path, 2)
     run.round(1).done_marker("rerank").unlink()
     config = load_config("configs/smoke.yaml", ["train.replay=all", f"output={tmp_path / 'runs'}"])
     with pytest.raises(PipelineError, match=r"train.replay=all needs round 1's lists.*_done/rerank is missing"):
+        plan_round(config, "r", 3)
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_a_round_whose_earlier_lists_are_damaged_is_refused_at_planning(tmp_path, tiny_model, damage):
+    run = finished_rounds(tmp_path, 2)
+    shard = run.round(1).dir / "lists" / shard_name(0)
+    if damage == "delete":
+        shard.unlink()
+    else:
+        shard.write_bytes(shard.read_bytes()[:100])
+    config = load_config("configs/smoke.yaml", ["train.replay=all", f"output={tmp_path / 'runs'}"])
+    with pytest.raises(PipelineError, match=r"round_001/lists/part-00000\.parquet (is missing|has 100 bytes).*"
+                                            r"delete .*round_001/_done/rerank and run round 1 again, then this command"):
         plan_round(config, "r", 3)
