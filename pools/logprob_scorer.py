@@ -72,26 +72,46 @@ def reference_logprobs(model_path: str, lists: list[tuple[list[dict], list[str]]
     with timing.timed("startup"):
         use_all_cpu_threads()
         model, tokenizer = load_policy(model_path, dtype, trust_remote_code)
-    return score_lists(model, tokenizer, lists, max_length, batch_size, chunk_size, autocast_setting, share_prompt)
+    return merge_parts([score_lists(model, tokenizer, lists, max_length, batch_size, chunk_size, autocast_setting,
+                                    share_prompt)])
 
 
 def score_lists(model, tokenizer, lists: list[tuple[list[dict], list[str]]], max_length: int, batch_size: int,
-                chunk_size: int, autocast_setting: str = "off", share_prompt: bool = True) -> list[list[float]]:
-    """reference_logprobs on a loaded model (left in eval mode): the train workers' reference scoring."""
+                chunk_size: int, autocast_setting: str = "off", share_prompt: bool = True,
+                part: tuple[int, int] = (0, 1)) -> list[list[float] | None]:
+    """reference_logprobs on a loaded model (left in eval mode): the train workers' reference scoring.
+
+    `part` = (rank, world) scores every world-th batch from the rank-th on and leaves None for
+    the lists of the other parts (merge_parts joins them): the batches are the ones a single
+    scorer would form, so the log-probs do not depend on how many workers share them.
+    """
     model.eval()
+    rank, world = part
     with timing.timed("work"), torch.no_grad(), autocast(autocast_setting):
         tokens = [[tokenize_example(tokenizer, messages, response, max_length) for response in responses]
                   for messages, responses in lists]
         batches = list_batches([len(items) for items in tokens],
                                [sum(len(ids) for ids, _ in items) for items in tokens], batch_size)
-        results: list[list[float]] = [[] for _ in lists]
+        # A list without items has nothing to score: part 0 answers for it.
+        results: list[list[float] | None] = [None if items or rank else [] for items in tokens]
         pad = pad_token_id(tokenizer)
-        for index in worker_bar(batches, desc="reference log-probs", unit="batch"):
+        for index in worker_bar(batches[rank::world], desc="reference log-probs", unit="batch"):
             batch = list_batch([tokens[i] for i in index], pad, share_prompt)
             values = iter(sequence_logprobs(model, {k: v.to(model.device) for k, v in batch.items()}, chunk_size).tolist())
             for i in index:
                 results[i] = [next(values) for _ in tokens[i]]
     return results
+
+
+def merge_parts(parts: list[list[list[float] | None]]) -> list[list[float]]:
+    """The log-probs of every list from the parts score_lists left (each list scored in exactly one)."""
+    merged = []
+    for index, found in enumerate(zip(*parts, strict=True)):
+        scored = [logps for logps in found if logps is not None]
+        if len(scored) != 1:
+            raise ValueError(f"list {index} was scored by {len(scored)} parts, not exactly one")
+        merged.append(scored[0])
+    return merged
 
 
 @ray.remote

@@ -4,7 +4,8 @@ Where the reference is the round's starting policy, the model the workers load
 to train is the reference until the first step. Scoring the lists with it there
 saves the reference stage's own model load and process start, and gives the
 same log-probs: the same loader, dtype, batch layout and autocast
-(pools/logprob_scorer.py). Rank 0 writes `train/part-00000.parquet` and the
+(pools/logprob_scorer.py). The workers share the batches and rank 0 gathers
+their log-probs; it writes `train/part-00000.parquet` and the
 reference stage's done marker before any worker reads the shard to train, so
 resume and `inspect` see what a separate reference stage leaves; a restarted
 worker group finds the marker and goes straight to training.
@@ -21,7 +22,7 @@ import torch.distributed as dist
 
 from pipeline.layout import RoundLayout
 from pipeline.timing import Timings
-from pools.logprob_scorer import score_lists
+from pools.logprob_scorer import merge_parts, score_lists
 from pools.reference_lists import items_to_score, reference_stats, with_reference, write_train_shard
 
 
@@ -47,8 +48,7 @@ def score_reference(job: ReferenceJob, model, tokenizer, train, rank: int, world
     `clock` already holds the model load (the stage's start-up) and `started` is when it began.
     """
     with clock.active():
-        logps = score_lists(model, tokenizer, items_to_score(job.rows), train.max_length, job.batch_size,
-                            train.logprob_chunk_size, train.autocast, train.share_prompt) if job.rows else []
+        logps = score_part(job, model, tokenizer, train, rank, world)
         if rank == 0:
             write_train_shard(with_reference(job.rows, logps, job.reference), Path(job.out_dir))
     if rank == 0:
@@ -61,3 +61,16 @@ def score_reference(job: ReferenceJob, model, tokenizer, train, rank: int, world
         job.round.finish_stage("reference", stats)
     if world > 1:
         dist.barrier()  # the others read the shard rank 0 has just written
+
+
+def score_part(job: ReferenceJob, model, tokenizer, train, rank: int, world: int) -> list[list[float]]:
+    """Every rank scores its share of the batches; rank 0 gets all the log-probs, the others []."""
+    if not job.rows:
+        return []
+    mine = score_lists(model, tokenizer, items_to_score(job.rows), train.max_length, job.batch_size,
+                       train.logprob_chunk_size, train.autocast, train.share_prompt, part=(rank, world))
+    if world == 1:
+        return merge_parts([mine])
+    parts = [None] * world if rank == 0 else None
+    dist.gather_object(mine, parts, dst=0)
+    return merge_parts(parts) if rank == 0 else []
