@@ -27,6 +27,8 @@ Usage:
                              [--output ROOT] [--prefix experiment] [key=value ...]
   python bench/experiment.py --summarize-only      # only the tables, the plots and the verdict
 Finished rounds are skipped, so an interrupted experiment resumes where it stopped.
+A method whose first rounds compute what another's do (replay-all's rounds 1-2 are
+replay-previous's) starts from that run's finished rounds of the same seed.
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ class Method:
     label: str            # for tables
     short: str            # for sentences
     overrides: tuple[str, ...]
+    # (method, round): up to that round this method computes exactly what that one does, so its
+    # run starts from that run's finished rounds (same seed) instead of computing them again.
+    same_as: tuple[str, int] | None = None
 
 
 # The lists keys are written out even where they equal configs/default.yaml, so that
@@ -77,7 +82,9 @@ METHODS: dict[str, Method] = {
     # The paper's Table 4, small: the default config with earlier rounds' lists replayed in training.
     "replay-previous": Method("LarPO contrastive + round N-1's lists", "replay previous",
                               (*CONTRASTIVE, "train.replay=previous")),
-    "replay-all": Method("LarPO contrastive + rounds 1..N-1's lists", "replay all", (*CONTRASTIVE, "train.replay=all")),
+    # Rounds 1 and 2 have at most one earlier round: `all` replays what `previous` does.
+    "replay-all": Method("LarPO contrastive + rounds 1..N-1's lists", "replay all", (*CONTRASTIVE, "train.replay=all"),
+                         same_as=("replay-previous", 2)),
 }
 LARPO = ("contrastive", "lambdarank", "listmle")
 # The methods `make experiment` runs unless --methods says otherwise; `make experiment-replay` the ablation.
@@ -160,6 +167,44 @@ def check_stored_settings(method: str, seed: int, args: argparse.Namespace, over
                                 "the stored run away to run it again")
 
 
+def link_shared_rounds(method: str, seed: int, args: argparse.Namespace, root: Path) -> None:
+    """Start a method's run from the rounds it shares with another method's run (`Method.same_as`).
+
+    Rounds 0..shared of the other run, when all of them have finished, are linked
+    (hard links; copies across file systems) into this run, one whole round at a
+    time in round order, so an interrupted linking leaves a prefix of finished
+    rounds that the run resumes from. A run that has any shared round of its own
+    already is left as it is.
+    """
+    if METHODS[method].same_as is None:
+        return
+    from pipeline.layout import RoundLayout
+
+    other, shared = METHODS[method].same_as
+    shared = min(shared, args.rounds)
+    source, target = root / run_name(args.prefix, other, seed), root / run_name(args.prefix, method, seed)
+    rounds = [f"round_{number:03d}" for number in range(shared + 1)]
+    finished = all(RoundLayout(source / name, number).is_finished() and (source / name / "metrics.json").is_file()
+                   for number, name in enumerate(rounds))
+    if not finished or any((target / name).exists() for name in rounds[1:]):
+        return
+    for name in rounds:
+        if (target / name).exists():  # round 0, the base model's answers: the same in every run
+            continue
+        partial = target / f".{name}.linking"
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(source / name, partial, copy_function=link_or_copy)
+        os.replace(partial, target / name)
+    print(f"== {method} seed {seed}: rounds 0..{shared} linked from {source} (the same computation)", flush=True)
+
+
+def link_or_copy(source: str, dest: str) -> None:
+    try:
+        os.link(source, dest)
+    except OSError:
+        shutil.copy2(source, dest)
+
+
 def run_method(method: str, seed: int, args: argparse.Namespace, root: Path) -> int:
     """Run one (method, seed) unless the store has all its rounds; store it when it finishes."""
     # The method's overrides first, so that the user's may change them; the seed last.
@@ -168,6 +213,7 @@ def run_method(method: str, seed: int, args: argparse.Namespace, root: Path) -> 
     if stored_rounds(args.store, method, seed) >= set(range(args.rounds + 1)):
         print(f"== {method} seed {seed}: rounds 0..{args.rounds} already in {repo_relative(args.store)}", flush=True)
         return 0
+    link_shared_rounds(method, seed, args, root)
     name = run_name(args.prefix, method, seed)
     command = [sys.executable, "-m", "pipeline", "rounds", str(args.rounds), "--config", args.config,
                "--run", name, "--output", str(root)]

@@ -21,10 +21,13 @@ def replay_section(store: Path, seeds: list[int]) -> list[str]:
     results = load(store, list(REPLAY_METHODS), seeds)
     if not any(method in results for method in REPLAY_METHODS[1:]):
         return []
+    shared = METHODS["replay-all"].same_as[1]
     lines = ["", "### Replaying earlier rounds' lists (`train.replay`, the paper's Table 4)", "",
              "The default config (`train.replay: none`) against the same with round N-1's lists (`previous`) "
              "or every earlier round's (`all`) trained on again, same seeds. Differences: paired bootstrap "
-             "over the held-out prompts, seeds averaged per prompt.", ""]
+             "over the held-out prompts, seeds averaged per prompt. With one earlier round, `all` replays what "
+             "`previous` does, so a seed's `all` run starts from its `previous` run's rounds "
+             f"1-{shared} (bench/experiment.py, `Method.same_as`) and differs from round {shared + 1} on.", ""]
     last = max((n for by_seed in results.values() for rounds in by_seed.values() for n in rounds), default=0)
     for method in REPLAY_METHODS[1:]:
         for number in range(2, last + 1):  # round 1 has nothing earlier to replay
