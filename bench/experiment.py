@@ -178,24 +178,24 @@ def link_shared_rounds(method: str, seed: int, args: argparse.Namespace, root: P
     """
     if METHODS[method].same_as is None:
         return
-    from pipeline.layout import RoundLayout
+    from pipeline.layout import RunLayout
 
     other, shared = METHODS[method].same_as
     shared = min(shared, args.rounds)
-    source, target = root / run_name(args.prefix, other, seed), root / run_name(args.prefix, method, seed)
-    rounds = [f"round_{number:03d}" for number in range(shared + 1)]
-    finished = all(RoundLayout(source / name, number).is_finished() and (source / name / "metrics.json").is_file()
-                   for number, name in enumerate(rounds))
-    if not finished or any((target / name).exists() for name in rounds[1:]):
+    source = RunLayout.at(root, run_name(args.prefix, other, seed))
+    target = RunLayout.at(root, run_name(args.prefix, method, seed))
+    pairs = [(source.round(number), target.round(number)) for number in range(shared + 1)]
+    if not all(done.is_finished() and done.metrics.is_file() for done, _ in pairs) \
+            or any(own.dir.exists() for _, own in pairs[1:]):
         return
-    for name in rounds:
-        if (target / name).exists():  # round 0, the base model's answers: the same in every run
+    for done, own in pairs:
+        if own.dir.exists():  # round 0, the base model's answers: the same in every run
             continue
-        partial = target / f".{name}.linking"
+        partial = own.dir.with_name(f".{own.dir.name}.linking")
         shutil.rmtree(partial, ignore_errors=True)
-        shutil.copytree(source / name, partial, copy_function=link_or_copy)
-        os.replace(partial, target / name)
-    print(f"== {method} seed {seed}: rounds 0..{shared} linked from {source} (the same computation)", flush=True)
+        shutil.copytree(done.dir, partial, copy_function=link_or_copy)
+        os.replace(partial, own.dir)
+    print(f"== {method} seed {seed}: rounds 0..{shared} linked from {source.dir} (the same computation)", flush=True)
 
 
 def link_or_copy(source: str, dest: str) -> None:

@@ -378,4 +378,3 @@ def test_methods_sharing_no_seed_cannot_be_compared(store):
     results["dpo"] = {9: results["dpo"][0]}  # iterative DPO on a seed no other method ran
     held, sentence = judge(results)
     assert held is None and sentence.startswith("The paper's ordering could not be checked: no trained round of")
-
