@@ -7,11 +7,12 @@ prompt (bench/experiment_tables.py), and what the replayed lists cost.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.experiment import DEFAULT_METHOD, METHODS, REPLAY_METHODS
+from bench.experiment import DEFAULT_METHOD, METHODS, REPLAY_METHODS, seed_dir
 from bench.experiment_tables import Results, between_methods, interval_text, load, results_table, seeds_text, \
     verdict_word
 
@@ -36,38 +37,57 @@ def replay_section(store: Path, seeds: list[int]) -> list[str]:
                 interval, count = found
                 lines.append(f"- {METHODS[method].short} minus none, round {number} ({seeds_text(count)}): "
                              f"strict pass rate {interval_text(interval)} points: {verdict_word(interval)}")
-    return lines + ["", results_table(results, list(REPLAY_METHODS)), *replay_cost_lines(results)]
+    return lines + ["", results_table(results, list(REPLAY_METHODS)), *replay_cost_lines(results, store)]
 
 
-def replay_cost_lines(results: Results) -> list[str]:
-    """What replay costs: lists trained, reference and train seconds per round, against none on the same seeds."""
+def machine_kind(store: Path, method: str, seed: int) -> tuple | None:
+    """The CPU, its SIMD and its cores that a stored (method, seed) ran on (its machine.json); None if not recorded."""
+    path = seed_dir(store, method, seed) / "machine.json"
+    if not path.is_file():
+        return None
+    found = json.loads(path.read_text())
+    return found.get("cpu"), tuple(found.get("simd") or ()), found.get("cores")
+
+
+def replay_cost_lines(results: Results, store: Path) -> list[str]:
+    """What replay costs: lists trained, reference and train seconds per round, against none on the same seeds.
+
+    Lists count on every seed both ran; seconds only on the seeds whose two runs ran on one kind of
+    machine, since a seed's pair split across an AVX2 and an AMX machine times the CPUs, not replay."""
     def mean_of(method: str, number: int, seeds: list[int], key: Callable[[dict[str, Any]], float]) -> float | None:
         try:
             values = [key(results[method][seed][number].metrics.get("stages", {})) for seed in seeds]
         except (KeyError, TypeError):  # a round stored before replay was counted
             return None
-        return sum(values) / len(values)
+        return sum(values) / len(values) if values else None
 
-    keys = (lambda s: s["reference"]["lists_current"] + s["reference"]["lists_replayed"],
-            lambda s: s["reference"]["wall_seconds"], lambda s: s["train"]["train_seconds"])
+    def lists(stages: dict[str, Any]) -> float:
+        return stages["reference"]["lists_current"] + stages["reference"]["lists_replayed"]
+
+    seconds = (lambda s: s["reference"]["wall_seconds"], lambda s: s["train"]["train_seconds"])
     lines = []
     for method in REPLAY_METHODS[1:]:
         for number in sorted({n for r in results.get(method, {}).values() for n in r if n > 0}):
             seeds = sorted(s for s, r in results[method].items()
                            if number in r and number in results.get(DEFAULT_METHOD, {}).get(s, {}))
-            cells = [(mean_of(method, number, seeds, key), mean_of(DEFAULT_METHOD, number, seeds, key))
-                     for key in keys] if seeds else []
-            if all(ours is None for ours, _ in cells):  # no seed of none beside it, or nothing counted
+            timed = [s for s in seeds if machine_kind(store, method, s) is not None
+                     and machine_kind(store, method, s) == machine_kind(store, DEFAULT_METHOD, s)]
+            cells = [(mean_of(method, number, seeds, lists), mean_of(DEFAULT_METHOD, number, seeds, lists))]
+            cells += [(mean_of(method, number, timed, key), mean_of(DEFAULT_METHOD, number, timed, key))
+                      for key in seconds]
+            if not seeds or all(ours is None for ours, _ in cells):  # no seed of none beside it, or nothing counted
                 continue
-            lines.append(f"| {METHODS[method].short} | {number} | {len(seeds)} | "
+            lines.append(f"| {METHODS[method].short} | {number} | {len(seeds)} | {len(timed)} | "
                          + " | ".join(cost_cell(ours, none) for ours, none in cells) + " |")
     if not lines:
         return []
-    return ["", "What replay costs (means over the seeds both ran; seconds are wall time, which other load on "
-            "the machine also moves; the reference stage rescored the replayed lists under the round's "
+    return ["", "What replay costs (means over the seeds both ran; seconds only over the seeds whose two runs "
+            "ran on one kind of machine, by their machine.json, and wall time, which other load on the "
+            "machine also moves; the reference stage rescored the replayed lists under the round's "
             "reference):", "",
-            "| method | round | seeds | lists trained, against none | reference seconds | train seconds |",
-            "|---|---:|---:|---:|---:|---:|", *lines]
+            "| method | round | seeds | seeds timed on one machine kind | lists trained, against none "
+            "| reference seconds | train seconds |",
+            "|---|---:|---:|---:|---:|---:|---:|", *lines]
 
 
 def cost_cell(ours: float | None, none: float | None) -> str:

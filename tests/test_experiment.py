@@ -326,21 +326,45 @@ def add_training_stats(directory: Path, lists_by_round: dict[int, tuple[int, int
         path.write_text(json.dumps(metrics))
 
 
+def write_machine(directory: Path, cpu: str, simd: list[str]) -> None:
+    (directory / "machine.json").write_text(json.dumps({"cpu": cpu, "simd": simd, "cores": 2, "gpu": None,
+                                                         "memory_gib": 23.5, "python": "3.11.7"}))
+
+
 def test_the_replay_ablation_says_what_replay_costs_on_the_seeds_both_ran(tmp_path):
     root = tmp_path / "experiments"
     for seed in (0, 1):
-        add_training_stats(write_seed(root, "contrastive", seed, [0.4, 0.5, 0.6]),
-                           {1: (100, 0), 2: (100, 0), 3: (100, 0)}, 2.0)
-        add_training_stats(write_seed(root, "replay-all", seed, [0.4, 0.5, 0.6]),
-                           {1: (100, 0), 2: (100, 100), 3: (100, 200)}, 2.0 + seed)  # seed 1 ran slower
+        none = write_seed(root, "contrastive", seed, [0.4, 0.5, 0.6])
+        add_training_stats(none, {1: (100, 0), 2: (100, 0), 3: (100, 0)}, 2.0)
+        write_machine(none, "AMD EPYC", ["avx2"])
+        replay = write_seed(root, "replay-all", seed, [0.4, 0.5, 0.6])
+        add_training_stats(replay, {1: (100, 0), 2: (100, 100), 3: (100, 200)}, 2.0 + seed)
+        # Seed 1's replay ran on a faster CPU kind: its seconds would time the machines, not replay.
+        write_machine(replay, *(("AMD EPYC", ["avx2"]) if seed == 0 else ("Xeon", ["avx2", "amx_bf16"])))
     # A seed of replay without one of none beside it is left out of the means.
     add_training_stats(write_seed(root, "replay-all", 2, [0.4, 0.5, 0.6]), {3: (100, 900)}, 9.0)
     results_md = tmp_path / "results.md"
     summarize(root, ["contrastive"], [0, 1, 2], results_md)
     text = results_md.read_text().split("What replay costs")[1]
-    assert "| replay all | 2 | 2 | 200 against 100 (2.00x) | 50 against 20 (2.50x) | 500 against 200 (2.50x) |" in text
-    assert "| replay all | 3 | 2 | 300 against 100 (3.00x) | 75 against 20 (3.75x) | 750 against 200 (3.75x) |" in text
+    # Lists over both seeds; seconds over seed 0 alone, the one pair timed on one machine kind.
+    assert "| replay all | 2 | 2 | 1 | 200 against 100 (2.00x) | 40 against 20 (2.00x) | 400 against 200 (2.00x) |" \
+        in text
+    assert "| replay all | 3 | 2 | 1 | 300 against 100 (3.00x) | 60 against 20 (3.00x) | 600 against 200 (3.00x) |" \
+        in text
     assert "replay previous" not in text  # not run: no rows
+
+
+def test_replay_seconds_without_a_pair_on_one_machine_kind_are_left_blank(tmp_path):
+    root = tmp_path / "experiments"
+    none = write_seed(root, "contrastive", 0, [0.4, 0.5])
+    add_training_stats(none, {1: (100, 0), 2: (100, 0)}, 2.0)
+    replay = write_seed(root, "replay-previous", 0, [0.4, 0.5])
+    add_training_stats(replay, {1: (100, 0), 2: (100, 100)}, 2.0)
+    write_machine(replay, "AMD EPYC", ["avx2"])  # none's machine.json is missing: not known to match
+    results_md = tmp_path / "results.md"
+    summarize(root, ["contrastive"], [0], results_md)
+    text = results_md.read_text().split("What replay costs")[1]
+    assert "| replay previous | 2 | 1 | 0 | 200 against 100 (2.00x) | - against - | - against - |" in text
 
 
 def test_rounds_stored_before_replay_was_counted_get_no_cost_rows(tmp_path):
