@@ -33,7 +33,7 @@ from pipeline.memory import MemoryMonitor
 from pipeline.models import REPO_ROOT, resolve_model
 from pipeline.prompts import Prompt, fit_to_context, load_prompts, round_slice
 from pipeline.resources import wait_for_resources
-from pipeline.timing import Timings
+from pipeline.timing import Timings, round_time_text
 from pipeline.tracking import Tracking
 from pools.reference_lists import scored_in_train_workers
 from pools.vllm_engines import EnginePool
@@ -175,8 +175,7 @@ def run_round(plan: RoundPlan, tracking: Tracking | None = None) -> dict[str, An
             metrics["baseline_seconds"] = baseline.round.stage_stats("evaluate")["wall_seconds"]
         metrics["round_seconds"] = round(time.perf_counter() - start, 2)
         atomic_write_json(plan.round.metrics, metrics)
-        log.info("round %d finished in %.1f s of stages: %s", number, sum(metrics["stage_seconds"].values()),
-                 plan.round.metrics)
+        log.info("round %d finished in %s: %s", number, round_time_text(metrics), plan.round.metrics)
         if tracking:
             # The trackers' own chatter (W&B, MLflow) goes to the round's logs too.
             with console.capture(log_path(plan.round, "tracking")):

@@ -84,3 +84,18 @@ def add_slowest(per_worker: list[Mapping[str, float]]) -> None:
     """
     if per_worker:
         add(max(per_worker, key=lambda seconds: sum(seconds.values())))
+
+
+def round_time_text(metrics: Mapping) -> str:
+    """How long a finished round took, as the driver logs it (from its metrics.json).
+
+    Each stage counts once: a reference scored inside the train stage's workers is already
+    part of train's wall time. round_seconds also holds round 0's evaluation when the
+    command that ran round 1 ran it first; that is named apart, not counted as round 1's."""
+    stage = dict(metrics["stage_seconds"])
+    if metrics.get("stages", {}).get("reference", {}).get("in_train_workers"):
+        stage.pop("reference", None)
+    baseline = metrics.get("baseline_seconds") or 0.0
+    own = metrics["round_seconds"] - baseline
+    text = f"{own:.1f} s ({sum(stage.values()):.1f} s of stages, {metrics.get('ray_init_seconds', 0.0):.1f} s ray.init"
+    return text + (f"; round 0's evaluation took {baseline:.1f} s before it)" if baseline else ")")
