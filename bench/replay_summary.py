@@ -84,7 +84,8 @@ def replay_cost_lines(results: Results, store: Path) -> list[str]:
     return ["", "What replay costs (means over the seeds both ran; seconds only over the seeds whose two runs "
             "ran on one kind of machine, by their machine.json, and wall time, which other load on the "
             "machine also moves; the reference stage rescored the replayed lists under the round's "
-            "reference):", "",
+            "reference). Round 1 has nothing to replay, so both runs do the same work there: how far its "
+            "seconds stray from 1.00x is how far other load alone moved them.", "",
             "| method | round | seeds | seeds timed on one machine kind | lists trained, against none "
             "| reference seconds | train seconds |",
             "|---|---:|---:|---:|---:|---:|---:|", *lines]
