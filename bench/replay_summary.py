@@ -49,6 +49,12 @@ def machine_kind(store: Path, method: str, seed: int) -> tuple | None:
     return found.get("cpu"), tuple(found.get("simd") or ()), found.get("cores")
 
 
+def same_machine_kind(store: Path, method: str, seed: int) -> bool:
+    """Whether a seed's run of `method` and its run of none are known to have run on one kind of machine."""
+    ours = machine_kind(store, method, seed)
+    return ours is not None and ours == machine_kind(store, DEFAULT_METHOD, seed)
+
+
 def replay_cost_lines(results: Results, store: Path) -> list[str]:
     """What replay costs: lists trained, reference and train seconds per round, against none on the same seeds.
 
@@ -70,8 +76,7 @@ def replay_cost_lines(results: Results, store: Path) -> list[str]:
         for number in sorted({n for r in results.get(method, {}).values() for n in r if n > 0}):
             seeds = sorted(s for s, r in results[method].items()
                            if number in r and number in results.get(DEFAULT_METHOD, {}).get(s, {}))
-            timed = [s for s in seeds if machine_kind(store, method, s) is not None
-                     and machine_kind(store, method, s) == machine_kind(store, DEFAULT_METHOD, s)]
+            timed = [s for s in seeds if same_machine_kind(store, method, s)]
             cells = [(mean_of(method, number, seeds, lists), mean_of(DEFAULT_METHOD, number, seeds, lists))]
             cells += [(mean_of(method, number, timed, key), mean_of(DEFAULT_METHOD, number, timed, key))
                       for key in seconds]

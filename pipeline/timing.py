@@ -92,10 +92,10 @@ def round_time_text(metrics: Mapping) -> str:
     Each stage counts once: a reference scored inside the train stage's workers is already
     part of train's wall time. round_seconds also holds round 0's evaluation when the
     command that ran round 1 ran it first; that is named apart, not counted as round 1's."""
-    stage = dict(metrics["stage_seconds"])
-    if metrics.get("stages", {}).get("reference", {}).get("in_train_workers"):
-        stage.pop("reference", None)
+    # As bench/round_breakdown.py counts it: the train stage reports the reference seconds inside it.
+    inside = metrics.get("stages", {}).get("train", {}).get("reference_seconds_inside", 0.0)
+    stages = sum(metrics["stage_seconds"].values()) - inside
     baseline = metrics.get("baseline_seconds") or 0.0
     own = metrics["round_seconds"] - baseline
-    text = f"{own:.1f} s ({sum(stage.values()):.1f} s of stages, {metrics.get('ray_init_seconds', 0.0):.1f} s ray.init"
+    text = f"{own:.1f} s ({stages:.1f} s of stages, {metrics.get('ray_init_seconds', 0.0):.1f} s ray.init"
     return text + (f"; round 0's evaluation took {baseline:.1f} s before it)" if baseline else ")")

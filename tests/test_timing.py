@@ -112,7 +112,7 @@ def test_the_round_time_counts_each_stage_once_and_names_round_0_apart():
     # tune-f's round 1 on the EPYC: reference inside train, round 0's evaluation run first.
     metrics = {"stage_seconds": {"generate": 234.3, "rerank": 4.9, "reference": 88.8, "train": 394.4,
                                  "evaluate": 127.2},
-               "stages": {"reference": {"in_train_workers": True}},
+               "stages": {"reference": {"in_train_workers": True}, "train": {"reference_seconds_inside": 88.8}},
                "ray_init_seconds": 9.6, "baseline_seconds": 202.1, "round_seconds": 972.4}
     assert timing.round_time_text(metrics) == (
         "770.3 s (760.8 s of stages, 9.6 s ray.init; round 0's evaluation took 202.1 s before it)")
@@ -120,5 +120,5 @@ def test_the_round_time_counts_each_stage_once_and_names_round_0_apart():
 
 def test_a_reference_stage_of_its_own_counts_and_a_later_round_has_no_baseline():
     metrics = {"stage_seconds": {"generate": 10.0, "rerank": 1.0, "reference": 5.0, "train": 20.0, "evaluate": 4.0},
-               "stages": {"reference": {"in_train_workers": False}}, "ray_init_seconds": 0.0, "round_seconds": 41.0}
+               "stages": {"reference": {"in_train_workers": False}, "train": {}}, "ray_init_seconds": 0.0, "round_seconds": 41.0}
     assert timing.round_time_text(metrics) == "41.0 s (40.0 s of stages, 0.0 s ray.init)"
