@@ -120,5 +120,6 @@ def test_the_round_time_counts_each_stage_once_and_names_round_0_apart():
 
 def test_a_reference_stage_of_its_own_counts_and_a_later_round_has_no_baseline():
     metrics = {"stage_seconds": {"generate": 10.0, "rerank": 1.0, "reference": 5.0, "train": 20.0, "evaluate": 4.0},
-               "stages": {"reference": {"in_train_workers": False}, "train": {}}, "ray_init_seconds": 0.0, "round_seconds": 41.0}
+               "stages": {"reference": {"in_train_workers": False}, "train": {}},
+               "ray_init_seconds": 0.0, "round_seconds": 41.0}
     assert timing.round_time_text(metrics) == "41.0 s (40.0 s of stages, 0.0 s ray.init)"
