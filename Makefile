@@ -59,7 +59,7 @@ bench-round: check-venv
 ## ARGS="--summarize-only" only rewrites the table, the plot and the verdict from the runs there are.
 ## make experiment-replay: the default config with train.replay none, previous and all (docs/results.md)
 experiment-replay: check-venv
-	$(PY) bench/experiment.py --config $(CONFIG) --methods contrastive,replay-previous,replay-all \
+	$(PY) bench/experiment.py --config $(CONFIG) --methods contrastive,replay-none,replay-previous,replay-all \
 		$(if $(OUTPUT),--output $(OUTPUT)) $(ARGS)
 
 experiment: check-venv

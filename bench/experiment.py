@@ -13,6 +13,8 @@ Runs `python -m pipeline rounds N` for every method and seed on the same config
   replay-previous, replay-all
                the default (contrastive) with train.replay: earlier rounds' lists trained on
                again beside the current ones (`make experiment-replay`: with contrastive, the ablation)
+  replay-none  the default again, as the ablation's baseline on a machine kind where the seed's
+               contrastive run did not run
 
 K is the config's `generate.num_samples`. When a (method, seed) run has finished
 all its rounds, its metrics.json and eval shards are copied into the repository,
@@ -28,12 +30,14 @@ Usage:
   python bench/experiment.py --summarize-only      # only the tables, the plots and the verdict
 Finished rounds are skipped, so an interrupted experiment resumes where it stopped.
 A method whose first rounds compute what another's do (replay-all's rounds 1-2 are
-replay-previous's) starts from that run's finished rounds of the same seed.
+replay-previous's; a replay's round 1, with nothing to replay, is the default's) starts
+from that run's finished rounds of the same seed.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -56,15 +60,16 @@ class Method:
     label: str            # for tables
     short: str            # for sentences
     overrides: tuple[str, ...]
-    # (method, round): up to that round this method computes exactly what that one does, so its
-    # run starts from that run's finished rounds (same seed) instead of computing them again.
-    same_as: tuple[str, int] | None = None
+    # (method, round) pairs, longest first: up to that round this method computes exactly what that one
+    # does, so its run starts from the first such run (same seed) whose rounds up to it have finished.
+    same_as: tuple[tuple[str, int], ...] = ()
 
 
 # The lists keys are written out even where they equal configs/default.yaml, so that
 # another --config gets the same lists. Only `dpo` changes the number of samples.
 CONTRASTIVE = ("train.objective=contrastive", "lists.strategy=top_bottom", "lists.num_positives=1",
                "lists.num_negatives=3")
+NO_REPLAY_YET = (("replay-none", 1), ("contrastive", 1))
 METHODS: dict[str, Method] = {
     "dpo": Method("iterative DPO (K=2, best vs worst)", "iterative DPO",
                   ("train.objective=dpo", "generate.num_samples=2",
@@ -80,16 +85,21 @@ METHODS: dict[str, Method] = {
                       ("train.objective=listmle", "lists.strategy=top_bottom",
                        "lists.num_positives=2", "lists.num_negatives=2")),
     # The paper's Table 4, small: the default config with earlier rounds' lists replayed in training.
+    # `replay-none` is the default again, for a seed whose `contrastive` run ran on another kind of
+    # machine: runs are compared only within one machine kind (bench/replay_summary.py says why).
+    "replay-none": Method("LarPO contrastive, no replay, beside the replays", "no replay",
+                          (*CONTRASTIVE, "train.replay=none")),
+    # Round 1 has no earlier round to replay: it is the default's round 1.
     "replay-previous": Method("LarPO contrastive + round N-1's lists", "replay previous",
-                              (*CONTRASTIVE, "train.replay=previous")),
+                              (*CONTRASTIVE, "train.replay=previous"), same_as=NO_REPLAY_YET),
     # Rounds 1 and 2 have at most one earlier round: `all` replays what `previous` does.
     "replay-all": Method("LarPO contrastive + rounds 1..N-1's lists", "replay all", (*CONTRASTIVE, "train.replay=all"),
-                         same_as=("replay-previous", 2)),
+                         same_as=(("replay-previous", 2), *NO_REPLAY_YET)),
 }
 LARPO = ("contrastive", "lambdarank", "listmle")
 # The methods `make experiment` runs unless --methods says otherwise; `make experiment-replay` the ablation.
 MAIN_METHODS = ("dpo", "dpo-k", *LARPO)
-REPLAY_METHODS = ("contrastive", "replay-previous", "replay-all")
+REPLAY_METHODS = ("contrastive", "replay-none", "replay-previous", "replay-all")
 # Its overrides are configs/default.yaml's own lists and objective: its runs are default runs.
 DEFAULT_METHOD = "contrastive"
 DEFAULT_SEEDS = (0, 1, 2)
@@ -112,6 +122,20 @@ def stored_rounds(store: Path, method: str, seed: int) -> set[int]:
         if (round_dir / "metrics.json").is_file() and any((round_dir / "eval").glob("part-*.parquet")):
             found.add(int(round_dir.name[len("round_"):]))
     return found
+
+
+def stored_machine(store: Path, method: str, seed: int) -> dict | None:
+    """The machine.json a stored (method, seed) ran on; None if not recorded."""
+    path = seed_dir(store, method, seed) / "machine.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def machine_kind(found: dict | None) -> tuple | None:
+    """What two runs must share to be compared answer by answer: the CPU, its SIMD and its cores.
+    Across kinds the numerics differ (bf16 on AMX, float32 on AVX2), and so do the answers."""
+    if found is None:
+        return None
+    return found.get("cpu"), tuple(found.get("simd") or ()), found.get("cores")
 
 
 def store_run(run_dir: Path, target: Path, rounds: int) -> None:
@@ -170,23 +194,24 @@ def check_stored_settings(method: str, seed: int, args: argparse.Namespace, over
 def link_shared_rounds(method: str, seed: int, args: argparse.Namespace, root: Path) -> None:
     """Start a method's run from the rounds it shares with another method's run (`Method.same_as`).
 
-    Rounds 0..shared of the other run, when all of them have finished, are linked
+    Rounds 0..shared of the first `same_as` run that has finished all of them are linked
     (hard links; copies across file systems) into this run, one whole round at a
     time in round order, so an interrupted linking leaves a prefix of finished
     rounds that the run resumes from. A run that has any shared round of its own
     already is left as it is.
     """
-    if METHODS[method].same_as is None:
-        return
     from pipeline.layout import RunLayout
 
-    other, shared = METHODS[method].same_as
-    shared = min(shared, args.rounds)
-    source = RunLayout.at(root, run_name(args.prefix, other, seed))
     target = RunLayout.at(root, run_name(args.prefix, method, seed))
-    pairs = [(source.round(number), target.round(number)) for number in range(shared + 1)]
-    if not all(done.is_finished() and done.metrics.is_file() for done, _ in pairs) \
-            or any(own.dir.exists() for _, own in pairs[1:]):
+    for other, shared in METHODS[method].same_as:
+        shared = min(shared, args.rounds)
+        source = RunLayout.at(root, run_name(args.prefix, other, seed))
+        pairs = [(source.round(number), target.round(number)) for number in range(shared + 1)]
+        if any(own.dir.exists() for _, own in pairs[1:]):
+            return
+        if all(done.is_finished() and done.metrics.is_file() for done, _ in pairs):
+            break
+    else:
         return
     for done, own in pairs:
         if own.dir.exists():  # round 0, the base model's answers: the same in every run
@@ -210,6 +235,10 @@ def run_method(method: str, seed: int, args: argparse.Namespace, root: Path) -> 
     # The method's overrides first, so that the user's may change them; the seed last.
     overrides = [*METHODS[method].overrides, *args.overrides, f"seed={seed}"]
     check_stored_settings(method, seed, args, overrides)
+    if method == "replay-none" and default_run_is_comparable(seed, args):
+        print(f"== replay-none seed {seed}: the stored {DEFAULT_METHOD} run ran on this kind of machine, "
+              "so it is the ablation's none", flush=True)
+        return 0
     if stored_rounds(args.store, method, seed) >= set(range(args.rounds + 1)):
         print(f"== {method} seed {seed}: rounds 0..{args.rounds} already in {repo_relative(args.store)}", flush=True)
         return 0
@@ -224,6 +253,14 @@ def run_method(method: str, seed: int, args: argparse.Namespace, root: Path) -> 
     if code == 0:
         store_run(root / name, seed_dir(args.store, method, seed), args.rounds)
     return code
+
+
+def default_run_is_comparable(seed: int, args: argparse.Namespace) -> bool:
+    """Whether the store holds the seed's whole default run from this kind of machine."""
+    from bench.generate_bench import machine
+
+    return stored_rounds(args.store, DEFAULT_METHOD, seed) >= set(range(args.rounds + 1)) \
+        and machine_kind(stored_machine(args.store, DEFAULT_METHOD, seed)) == machine_kind(machine())
 
 
 def output_root(args: argparse.Namespace) -> Path:

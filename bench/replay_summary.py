@@ -7,62 +7,108 @@ prompt (bench/experiment_tables.py), and what the replayed lists cost.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.experiment import DEFAULT_METHOD, METHODS, REPLAY_METHODS, seed_dir
-from bench.experiment_tables import Results, between_methods, interval_text, load, results_table, seeds_text, \
-    verdict_word
+from bench.experiment import DEFAULT_METHOD, METHODS, REPLAY_METHODS, machine_kind as kind_of, stored_machine
+from bench.experiment_tables import Results, RoundResult, between_methods, interval_text, load, results_table, \
+    seeds_text, verdict_word
+
+# The ablation's baseline, the default with no replay: a seed's `contrastive` run, or its `replay-none`
+# run where that one ran on the replay run's kind of machine and `contrastive` did not.
+NONE_METHODS = (DEFAULT_METHOD, "replay-none")
+REPLAYING = tuple(m for m in REPLAY_METHODS if m not in NONE_METHODS)
+NONE = "none"  # the key of the matched baseline runs in paired_with_none's results
 
 
 def replay_section(store: Path, seeds: list[int]) -> list[str]:
     """The replay ablation (`make experiment-replay`): its table and each replay against none, by round."""
     results = load(store, list(REPLAY_METHODS), seeds)
-    if not any(method in results for method in REPLAY_METHODS[1:]):
+    if not any(method in results for method in REPLAYING):
         return []
-    shared = METHODS["replay-all"].same_as[1]
+    shared = METHODS["replay-all"].same_as[0][1]
     lines = ["", "### Replaying earlier rounds' lists (`train.replay`, the paper's Table 4)", "",
              "The default config (`train.replay: none`) against the same with round N-1's lists (`previous`) "
              "or every earlier round's (`all`) trained on again, same seeds. Differences: paired bootstrap "
              "over the held-out prompts, seeds averaged per prompt. With one earlier round, `all` replays what "
              "`previous` does, so a seed's `all` run starts from its `previous` run's rounds "
-             f"1-{shared} (bench/experiment.py, `Method.same_as`) and differs from round {shared + 1} on.", ""]
+             f"1-{shared} (bench/experiment.py, `Method.same_as`) and differs from round {shared + 1} on. "
+             "A seed's runs are compared only when they ran on one kind of machine (their machine.json). "
+             "Round 1 replays nothing, so there the two runs compute the same thing: on one kind of machine "
+             "they agree to the answer (the round 1 lines below); across kinds (bf16 on AMX, float32 on "
+             "AVX2) the base model's answers already differ and the runs drift apart (\"not compared\", "
+             "below). Where a seed's `contrastive` run ran on another kind, its none is a `replay-none` "
+             "run: the default again, on the replay run's kind of machine.", ""]
     last = max((n for by_seed in results.values() for rounds in by_seed.values() for n in rounds), default=0)
-    for method in REPLAY_METHODS[1:]:
-        for number in range(2, last + 1):  # round 1 has nothing earlier to replay
-            found = between_methods(results, method, DEFAULT_METHOD, number, "pass_rate")
+    for method in REPLAYING:
+        paired, left_out = paired_with_none(results, store, method)
+        for number in range(1, last + 1):
+            found = between_methods(paired, method, NONE, number, "pass_rate")
             if found:
                 interval, count = found
-                lines.append(f"- {METHODS[method].short} minus none, round {number} ({seeds_text(count)}): "
+                what = "; nothing to replay yet, the same computation" if number == 1 else ""
+                lines.append(f"- {METHODS[method].short} minus none, round {number} ({seeds_text(count)}{what}): "
                              f"strict pass rate {interval_text(interval)} points: {verdict_word(interval)}")
-    return lines + ["", results_table(results, list(REPLAY_METHODS)), *replay_cost_lines(results, store)]
+        if left_out:
+            lines.append(f"- {METHODS[method].short}: seed {', '.join(map(str, left_out))} left out, "
+                         "no run of none on its kind of machine")
+    lines += cross_machine_lines(results, store)
+    shown = [m for m in REPLAY_METHODS if m in results or m != "replay-none"]  # replay-none: a row once run
+    return lines + ["", results_table(results, shown), *replay_cost_lines(results, store)]
 
 
 def machine_kind(store: Path, method: str, seed: int) -> tuple | None:
-    """The CPU, its SIMD and its cores that a stored (method, seed) ran on (its machine.json); None if not recorded."""
-    path = seed_dir(store, method, seed) / "machine.json"
-    if not path.is_file():
-        return None
-    found = json.loads(path.read_text())
-    return found.get("cpu"), tuple(found.get("simd") or ()), found.get("cores")
+    """The kind of machine a stored (method, seed) ran on (bench/experiment.py); None if not recorded."""
+    return kind_of(stored_machine(store, method, seed))
 
 
-def same_machine_kind(store: Path, method: str, seed: int) -> bool:
-    """Whether a seed's run of `method` and its run of none are known to have run on one kind of machine."""
-    ours = machine_kind(store, method, seed)
-    return ours is not None and ours == machine_kind(store, DEFAULT_METHOD, seed)
+def paired_with_none(results: Results, store: Path, method: str) -> tuple[Results, list[int]]:
+    """A replay method's seeds beside the none run (under NONE) that ran on the same kind of machine; and the
+    seeds that have none such. A seed's run unknown to machine.json is not known to match any."""
+    ours: dict[int, dict[int, RoundResult]] = {}
+    none: dict[int, dict[int, RoundResult]] = {}
+    left_out = []
+    for seed, rounds in sorted(results.get(method, {}).items()):
+        kind = machine_kind(store, method, seed)
+        match = next((m for m in NONE_METHODS if seed in results.get(m, {})
+                      and kind is not None and machine_kind(store, m, seed) == kind), None)
+        if match is None:
+            left_out.append(seed)
+            continue
+        ours[seed], none[seed] = rounds, results[match][seed]
+    return {method: ours, NONE: none}, left_out
+
+
+def cross_machine_lines(results: Results, store: Path) -> list[str]:
+    """Round 1 of a replay run against a none run of the same seed on another kind of machine: the same
+    computation, so how far apart they land is how far the machine alone moves a run."""
+    lines = []
+    for method in REPLAYING:
+        for seed, rounds in sorted(results.get(method, {}).items()):
+            kind = machine_kind(store, method, seed)
+            for none in NONE_METHODS:
+                theirs = results.get(none, {}).get(seed, {})
+                other = machine_kind(store, none, seed)
+                if 1 in rounds and 1 in theirs and kind and other and other != kind:
+                    lines.append(f"- not compared: seed {seed} of {METHODS[method].short} ({kind[0]}) against "
+                                 f"its `{none}` run ({other[0]}): at round 1, the same computation, they pass "
+                                 f"{pass_rate(rounds[1]):.3f} and {pass_rate(theirs[1]):.3f}")
+    return lines
+
+
+def pass_rate(result: RoundResult) -> float:
+    return sum(result.passed.values()) / len(result.passed) if result.passed else float("nan")
 
 
 def replay_cost_lines(results: Results, store: Path) -> list[str]:
     """What replay costs: lists trained, reference and train seconds per round, against none on the same seeds.
 
-    Lists count on every seed both ran; seconds only on the seeds whose two runs ran on one kind of
-    machine, since a seed's pair split across an AVX2 and an AMX machine times the CPUs, not replay."""
-    def mean_of(method: str, number: int, seeds: list[int], key: Callable[[dict[str, Any]], float]) -> float | None:
+    Only the seeds whose none ran on the same kind of machine count (paired_with_none): a pair split
+    across an AVX2 and an AMX machine would time the CPUs, not replay."""
+    def mean_of(paired: Results, method: str, number: int, key: Callable[[dict[str, Any]], float]) -> float | None:
         try:
-            values = [key(results[method][seed][number].metrics.get("stages", {})) for seed in seeds]
+            values = [key(rounds[number].metrics.get("stages", {})) for rounds in paired[method].values()]
         except (KeyError, TypeError):  # a round stored before replay was counted
             return None
         return sum(values) / len(values) if values else None
@@ -70,30 +116,26 @@ def replay_cost_lines(results: Results, store: Path) -> list[str]:
     def lists(stages: dict[str, Any]) -> float:
         return stages["reference"]["lists_current"] + stages["reference"]["lists_replayed"]
 
-    seconds = (lambda s: s["reference"]["wall_seconds"], lambda s: s["train"]["train_seconds"])
+    keys = (lists, lambda s: s["reference"]["wall_seconds"], lambda s: s["train"]["train_seconds"])
     lines = []
-    for method in REPLAY_METHODS[1:]:
-        for number in sorted({n for r in results.get(method, {}).values() for n in r if n > 0}):
-            seeds = sorted(s for s, r in results[method].items()
-                           if number in r and number in results.get(DEFAULT_METHOD, {}).get(s, {}))
-            timed = [s for s in seeds if same_machine_kind(store, method, s)]
-            cells = [(mean_of(method, number, seeds, lists), mean_of(DEFAULT_METHOD, number, seeds, lists))]
-            cells += [(mean_of(method, number, timed, key), mean_of(DEFAULT_METHOD, number, timed, key))
-                      for key in seconds]
+    for method in REPLAYING:
+        full, _ = paired_with_none(results, store, method)
+        for number in sorted({n for r in full[method].values() for n in r if n > 0}):
+            seeds = [s for s, r in full[method].items() if number in r and number in full[NONE][s]]
+            paired = {m: {s: full[m][s] for s in seeds} for m in (method, NONE)}
+            cells = [(mean_of(paired, method, number, key), mean_of(paired, NONE, number, key)) for key in keys]
             if not seeds or all(ours is None for ours, _ in cells):  # no seed of none beside it, or nothing counted
                 continue
-            lines.append(f"| {METHODS[method].short} | {number} | {len(seeds)} | {len(timed)} | "
+            lines.append(f"| {METHODS[method].short} | {number} | {len(seeds)} | "
                          + " | ".join(cost_cell(ours, none) for ours, none in cells) + " |")
     if not lines:
         return []
-    return ["", "What replay costs (means over the seeds both ran; seconds only over the seeds whose two runs "
-            "ran on one kind of machine, by their machine.json, and wall time, which other load on the "
+    return ["", "What replay costs (means over the seeds compared above; wall time, which other load on the "
             "machine also moves; the reference stage rescored the replayed lists under the round's "
             "reference). Round 1 has nothing to replay, so both runs do the same work there: how far its "
             "seconds stray from 1.00x is how far other load alone moved them.", "",
-            "| method | round | seeds | seeds timed on one machine kind | lists trained, against none "
-            "| reference seconds | train seconds |",
-            "|---|---:|---:|---:|---:|---:|---:|", *lines]
+            "| method | round | seeds | lists trained, against none | reference seconds | train seconds |",
+            "|---|---:|---:|---:|---:|---:|", *lines]
 
 
 def cost_cell(ours: float | None, none: float | None) -> str:

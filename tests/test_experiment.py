@@ -43,12 +43,19 @@ def pattern(share: float, shift: int = 0) -> list[bool]:
     return [((i + shift) % PROMPTS) < count for i in range(PROMPTS)]
 
 
+def write_machine(directory: Path, cpu: str, simd: list[str]) -> None:
+    (directory / "machine.json").write_text(json.dumps({"cpu": cpu, "simd": simd, "cores": 2, "gpu": None,
+                                                         "memory_gib": 23.5, "python": "3.11.7"}))
+
+
 def write_seed(store: Path, method: str, seed: int, shares: list[float]) -> Path:
-    """Round 0 passes 20% (the same prompts for every run, as the base model's greedy answers do)."""
+    """Round 0 passes 20% (the same prompts for every run, as the base model's greedy answers do).
+    Every seed ran on one kind of machine unless a test writes another machine.json."""
     directory = store / method / f"seed-{seed}"
     write_round(directory / "round_000", 0, pattern(0.2))
     for number, share in enumerate(shares, start=1):
         write_round(directory / f"round_{number:03d}", number, pattern(share, shift=0 if share >= 0.2 else seed))
+    write_machine(directory, "Intel Xeon", ["avx2", "amx_bf16"])
     return directory
 
 
@@ -95,7 +102,8 @@ def test_table_verdict_and_plots(store, tmp_path):
     assert "contrastive minus iterative DPO at round 3, +40.0 [" in text and "points over 3 seeds: better" in text
     assert "LambdaRank minus iterative DPO at round 3, +0.0 [+0.0, +0.0] points over 3 seeds: not distinguishable" in text
     assert "contrastive minus DPO on K at round 3 (3 seeds): +20.0 [" in text
-    assert "Wall time of the stored rounds: 0.8 h in all" in text
+    assert "Wall time of the stored rounds on 2-core Intel Xeon (AVX2, AMX_BF16, no GPU), 24 GiB, Python 3.11.7: " \
+           "0.8 h in all" in text
     assert "**met**" in text  # the default gained +50 points over 3 seeds
     for name in ("results.png", "default-run.png"):
         png = tmp_path / "docs" / name
@@ -292,102 +300,10 @@ def test_a_broken_metrics_file_is_named_not_skipped(store, tmp_path, capsys):
     assert "listmle/seed-1/round_002/metrics.json is not valid JSON" in capsys.readouterr().err
 
 
-def test_the_replay_ablation_gets_its_own_table_and_verdicts(tmp_path):
-    root = tmp_path / "experiments"
-    for seed in (0, 1, 2):
-        write_seed(root, "contrastive", seed, [0.4, 0.5, 0.6])
-        write_seed(root, "replay-previous", seed, [0.4, 0.5, 0.6])  # the same answers: no difference
-        write_seed(root, "replay-all", seed, [0.4, 0.7, 0.9])
-    results_md = tmp_path / "results.md"
-    summarize(root, ["contrastive"], [0, 1, 2], results_md)
-    text = results_md.read_text()
-    assert "### Replaying earlier rounds' lists" in text
-    assert "- replay previous minus none, round 3 (3 seeds): strict pass rate +0.0 [+0.0, +0.0] points: " \
-           "not distinguishable" in text
-    assert "- replay all minus none, round 3 (3 seeds): strict pass rate +30.0 [" in text
-    assert "round 1 (" not in text.split("### Replaying")[1]  # nothing earlier to replay in round 1
-    assert "| LarPO contrastive + rounds 1..N-1's lists | 3 | 3 |" in text
-
-
 def test_the_ablation_is_not_in_the_main_experiment_by_default():
     assert experiment.MAIN_METHODS == ("dpo", "dpo-k", "contrastive", "lambdarank", "listmle")
     assert experiment.METHODS["replay-all"].overrides[-1] == "train.replay=all"
     assert experiment.METHODS["replay-all"].overrides[:-1] == experiment.METHODS["contrastive"].overrides
-
-
-def add_training_stats(directory: Path, lists_by_round: dict[int, tuple[int, int]], seconds_per_list: float) -> None:
-    """Give a stored seed's rounds the reference and train stage numbers a real round writes."""
-    for number, (current, replayed) in lists_by_round.items():
-        path = directory / f"round_{number:03d}" / "metrics.json"
-        metrics = json.loads(path.read_text())
-        metrics["stages"]["reference"] = {"lists_current": current, "lists_replayed": replayed,
-                                          "wall_seconds": 0.1 * seconds_per_list * (current + replayed)}
-        metrics["stages"]["train"] = {"train_seconds": seconds_per_list * (current + replayed)}
-        path.write_text(json.dumps(metrics))
-
-
-def write_machine(directory: Path, cpu: str, simd: list[str]) -> None:
-    (directory / "machine.json").write_text(json.dumps({"cpu": cpu, "simd": simd, "cores": 2, "gpu": None,
-                                                         "memory_gib": 23.5, "python": "3.11.7"}))
-
-
-def test_the_replay_ablation_says_what_replay_costs_on_the_seeds_both_ran(tmp_path):
-    root = tmp_path / "experiments"
-    for seed in (0, 1):
-        none = write_seed(root, "contrastive", seed, [0.4, 0.5, 0.6])
-        add_training_stats(none, {1: (100, 0), 2: (100, 0), 3: (100, 0)}, 2.0)
-        write_machine(none, "AMD EPYC", ["avx2"])
-        replay = write_seed(root, "replay-all", seed, [0.4, 0.5, 0.6])
-        add_training_stats(replay, {1: (100, 0), 2: (100, 100), 3: (100, 200)}, 2.0 + seed)
-        # Seed 1's replay ran on a faster CPU kind: its seconds would time the machines, not replay.
-        write_machine(replay, *(("AMD EPYC", ["avx2"]) if seed == 0 else ("Xeon", ["avx2", "amx_bf16"])))
-    # A seed of replay without one of none beside it is left out of the means.
-    add_training_stats(write_seed(root, "replay-all", 2, [0.4, 0.5, 0.6]), {3: (100, 900)}, 9.0)
-    results_md = tmp_path / "results.md"
-    summarize(root, ["contrastive"], [0, 1, 2], results_md)
-    text = results_md.read_text().split("What replay costs")[1]
-    # Lists over both seeds; seconds over seed 0 alone, the one pair timed on one machine kind.
-    assert "| replay all | 2 | 2 | 1 | 200 against 100 (2.00x) | 40 against 20 (2.00x) | 400 against 200 (2.00x) |" \
-        in text
-    assert "| replay all | 3 | 2 | 1 | 300 against 100 (3.00x) | 60 against 20 (3.00x) | 600 against 200 (3.00x) |" \
-        in text
-    assert "replay previous" not in text  # not run: no rows
-
-
-def test_replay_seconds_without_a_pair_on_one_machine_kind_are_left_blank(tmp_path):
-    root = tmp_path / "experiments"
-    none = write_seed(root, "contrastive", 0, [0.4, 0.5])
-    add_training_stats(none, {1: (100, 0), 2: (100, 0)}, 2.0)
-    replay = write_seed(root, "replay-previous", 0, [0.4, 0.5])
-    add_training_stats(replay, {1: (100, 0), 2: (100, 100)}, 2.0)
-    write_machine(replay, "AMD EPYC", ["avx2"])  # none's machine.json is missing: not known to match
-    results_md = tmp_path / "results.md"
-    summarize(root, ["contrastive"], [0], results_md)
-    text = results_md.read_text().split("What replay costs")[1]
-    assert "| replay previous | 2 | 1 | 0 | 200 against 100 (2.00x) | - against - | - against - |" in text
-
-
-def test_rounds_stored_before_replay_was_counted_get_no_cost_rows(tmp_path):
-    root = tmp_path / "experiments"
-    write_seed(root, "contrastive", 0, [0.4, 0.5])
-    write_seed(root, "replay-previous", 0, [0.4, 0.5])
-    results_md = tmp_path / "results.md"
-    summarize(root, ["contrastive"], [0], results_md)
-    assert "### Replaying earlier rounds' lists" in results_md.read_text()
-    assert "What replay costs" not in results_md.read_text()
-
-
-def test_the_replay_ablation_leaves_the_main_table_whole(store, tmp_path):
-    for seed in (0, 1, 2):
-        write_seed(store, "replay-all", seed, [0.4, 0.7, 0.9])
-    results_md = tmp_path / "results.md"
-    # As `make experiment-replay` calls it: only the ablation's methods named.
-    assert main(["--summarize-only", "--methods", "contrastive,replay-previous,replay-all",
-                 "--store", str(store), "--results", str(results_md)]) == 0
-    text = results_md.read_text()
-    rows = table_rows(text.split("### Replaying")[0])
-    assert ("iterative DPO (K=2, best vs worst)", "3") in rows and ("LarPO ListMLE (top-2 vs bottom-2)", "3") in rows
-    assert text.count("| LarPO contrastive + rounds 1..N-1's lists | 3 |") == 1
 
 
 def test_an_objective_without_runs_leaves_the_others_compared(store):
