@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.experiment import DEFAULT_METHOD, METHODS, REPLAY_METHODS, machine_kind as kind_of, stored_machine
-from bench.experiment_tables import Results, RoundResult, between_methods, interval_text, load, results_table, \
-    seeds_text, verdict_word
+from bench.experiment_tables import Results, RoundResult, between_methods, interval_text, load, points, \
+    results_table, seeds_text, verdict_word
 
 # The ablation's baseline, the default with no replay: a seed's `contrastive` run, or its `replay-none`
 # run where that one ran on the replay run's kind of machine and `contrastive` did not.
@@ -36,10 +36,11 @@ def replay_section(store: Path, seeds: list[int]) -> list[str]:
              f"1-{shared} (bench/experiment.py, `Method.same_as`) and differs from round {shared + 1} on. "
              "A seed's runs are compared only when they ran on one kind of machine (their machine.json). "
              "Round 1 replays nothing, so there the two runs compute the same thing: on one kind of machine "
-             "they agree to the answer (the round 1 lines below); across kinds (bf16 on AMX, float32 on "
+             "they agree prompt by prompt (the round 1 lines below); across kinds (bf16 on AMX, float32 on "
              "AVX2) the base model's answers already differ and the runs drift apart (\"not compared\", "
              "below). Where a seed's `contrastive` run ran on another kind, its none is a `replay-none` "
-             "run: the default again, on the replay run's kind of machine.", ""]
+             "run: the default again, on the replay run's kind of machine. Each interval holds the trained "
+             "runs fixed, as above; the seeds' own differences after it show how far another run may land.", ""]
     last = max((n for by_seed in results.values() for rounds in by_seed.values() for n in rounds), default=0)
     for method in REPLAYING:
         paired, left_out = paired_with_none(results, store, method)
@@ -49,13 +50,24 @@ def replay_section(store: Path, seeds: list[int]) -> list[str]:
                 interval, count = found
                 what = "; nothing to replay yet, the same computation" if number == 1 else ""
                 lines.append(f"- {METHODS[method].short} minus none, round {number} ({seeds_text(count)}{what}): "
-                             f"strict pass rate {interval_text(interval)} points: {verdict_word(interval)}")
+                             f"strict pass rate {interval_text(interval)} points: {verdict_word(interval)}"
+                             + seed_by_seed(paired, method, number))
         if left_out:
             lines.append(f"- {METHODS[method].short}: seed {', '.join(map(str, left_out))} left out, "
                          "no run of none on its kind of machine")
     lines += cross_machine_lines(results, store)
     shown = [m for m in REPLAY_METHODS if m in results or m != "replay-none"]  # replay-none: a row once run
     return lines + ["", results_table(results, shown), *replay_cost_lines(results, store)]
+
+
+def seed_by_seed(paired: Results, method: str, number: int) -> str:
+    """Each seed's own difference at a round, where more than one seed is pooled: how far apart the seeds land."""
+    differences = []
+    for seed in sorted(paired[method]):
+        one = {m: {seed: paired[m][seed]} for m in (method, NONE)}
+        if found := between_methods(one, method, NONE, number, "pass_rate"):
+            differences.append(points(found[0].difference))
+    return f" (seed by seed {', '.join(differences)})" if len(differences) > 1 else ""
 
 
 def machine_kind(store: Path, method: str, seed: int) -> tuple | None:

@@ -21,6 +21,7 @@ def test_the_replay_ablation_gets_its_own_table_and_verdicts(tmp_path):
     assert "- replay previous minus none, round 3 (3 seeds): strict pass rate +0.0 [+0.0, +0.0] points: " \
            "not distinguishable" in text
     assert "- replay all minus none, round 3 (3 seeds): strict pass rate +30.0 [" in text
+    assert "points: better (seed by seed +30.0, +30.0, +30.0)\n" in text
     # Round 1 replays nothing: the same computation, shown as the check it is.
     assert "- replay all minus none, round 1 (3 seeds; nothing to replay yet, the same computation): " \
            "strict pass rate +0.0 [+0.0, +0.0] points: not distinguishable" in text
