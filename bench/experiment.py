@@ -132,7 +132,7 @@ def stored_machine(store: Path, method: str, seed: int) -> dict | None:
 
 def machine_kind(found: dict | None) -> tuple | None:
     """What two runs must share to be compared answer by answer: the CPU, its SIMD and its cores.
-    Across kinds the numerics differ (bf16 on AMX, float32 on AVX2), and so do the answers."""
+    Across kinds the numerics differ (bf16 with AMX or AVX512_BF16, float32 on AVX2), and so do the answers."""
     if found is None:
         return None
     return found.get("cpu"), tuple(found.get("simd") or ()), found.get("cores")

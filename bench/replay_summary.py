@@ -36,8 +36,8 @@ def replay_section(store: Path, seeds: list[int]) -> list[str]:
              f"1-{shared} (bench/experiment.py, `Method.same_as`) and differs from round {shared + 1} on. "
              "A seed's runs are compared only when they ran on one kind of machine (their machine.json). "
              "Round 1 replays nothing, so there the two runs compute the same thing: on one kind of machine "
-             "they agree prompt by prompt (the round 1 lines below); across kinds (bf16 on AMX, float32 on "
-             "AVX2) the base model's answers already differ and the runs drift apart (\"not compared\", "
+             "they agree prompt by prompt (the round 1 lines below); across kinds (bf16 with AMX or with "
+             "AVX512_BF16 alone, float32 on AVX2) the base model's answers already differ and the runs drift apart (\"not compared\", "
              "below). Where a seed's `contrastive` run ran on another kind, its none is a `replay-none` "
              "run: the default again, on the replay run's kind of machine. Each interval holds the trained "
              "runs fixed, as above; the seeds' own differences after it show how far another run may land.", ""]
@@ -103,10 +103,18 @@ def cross_machine_lines(results: Results, store: Path) -> list[str]:
                 theirs = results.get(none, {}).get(seed, {})
                 other = machine_kind(store, none, seed)
                 if 1 in rounds and 1 in theirs and kind and other and other != kind:
-                    lines.append(f"- not compared: seed {seed} of {METHODS[method].short} ({kind[0]}) against "
-                                 f"its `{none}` run ({other[0]}): at round 1, the same computation, they pass "
+                    lines.append(f"- not compared: seed {seed} of {METHODS[method].short} ({kind_label(kind)}) "
+                                 f"against its `{none}` run ({kind_label(other)}): at round 1, the same computation, they pass "
                                  f"{pass_rate(rounds[1]):.3f} and {pass_rate(theirs[1]):.3f}")
     return lines
+
+
+def kind_label(kind: tuple) -> str:
+    """A machine kind in words: its CPU and the widest bf16 support among its SIMD flags, which is what
+    sets the numerics (two AMD EPYC kinds differ by AVX512_BF16 alone)."""
+    cpu, simd, _ = kind
+    widest = "AMX" if "amx_bf16" in simd else "AVX512_BF16" if "avx512_bf16" in simd else "AVX2"
+    return f"{cpu}, {widest}"
 
 
 def pass_rate(result: RoundResult) -> float:

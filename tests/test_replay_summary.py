@@ -77,9 +77,23 @@ def test_runs_on_two_kinds_of_machine_are_not_compared(tmp_path):
     # Seed 1 is left out of every comparison: seed 0 alone, which agrees with none at every round.
     assert "- replay previous minus none, round 3 (1 seed): strict pass rate +0.0 [+0.0, +0.0] points" in text
     assert "- replay previous: seed 1 left out, no run of none on its kind of machine" in text
-    assert "- not compared: seed 1 of replay previous (AMD EPYC) against its `contrastive` run (Intel Xeon): " \
-           "at round 1, the same computation, they pass 0.600 and 0.300" in text
+    assert "- not compared: seed 1 of replay previous (AMD EPYC, AVX2) against its `contrastive` run " \
+           "(Intel Xeon, AMX): at round 1, the same computation, they pass 0.600 and 0.300" in text
     assert "What replay costs" not in text  # no pair has the stage numbers
+
+
+def test_two_kinds_with_one_cpu_name_are_told_apart(tmp_path):
+    # Two AMD EPYC kinds, one with native bf16 (AVX512_BF16) and one without: not one kind.
+    root = tmp_path / "experiments"
+    write_seed(root, "contrastive", 0, [0.3, 0.5])  # on the Intel Xeon with AMX
+    write_machine(write_seed(root, "replay-none", 0, [0.3, 0.5]), "AMD EPYC", ["avx2"])
+    write_machine(write_seed(root, "replay-all", 0, [0.6, 0.5]), "AMD EPYC", ["avx2", "avx512f", "avx512_bf16"])
+    results_md = tmp_path / "results.md"
+    summarize(root, ["contrastive"], [0], results_md)
+    text = results_md.read_text().split("### Replaying")[1]
+    assert "- replay all: seed 0 left out, no run of none on its kind of machine" in text
+    assert "- not compared: seed 0 of replay all (AMD EPYC, AVX512_BF16) against its `replay-none` run " \
+           "(AMD EPYC, AVX2): at round 1, the same computation, they pass 0.600 and 0.300" in text
 
 
 def test_a_run_without_machine_json_is_not_known_to_match(tmp_path):
