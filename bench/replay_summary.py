@@ -55,7 +55,7 @@ def replay_section(store: Path, seeds: list[int]) -> list[str]:
         if left_out:
             lines.append(f"- {METHODS[method].short}: seed {', '.join(map(str, left_out))} left out, "
                          "no run of none on its kind of machine")
-    lines += cross_machine_lines(results, store)
+    lines += same_computation_lines(results, store) + cross_machine_lines(results, store)
     shown = [m for m in REPLAY_METHODS if m in results or m != "replay-none"]  # replay-none: a row once run
     return lines + ["", results_table(results, shown), *replay_cost_lines(results, store)]
 
@@ -90,6 +90,26 @@ def paired_with_none(results: Results, store: Path, method: str) -> tuple[Result
             continue
         ours[seed], none[seed] = rounds, results[match][seed]
     return {method: ours, NONE: none}, left_out
+
+
+def same_computation_lines(results: Results, store: Path) -> list[str]:
+    """Up to round `shared`, replay-all computes what replay-previous does. A seed that ran the two on different
+    kinds of machine, each beside a none of its own kind, shows how far the machine alone moves a difference:
+    the run-to-run spread that the prompt bootstrap, holding the runs fixed, leaves out."""
+    shared = METHODS["replay-all"].same_as[0][1]
+    methods = ("replay-previous", "replay-all")
+    paired = {method: paired_with_none(results, store, method)[0] for method in methods}
+    lines = []
+    for seed in sorted(set(paired[methods[0]][methods[0]]) & set(paired[methods[1]][methods[1]])):
+        kinds = [machine_kind(store, method, seed) for method in methods]
+        found = [between_methods({m: {seed: paired[method][m][seed]} for m in (method, NONE)},
+                                 method, NONE, shared, "pass_rate") for method in methods]
+        if kinds[0] != kinds[1] and all(found):
+            lines.append(f"- round {shared}, the same computation in replay previous and replay all: seed {seed} "
+                         f"ran them on two kinds of machine ({kind_label(kinds[0])}; {kind_label(kinds[1])}), each "
+                         f"beside a none of its own kind, and they differ from it by "
+                         f"{points(found[0][0].difference)} and {points(found[1][0].difference)} points")
+    return lines
 
 
 def cross_machine_lines(results: Results, store: Path) -> list[str]:

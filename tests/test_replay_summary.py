@@ -26,6 +26,7 @@ def test_the_replay_ablation_gets_its_own_table_and_verdicts(tmp_path):
     assert "- replay all minus none, round 1 (3 seeds; nothing to replay yet, the same computation): " \
            "strict pass rate +0.0 [+0.0, +0.0] points: not distinguishable" in text
     assert "| LarPO contrastive + rounds 1..N-1's lists | 3 | 3 |" in text
+    assert "the same computation in replay previous and replay all" not in text  # one kind of machine throughout
 
 
 def add_training_stats(directory: Path, lists_by_round: dict[int, tuple[int, int]], seconds_per_list: float) -> None:
@@ -94,6 +95,22 @@ def test_two_kinds_with_one_cpu_name_are_told_apart(tmp_path):
     assert "- replay all: seed 0 left out, no run of none on its kind of machine" in text
     assert "- not compared: seed 0 of replay all (AMD EPYC, AVX512_BF16) against its `replay-none` run " \
            "(AMD EPYC, AVX2): at round 1, the same computation, they pass 0.600 and 0.300" in text
+
+
+def test_one_computation_on_two_kinds_of_machine_shows_the_machines_spread(tmp_path):
+    # Round 2 of replay-all is replay-previous's round 2: here on two kinds, each beside its own none.
+    root = tmp_path / "experiments"
+    write_seed(root, "contrastive", 0, [0.4, 0.5])
+    write_seed(root, "replay-previous", 0, [0.4, 0.6])
+    epyc = ("AMD EPYC", ["avx2"])
+    write_machine(write_seed(root, "replay-none", 0, [0.3, 0.5]), *epyc)
+    write_machine(write_seed(root, "replay-all", 0, [0.3, 0.4]), *epyc)
+    results_md = tmp_path / "results.md"
+    summarize(root, ["contrastive"], [0], results_md)
+    text = results_md.read_text().split("### Replaying")[1]
+    assert "- round 2, the same computation in replay previous and replay all: seed 0 ran them on two kinds " \
+           "of machine (Intel Xeon, AMX; AMD EPYC, AVX2), each beside a none of its own kind, and they differ " \
+           "from it by +10.0 and -10.0 points\n" in text
 
 
 def test_a_run_without_machine_json_is_not_known_to_match(tmp_path):
