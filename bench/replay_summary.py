@@ -37,10 +37,11 @@ def replay_section(store: Path, seeds: list[int]) -> list[str]:
              "A seed's runs are compared only when they ran on one kind of machine (their machine.json). "
              "Round 1 replays nothing, so there the two runs compute the same thing: on one kind of machine "
              "they agree prompt by prompt (the round 1 lines below); across kinds (bf16 with AMX or with "
-             "AVX512_BF16 alone, float32 on AVX2) the base model's answers already differ and the runs drift apart (\"not compared\", "
-             "below). Where a seed's `contrastive` run ran on another kind, its none is a `replay-none` "
-             "run: the default again, on the replay run's kind of machine. Each interval holds the trained "
-             "runs fixed, as above; the seeds' own differences after it show how far another run may land.", ""]
+             "AVX512_BF16 alone, float32 on AVX2) the base model's answers already differ and the runs drift "
+             "apart (\"not compared\", below). Where a seed's `contrastive` run ran on another kind, its "
+             "none is a `replay-none` run: the default again, on the replay run's kind of machine. Each "
+             "interval holds the trained runs fixed, as above; the seeds' own differences after it show how "
+             "far another run may land.", ""]
     last = max((n for by_seed in results.values() for rounds in by_seed.values() for n in rounds), default=0)
     for method in REPLAYING:
         paired, left_out = paired_with_none(results, store, method)
@@ -62,12 +63,15 @@ def replay_section(store: Path, seeds: list[int]) -> list[str]:
 
 def seed_by_seed(paired: Results, method: str, number: int) -> str:
     """Each seed's own difference at a round, where more than one seed is pooled: how far apart the seeds land."""
-    differences = []
-    for seed in sorted(paired[method]):
-        one = {m: {seed: paired[m][seed]} for m in (method, NONE)}
-        if found := between_methods(one, method, NONE, number, "pass_rate"):
-            differences.append(points(found[0].difference))
+    differences = [found for seed in sorted(paired[method]) if (found := seed_difference(paired, method, seed, number))]
     return f" (seed by seed {', '.join(differences)})" if len(differences) > 1 else ""
+
+
+def seed_difference(paired: Results, method: str, seed: int, number: int) -> str | None:
+    """One seed's strict pass rate difference against its none at a round, in points; None if either lacks it."""
+    one = {m: {seed: paired[m][seed]} for m in (method, NONE)}
+    found = between_methods(one, method, NONE, number, "pass_rate")
+    return points(found[0].difference) if found else None
 
 
 def machine_kind(store: Path, method: str, seed: int) -> tuple | None:
@@ -102,13 +106,11 @@ def same_computation_lines(results: Results, store: Path) -> list[str]:
     lines = []
     for seed in sorted(set(paired[methods[0]][methods[0]]) & set(paired[methods[1]][methods[1]])):
         kinds = [machine_kind(store, method, seed) for method in methods]
-        found = [between_methods({m: {seed: paired[method][m][seed]} for m in (method, NONE)},
-                                 method, NONE, shared, "pass_rate") for method in methods]
+        found = [seed_difference(paired[method], method, seed, shared) for method in methods]
         if kinds[0] != kinds[1] and all(found):
             lines.append(f"- round {shared}, the same computation in replay previous and replay all: seed {seed} "
                          f"ran them on two kinds of machine ({kind_label(kinds[0])}; {kind_label(kinds[1])}), each "
-                         f"beside a none of its own kind, and they differ from it by "
-                         f"{points(found[0][0].difference)} and {points(found[1][0].difference)} points")
+                         f"beside a none of its own kind, and they differ from it by {found[0]} and {found[1]} points")
     return lines
 
 
@@ -124,8 +126,8 @@ def cross_machine_lines(results: Results, store: Path) -> list[str]:
                 other = machine_kind(store, none, seed)
                 if 1 in rounds and 1 in theirs and kind and other and other != kind:
                     lines.append(f"- not compared: seed {seed} of {METHODS[method].short} ({kind_label(kind)}) "
-                                 f"against its `{none}` run ({kind_label(other)}): at round 1, the same computation, they pass "
-                                 f"{pass_rate(rounds[1]):.3f} and {pass_rate(theirs[1]):.3f}")
+                                 f"against its `{none}` run ({kind_label(other)}): at round 1, the same computation, "
+                                 f"they pass {pass_rate(rounds[1]):.3f} and {pass_rate(theirs[1]):.3f}")
     return lines
 
 
