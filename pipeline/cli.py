@@ -47,7 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--pairs", choices=("best-worst", "all"), default="best-worst",
                      help="best-worst: each list's best positive against its worst negative; all: every "
                           "positive against every negative")
-    sub.add_argument("--out", help="where to write (default: <source>/export/preferences-<pairs>[.parquet])")
+    sub.add_argument("--out", help="where to write (default: <source>/export/preferences-<pairs>[.parquet]); "
+                     "an existing path is replaced only if an earlier export of the same format wrote it")
+    sub.add_argument("--overwrite", action="store_true",
+                     help="replace an existing --out that is not an earlier export (never a run or the source)")
     return parser
 
 

@@ -70,10 +70,30 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     _atomic_write(path, data, "wb")
 
 
+def process_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def share_as_umask_allows(path: Path) -> None:
+    """Give a file the mode a plain open() would have: mkstemp makes it 0600, which hides
+    metrics and weights from teammates on a shared mount."""
+    os.chmod(path, 0o666 & ~process_umask())
+
+
+def share_tree(directory: Path) -> None:
+    """share_as_umask_allows for every file under `directory`."""
+    for path in directory.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            share_as_umask_allows(path)
+
+
 def _atomic_write(path: Path, data: str | bytes, mode: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        share_as_umask_allows(Path(tmp))
         with os.fdopen(fd, mode) as f:
             f.write(data)
             f.flush()
@@ -209,6 +229,8 @@ class RoundLayout:
         main, *extra = STAGE_BY_NAME[stage].outputs
         # The main output last: a crash between renames leaves it `.partial`, so the stage reruns.
         for output in (*extra, main):
+            # Libraries write some files 0600 (safetensors' weights): readable to teammates first.
+            share_tree(self.partial(stage, output))
             os.replace(self.partial(stage, output), self.dir / output)
         # The marker lists what the stage left, so a later stage can tell a file lost or cut short.
         files = {"files": output_files(self.dir / main)}

@@ -258,6 +258,12 @@ def write_report(run_dir: Path) -> str:
 
 def main(args) -> int:
     run_dir = Path(args.run_dir)
-    print(write_report(run_dir), end="")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise PipelineError(f"{run_dir} is a file; give a run directory, e.g. runs/default")
+    try:
+        table = write_report(run_dir)
+    except PermissionError as exc:
+        raise PipelineError(f"cannot write the report into {run_dir}: {exc.strerror} ({exc.filename})") from None
+    print(table, end="")
     print(f"wrote {run_dir / 'report.md'} and {run_dir / 'report.png'}")
     return 0

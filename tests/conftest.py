@@ -56,12 +56,18 @@ def tiny_model() -> Path:
     return path
 
 
-def run_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    """`python -m pipeline ...` from the repository root, as a user would run it."""
+# The installed console script (pyproject.toml), which does not put the checkout on sys.path:
+# only what the package installs can be imported through it.
+LARPO = Path(sys.executable).with_name("larpo")
+
+
+def run_cli(*args: str, timeout: float = 900, command: tuple[str, ...] = (sys.executable, "-m", "pipeline"),
+            ) -> subprocess.CompletedProcess:
+    """`python -m pipeline ...` (or `command ...`) from the repository root, as a user would run it."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([*command, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 @pytest.fixture(autouse=True)
@@ -72,10 +78,11 @@ def _run_from_repo_root(monkeypatch):
 
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory, tiny_model) -> Path:
-    """Two rounds of configs/smoke.yaml through the CLI, run once for every test that reads them."""
+    """Two rounds of configs/smoke.yaml through the installed `larpo` command (as the README runs
+    them), run once for every test that reads them."""
     output = tmp_path_factory.mktemp("runs")
     result = run_cli("rounds", "2", "--config", "configs/smoke.yaml", "--run", "e2e", "--output", str(output),
-                     TRACK_ALL, timeout=1200)
+                     TRACK_ALL, timeout=1200, command=(str(LARPO),))
     assert result.returncode == 0, result.stderr[-5000:]
     # What the terminal showed, for tests/test_e2e_rounds.py's check of a quiet console.
     (output / "console.txt").write_text(result.stdout + result.stderr)

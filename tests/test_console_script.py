@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-LARPO = Path(sys.executable).with_name("larpo")
+from tests.conftest import LARPO
 
 
 def test_larpo_is_installed_and_names_itself():
@@ -20,3 +20,12 @@ def test_larpo_runs_the_same_commands(tmp_path):
                             timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: run directory {tmp_path / 'nope'} does not exist"
+
+
+def test_every_package_of_the_checkout_is_installed(tmp_path):
+    # -I: neither the current directory nor PYTHONPATH on sys.path, as for the console script
+    # or in vLLM's and Ray's worker processes, which import pools by name.
+    code = "import pipeline.cli, pools.vllm_engines, pools.engine_extension, stages.generate, rewards.base"
+    result = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import PipelineError
@@ -104,3 +105,67 @@ def test_trl_dpo_trainer_trains_on_the_export_of_a_smoke_round(smoke_run, tiny_m
     assert output.global_step == 1
     assert torch.isfinite(torch.tensor(output.training_loss))
     assert any(not torch.equal(before[name], p) for name, p in model.named_parameters())
+
+
+def export_cli(round_dir: Path, *args: str):
+    return run_cli("export", str(round_dir), *args, timeout=300)
+
+
+def one_line_error(result, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr
+
+
+def test_hf_export_never_deletes_a_directory_it_did_not_write(tmp_path):
+    round_dir = tmp_path / "run" / "round_001"
+    write_lists(round_dir)
+    victim = tmp_path / "victim"
+    (victim / "important").mkdir(parents=True)
+    (victim / "important" / "notes.txt").write_text("keep me")
+    one_line_error(export_cli(round_dir, "--format", "hf", "--out", str(victim)),
+                   "is not an earlier hf export", "--overwrite")
+    assert (victim / "important" / "notes.txt").read_text() == "keep me"
+    # An export may replace its own earlier export, and only --overwrite replaces anything else.
+    ours = tmp_path / "ours"
+    assert export_cli(round_dir, "--format", "hf", "--out", str(ours)).returncode == 0
+    result = export_cli(round_dir, "--format", "hf", "--pairs", "all", "--out", str(ours))
+    assert result.returncode == 0, result.stderr
+    assert "wrote 7 preference pairs" in result.stdout
+    assert export_cli(round_dir, "--format", "hf", "--out", str(victim), "--overwrite").returncode == 0
+    assert not (victim / "important").exists()
+
+
+@pytest.mark.parametrize("target", ["run", "round", "cwd"])
+def test_hf_export_refuses_a_run_the_source_or_the_current_directory_even_with_overwrite(tmp_path, target):
+    round_dir = tmp_path / "run" / "round_001"
+    write_lists(round_dir)
+    (tmp_path / "run" / "config.yaml").write_text("seed: 0\n")
+    out = {"run": tmp_path / "run", "round": round_dir, "cwd": Path(".")}[target]
+    result = export_cli(round_dir, "--format", "hf", "--out", str(out), "--overwrite")
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert (round_dir / "lists" / "part-00000.parquet").is_file()
+    assert (Path.cwd() / "pyproject.toml").is_file()
+
+
+def test_export_path_mistakes_are_one_line(tmp_path):
+    round_dir = tmp_path / "run" / "round_001"
+    write_lists(round_dir)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not an export")
+    (tmp_path / "a-dir").mkdir()
+    one_line_error(export_cli(round_dir, "--out", "/proc/x.parquet"), "cannot write /proc/x.parquet")
+    one_line_error(export_cli(round_dir, "--out", str(tmp_path / "a-dir")), "is a directory", "--format trl")
+    one_line_error(export_cli(round_dir, "--format", "hf", "--out", str(a_file)), "is a file")
+    one_line_error(export_cli(round_dir, "--out", str(a_file)), "is not an earlier trl export")
+    assert a_file.read_text() == "not an export"
+    one_line_error(export_cli(round_dir, "--out", str(tmp_path / "nonexistent" / "dir" / "x.parquet")),
+                   "does not exist")
+    assert not (tmp_path / "nonexistent").exists()
+    # An earlier trl export is replaced without asking.
+    out = tmp_path / "pairs.parquet"
+    assert export_cli(round_dir, "--out", str(out)).returncode == 0
+    result = export_cli(round_dir, "--out", str(out), "--pairs", "all")
+    assert result.returncode == 0, result.stderr
+    assert pq.read_table(out).num_rows == 7

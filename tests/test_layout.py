@@ -329,3 +329,22 @@ def test_a_stage_checks_its_input_before_it_starts(finished_rerank, tmp_path):
     (run.round(1).policy / "model.safetensors").unlink()
     with pytest.raises(layout.PipelineError, match=r"policy/model.safetensors is missing; redo the train stage"):
         check_input(SimpleNamespace(round=run.round(2), run=run, config=config), "generate")
+
+
+# --- file modes ----------------------------------------------------------------
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_files_take_the_process_umask_for_a_shared_mount(round1, umask):
+    old = os.umask(umask)
+    try:
+        atomic_write_json(round1.metrics, {"a": 1})
+        partial = round1.begin_stage("train")
+        weights = partial / "model.safetensors"
+        weights.write_bytes(b"w")
+        os.chmod(weights, 0o600)  # as safetensors leaves it
+        round1.finish_stage("train", {})
+    finally:
+        os.umask(old)
+    expected = 0o666 & ~umask
+    for path in (round1.metrics, round1.policy / "model.safetensors", round1.done_marker("train")):
+        assert path.stat().st_mode & 0o777 == expected, path

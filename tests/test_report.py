@@ -167,3 +167,16 @@ def test_intervals_and_kinds_in_the_table_and_the_plot(tmp_path, capsys):
     assert rounds == [0, 1] and values == [0.125, 0.25]
     assert below == pytest.approx([0.0, 0.145]) and above == pytest.approx([0.0, 0.145])
     assert Image.open(run / "report.png").size[0] > 0
+
+
+def test_report_and_inspect_path_mistakes_are_one_line(tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for command, path, fragment in (("report", a_file, "is a file; give a run directory"),
+                                    ("report", tmp_path / "nope", "does not exist"),
+                                    ("inspect", a_file, "is not a round directory"),
+                                    ("inspect", tmp_path / "nope", "is not a round directory"),
+                                    ("inspect", tmp_path, "is not a round directory")):
+        result = run_cli(command, str(path), timeout=120)
+        assert result.returncode == 2, (command, path, result.stderr)
+        assert result.stderr.strip().count("\n") == 0 and fragment in result.stderr, result.stderr
