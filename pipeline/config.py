@@ -165,6 +165,10 @@ class ListsConfig:
     min_margin: float = knob(0.0, "A negative must be at least this far below every positive; a prompt left without "
                              "a negative is dropped and counted.",
                              Check(lambda v: v >= 0 and math.isfinite(v), "zero or more"))
+    truncated: Literal["keep", "negative_only"] = knob(
+        "keep", "Answers the engine cut at generate.max_tokens (finish_reason length), scored as sampled, with no "
+        "end-of-answer token: `keep` ranks them like any other; `negative_only` never makes one a positive (a "
+        "prompt whose best finished answer is not above the pool's floor gets no list). `larpo inspect` counts them.")
     memory: Literal["none", "previous", "all"] = knob(
         "none", "The candidate pool of a prompt: this round only (`none`), plus the previous round's responses to "
         "the same prompt (`previous`), or every earlier round's (`all`). Earlier rewards are reused, not re-scored. "

@@ -32,6 +32,7 @@ from pipeline.layout import (EARLIER_ROUNDS, STAGE_BY_NAME, STAGE_REGISTRY, STAG
 from pipeline.memory import MemoryMonitor
 from pipeline.models import REPO_ROOT, resolve_model
 from pipeline.prompts import Prompt, fit_to_context, load_prompts, round_slice
+from pipeline.provenance import code_version
 from pipeline.resources import wait_for_resources
 from pipeline.timing import Timings, round_time_text
 from pipeline.tracking import Tracking
@@ -221,6 +222,7 @@ def write_baseline_metrics(baseline: RoundPlan) -> None:
     atomic_write_json(baseline.round.metrics, {
         "round": 0, "policy": baseline.base_model, "eval": {k: stats.get(k) for k in EVAL_KEYS},
         "stage_seconds": {"evaluate": stats["wall_seconds"]}, "stages": {"evaluate": stats},
+        "code": code_version(),
     })
 
 
@@ -350,6 +352,7 @@ def round_metrics(plan: RoundPlan) -> dict[str, Any]:
         "stage_seconds": {stage: stats["wall_seconds"] for stage, stats in stages.items()},
         "stage_peak_memory_gib": {stage: stats["peak_memory_gib"] for stage, stats in stages.items()},
         "stages": stages,
+        "code": code_version(),
     }
 
 

@@ -105,8 +105,27 @@ def summary_lines(view: RoundView) -> list[str]:
          f"   duplicates {stats.get('duplicates_dropped', 0)} dropped"
          f"   from earlier rounds {stats.get('memory_candidates', 0)} in pools, "
          f"{stats.get('memory_items_in_lists', 0)} in lists"),
+        *truncation_lines(view),
         *training_lines(view.layout),
     ]
+
+
+def truncation_lines(view: RoundView) -> list[str]:
+    """How many answers hit generate.max_tokens, and where they ended up in the lists."""
+    cut = sum(row.get("finish_reason") == "length" for row in view.candidates)
+    total = len(view.candidates)
+    share = f" ({100 * cut / total:.0f}%)" if total else ""
+    sides = {side: [item for row in view.lists for item in row[side]] for side in ("positives", "negatives")}
+    if any(item.get("finish_reason") is None for items in sides.values() for item in items):
+        placed = "lists made before finish_reason was kept in them"
+    else:
+        placed = ", ".join(f"{sum(item['finish_reason'] == 'length' for item in items)} of {len(items)} {side}"
+                           for side, items in sides.items())
+    rule = view.lists_config.get("truncated", "keep")
+    dropped = view.stats.get("no_finished_positive_dropped", 0)
+    return [f"  truncated        {cut} of {total} candidates{share} stopped at max_tokens; in lists: {placed}"
+            f"  (lists.truncated {rule}" + (f", {dropped} prompts without a finished positive dropped)"
+                                           if dropped else ")")]
 
 
 def training_lines(layout: RoundLayout) -> list[str]:

@@ -8,6 +8,7 @@ import pyarrow as pa
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 PROMPT = pa.list_(MESSAGE)
+TOKEN_IDS = pa.list_(pa.int64())
 
 CANDIDATES = pa.schema([
     ("prompt_id", pa.string()),
@@ -21,6 +22,9 @@ CANDIDATES = pa.schema([
     ("finish_reason", pa.string()),
     # The prompt row's other fields as JSON (the reward reads constraints from it).
     ("metadata", pa.string()),
+    # The ids the engine sampled, its stop token included when it stopped on one: what the
+    # reference and the trainer score (the text does not always tokenize back to them).
+    ("response_token_ids", TOKEN_IDS),
 ])
 
 # Every candidate of a round with its reward, NaN and infinite ones included
@@ -36,6 +40,9 @@ LIST_ITEM = pa.struct([
     ("round", pa.int64()),
     ("num_tokens", pa.int64()),
     ("temperature", pa.float64()),
+    # As in candidates; null in lists made before the column existed (scored from the text then).
+    ("finish_reason", pa.string()),
+    ("response_token_ids", TOKEN_IDS),
 ])
 
 LISTS = pa.schema([
@@ -69,4 +76,6 @@ EVAL = pa.schema([
     ("round", pa.int64()),
     ("policy", pa.string()),
     ("metadata", pa.string()),
+    ("finish_reason", pa.string()),
+    ("response_token_ids", TOKEN_IDS),
 ])

@@ -17,7 +17,7 @@ import torch
 from pipeline import timing
 from pipeline.console import worker_bar
 from pipeline.hardware import native_bf16
-from pools.logprobs import list_batch, sequence_logprobs, tokenize_example
+from pools.logprobs import Response, list_batch, sequence_logprobs, tokenize_example
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -65,7 +65,7 @@ def list_batches(sizes: list[int], lengths: list[int], batch_size: int) -> list[
     return batches + [current] if current else batches
 
 
-def reference_logprobs(model_path: str, lists: list[tuple[list[dict], list[str]]], dtype: str, max_length: int,
+def reference_logprobs(model_path: str, lists: list[tuple[list[dict], list[Response]]], dtype: str, max_length: int,
                        batch_size: int, chunk_size: int, trust_remote_code: bool = False,
                        autocast_setting: str = "off", share_prompt: bool = True) -> list[list[float]]:
     """log pi(response | prompt) of each response of each (messages, responses) list, in order."""
@@ -76,7 +76,7 @@ def reference_logprobs(model_path: str, lists: list[tuple[list[dict], list[str]]
                                     share_prompt)])
 
 
-def score_lists(model, tokenizer, lists: list[tuple[list[dict], list[str]]], max_length: int, batch_size: int,
+def score_lists(model, tokenizer, lists: list[tuple[list[dict], list[Response]]], max_length: int, batch_size: int,
                 chunk_size: int, autocast_setting: str = "off", share_prompt: bool = True,
                 part: tuple[int, int] = (0, 1)) -> list[list[float] | None]:
     """reference_logprobs on a loaded model (left in eval mode): the train workers' reference scoring.

@@ -23,26 +23,41 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 Item = tuple[list[int], int]  # prompt + response token ids, number of prompt tokens
+# What is scored of a response: the ids the engine sampled, or (lists made before those were
+# stored) its text.
+Response = list[int] | str
 
 
-def tokenize_example(tokenizer: Any, messages: list[dict], response: str, max_length: int) -> Item:
-    """Token ids of chat prompt + response + eos, and the number of prompt tokens.
+def response_to_score(item: dict[str, Any]) -> Response:
+    """A list item's or candidate's sampled ids, or its text where the row predates them."""
+    ids = item.get("response_token_ids")
+    return list(ids) if ids is not None else item["response"]
 
-    The prompt is the chat template with the generation prompt (what the sampler saw); the
-    response is tokenised on its own, as the sampler produced it, and ends with eos so the policy
-    learns to stop. Over ``max_length`` the response loses its tail (eos first); the prompt is
-    never cut, because a cut prompt would score the response against a different question.
+
+def tokenize_example(tokenizer: Any, messages: list[dict], response: Response, max_length: int) -> Item:
+    """Token ids of chat prompt + response, and the number of prompt tokens.
+
+    The prompt is the chat template with the generation prompt, tokenized as vLLM's chat()
+    does. A response given as ids is what the engine sampled, scored as it is: a finished answer
+    ends with the stop token the engine emitted, a truncated one (max_tokens) with nothing added,
+    so no end-of-answer is taught where the answer did not end. A response given as text (rows
+    made before the ids were stored) is tokenized and ends with eos, as it always was. Over
+    ``max_length`` the response loses its tail; the prompt is never cut, because a cut prompt
+    would score the response against a different question.
     """
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     if not isinstance(prompt, str):
         raise TypeError(f"apply_chat_template(tokenize=False) returned {type(prompt).__name__}, expected str")
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("the tokenizer has no eos_token_id")
     # The template already wrote the special tokens (e.g. <|im_start|>); adding BOS etc. again
     # would shift the prompt away from what the sampler saw.
     prompt_ids = list(tokenizer.encode(prompt, add_special_tokens=False))
-    response_ids = list(tokenizer.encode(response, add_special_tokens=False)) + [eos]
+    if isinstance(response, str):
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise ValueError("the tokenizer has no eos_token_id")
+        response_ids = list(tokenizer.encode(response, add_special_tokens=False)) + [eos]
+    else:
+        response_ids = [int(token) for token in response]
     if len(prompt_ids) > max_length - 1:
         raise ValueError(f"prompt has {len(prompt_ids)} tokens, leaving no room for a response in max_length={max_length}")
     return prompt_ids + response_ids[: max_length - len(prompt_ids)], len(prompt_ids)

@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from pipeline import schema, timing
 from pipeline.layout import EARLIER_ROUNDS, RoundLayout, RunLayout, read_parquet_dir, shard_name, write_parquet
+from pools.logprobs import Response, response_to_score
 
 
 def scored_in_train_workers(plan) -> bool:
@@ -36,9 +37,10 @@ def reference_inputs(run: RunLayout, round_layout: RoundLayout, replay: str) -> 
     return rows, current
 
 
-def items_to_score(rows: list[dict[str, Any]]) -> list[tuple[list[dict], list[str]]]:
-    """(prompt messages, responses) of each list: its positives, then its negatives."""
-    return [(row["prompt"], [item["response"] for item in row["positives"] + row["negatives"]]) for row in rows]
+def items_to_score(rows: list[dict[str, Any]]) -> list[tuple[list[dict], list[Response]]]:
+    """(prompt messages, responses as sampled) of each list: its positives, then its negatives."""
+    return [(row["prompt"], [response_to_score(item) for item in row["positives"] + row["negatives"]])
+            for row in rows]
 
 
 def with_reference(rows: list[dict[str, Any]], logps: list[list[float]], reference: str) -> list[dict[str, Any]]:

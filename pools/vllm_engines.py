@@ -64,8 +64,11 @@ def group_samples(outputs: list[Any], blocks: list[tuple[float, int]]) -> list[l
     for start in range(0, len(outputs), per_prompt):
         samples = []
         for out, (temperature, _) in zip(outputs[start:start + per_prompt], blocks, strict=True):
+            # token_ids end with the stop token the engine emitted (eos, or a generation_config
+            # stop id such as Gemma's <end_of_turn>) when it stopped on one, and with nothing
+            # extra when it hit max_tokens: exactly what the reference and the trainer score.
             samples += [{"text": c.text, "num_tokens": len(c.token_ids), "finish_reason": str(c.finish_reason),
-                         "temperature": temperature} for c in out.outputs]
+                         "token_ids": list(c.token_ids), "temperature": temperature} for c in out.outputs]
         grouped.append(samples)
     return grouped
 

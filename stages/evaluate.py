@@ -37,7 +37,7 @@ from rewards.constraints import check_all
 log = logging.getLogger("pipeline.evaluate")
 
 # What a round's metrics.json carries under "eval" (None where evaluation was off).
-EVAL_KEYS = ("eval_prompts", "reward_mean", "win_rate", "pass_rate", "response_tokens_mean",
+EVAL_KEYS = ("eval_prompts", "reward_mean", "win_rate", "pass_rate", "response_tokens_mean", "truncated_rate",
              "vs_round_0", "pass_rate_by_kind")
 # Decoding settings that must match round 0's for a win rate to mean anything: the
 # evaluate knobs that define the run (pipeline/config.py).
@@ -47,7 +47,8 @@ SETTINGS = tuple(f.name for f in dataclasses.fields(EvaluateConfig) if f.metadat
 def eval_rows(prompts: list[Prompt], outputs: list[list[dict]], round_number: int, policy: str) -> list[dict]:
     return [{"prompt_id": p.prompt_id, "prompt": p.messages, "response": out[0]["text"], "reward": None,
              "num_tokens": out[0]["num_tokens"], "round": round_number, "policy": policy,
-             "metadata": json.dumps(p.metadata, sort_keys=True)}
+             "metadata": json.dumps(p.metadata, sort_keys=True), "finish_reason": out[0]["finish_reason"],
+             "response_token_ids": out[0]["token_ids"]}
             for p, out in zip(prompts, outputs, strict=True)]
 
 
@@ -156,6 +157,8 @@ def eval_metrics(rows: list[dict], baseline: list[dict]) -> dict[str, Any]:
     return {"eval_prompts": n, "reward_mean": sum(rewards) / len(rewards) if rewards else None,
             "invalid_rewards": n - len(rewards), "win_rate": win_rate(rows, baseline),
             "pass_rate": pass_rate(rows), "response_tokens_mean": sum(r["num_tokens"] for r in rows) / n,
+            # Answers cut at evaluate.max_tokens: they cannot meet end_phrase, postscript or quotation.
+            "truncated_rate": sum(r.get("finish_reason") == "length" for r in rows) / n,
             "vs_round_0": intervals_vs_round_0(rows, baseline), "pass_rate_by_kind": pass_rate_by_kind(rows)}
 
 

@@ -30,6 +30,7 @@ def candidate_rows(prompts: list[Prompt], outputs: list[list[dict]], round_numbe
                 "sample_index": index, "round": round_number, "policy": policy,
                 "temperature": sample["temperature"], "num_tokens": sample["num_tokens"],
                 "finish_reason": sample["finish_reason"], "metadata": metadata,
+                "response_token_ids": sample["token_ids"],
             })
     return rows
 

@@ -53,7 +53,8 @@ from pools.reward_scorers import score_candidates
 log = logging.getLogger("pipeline.rerank")
 
 # What a list item keeps of its candidate row.
-ITEM_FIELDS = ("response", "reward", "sample_index", "round", "num_tokens", "temperature")
+ITEM_FIELDS = ("response", "reward", "sample_index", "round", "num_tokens", "temperature", "finish_reason",
+               "response_token_ids")
 # Rewards are often fractions: 2/3 - 1/3 must count as a margin of 1/3.
 MARGIN_TOLERANCE = 1e-9
 
@@ -156,12 +157,28 @@ def best_first(row: dict[str, Any]) -> tuple:
     return (-row["reward"], row["round"], row["sample_index"])
 
 
+def is_truncated(item: dict[str, Any]) -> bool:
+    return item.get("finish_reason") == "length"
+
+
+# May a candidate be a positive? (lists.truncated)
+POSITIVE_RULES: dict[str, Callable[[dict], bool]] = {
+    "keep": lambda item: True,
+    "negative_only": lambda item: not is_truncated(item),
+}
+
+
 def split_pool(items: list[dict], config, rng: random.Random) -> tuple[list[dict], list[dict], str | None]:
     """One prompt's positives and negatives from its pool (sorted best-first), or why it has no list."""
     floor = items[-1]["reward"]
     if items[0]["reward"] == floor:
         return [], [], "all_tied"
-    positives = [item for item in items if item["reward"] > floor][:config.num_positives]
+    may_lead = POSITIVE_RULES[config.truncated]
+    positives = [item for item in items if item["reward"] > floor and may_lead(item)][:config.num_positives]
+    if not positives:
+        return [], [], "no_finished_positive"
+    items = [item for item in items if item["reward"] < positives[-1]["reward"] or item in positives
+             or item["reward"] == positives[-1]["reward"] and may_lead(item)]
     lowest_positive = positives[-1]["reward"]
     eligible = [item for item in items[len(positives):]
                 if lowest_positive - item["reward"] >= config.min_margin - MARGIN_TOLERANCE
@@ -181,10 +198,12 @@ def build_lists(pool: list[dict[str, Any]], config, seed: int = 0) -> tuple[list
     for row in pool:
         groups[row["prompt_id"]].append(row)
     counts = {"prompts": len(groups), "lists": 0, "all_tied_dropped": 0, "no_negative_dropped": 0,
-              "positives": 0, "negatives": 0, "ties_with_lowest_positive": 0}
+              "no_finished_positive_dropped": 0, "positives": 0, "negatives": 0, "ties_with_lowest_positive": 0,
+              "truncated_positives": 0, "truncated_negatives": 0}
     lists = []
     for prompt_id, rows in groups.items():
-        items = [{key: row[key] for key in ITEM_FIELDS} for row in sorted(rows, key=best_first)]
+        # .get: earlier rounds' scored shards may predate finish_reason's and the ids' columns.
+        items = [{key: row.get(key) for key in ITEM_FIELDS} for row in sorted(rows, key=best_first)]
         positives, negatives, reason = split_pool(items, config, random.Random(f"{seed}/{prompt_id}"))
         if reason:
             counts[f"{reason}_dropped"] += 1
@@ -193,6 +212,8 @@ def build_lists(pool: list[dict[str, Any]], config, seed: int = 0) -> tuple[list
                                                    for item in items[len(positives):])
         counts["positives"] += len(positives)
         counts["negatives"] += len(negatives)
+        counts["truncated_positives"] += sum(map(is_truncated, positives))
+        counts["truncated_negatives"] += sum(map(is_truncated, negatives))
         # The prompt as this round asked it (an earlier round's copy comes later in the group).
         lists.append({"prompt_id": prompt_id, "prompt": rows[0]["prompt"], "positives": positives,
                       "negatives": negatives, "metadata": rows[0]["metadata"]})
@@ -227,7 +248,8 @@ def run_stage(plan, out_dir: Path) -> dict[str, Any]:
     items = [item for row in lists for item in row["positives"] + row["negatives"]]
     return {
         **counts,
-        # prompts == lists + all_tied_dropped + no_negative_dropped + all_invalid_dropped
+        # prompts == lists + all_tied_dropped + no_negative_dropped + no_finished_positive_dropped
+        #            + all_invalid_dropped
         "prompts": len(prompt_ids),
         "all_invalid_dropped": len(prompt_ids) - counts["prompts"],
         "candidates": len(candidates),

@@ -159,7 +159,8 @@ def fake_respond(calls: list):
     """Stands in for vLLM: answers 'word' * (round + 1), so later rounds answer longer."""
     def respond(heldout, policy, round_number, config, out_dir, engines=None):
         calls.append((policy, round_number))
-        outputs = [[{"text": " ".join(["word"] * (round_number + 1)), "num_tokens": round_number + 1}]
+        outputs = [[{"text": " ".join(["word"] * (round_number + 1)), "num_tokens": round_number + 1,
+                     "finish_reason": "stop", "token_ids": [7] * round_number + [2]}]
                    for _ in heldout]
         rows = evaluate.eval_rows(heldout, outputs, round_number, policy)
         for r in rows:

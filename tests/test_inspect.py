@@ -50,6 +50,9 @@ def test_inspect_prints_counts_rewards_ties_sizes_and_examples(round_dir, capsys
     assert re.search(r"lists +2 of 4 prompts +\(strategy top_rest, .*ties drop", out)
     assert "all_tied 1" in out and "no_negative 0" in out and "all_invalid 1" in out
     assert "invalid rewards  2 dropped" in out
+    # LONG stands for an answer cut at max_tokens: it leads p-long's list under lists.truncated keep
+    assert ("truncated        1 of 10 candidates (10%) stopped at max_tokens; in lists: 1 of 2 positives, "
+            "0 of 3 negatives  (lists.truncated keep)") in out
     # reward distribution over the 8 finite rewards
     assert "rewards of 8 candidates (2 NaN or infinite left out)" in out
     assert "min 0.000   q1 0.438   median 0.500   q3 0.812   max 1.000   mean 0.562" in out

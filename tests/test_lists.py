@@ -22,7 +22,8 @@ from stages.rerank import (
     screen_rewards,
 )
 
-ITEM_KEYS = {"response", "reward", "sample_index", "round", "num_tokens", "temperature"}
+ITEM_KEYS = {"response", "reward", "sample_index", "round", "num_tokens", "temperature", "finish_reason",
+             "response_token_ids"}
 STRATEGIES = sorted(LIST_STRATEGIES)
 
 
@@ -38,6 +39,7 @@ def candidate(prompt_id: str, sample_index: int, reward: float, round_number: in
         "temperature": 0.8,
         "num_tokens": 10 + sample_index,
         "finish_reason": "stop",
+        "response_token_ids": [sample_index, round_number, 2],
         "metadata": json.dumps({"constraints": [], "pid": prompt_id}),
         "reward": reward,
     }
@@ -316,7 +318,8 @@ def test_pool_adds_earlier_rounds_for_the_same_prompts_only():
     [row], _ = build_lists(pool, lists_config("top_rest"))
     # the earlier reward is reused as stored, and the item keeps its round
     assert row["positives"][0] == {"response": "a/r1/s0", "reward": 0.9, "sample_index": 0, "round": 1,
-                                   "num_tokens": 10, "temperature": 0.8}
+                                   "num_tokens": 10, "temperature": 0.8, "finish_reason": "stop",
+                                   "response_token_ids": [0, 1, 2]}
     assert [i["round"] for i in row["negatives"]] == [3, 3, 2, 3]
 
 
@@ -419,3 +422,31 @@ def test_reward_summary_single_empty_and_does_not_mutate():
     assert reward_summary([0.25]) == {"reward_mean": 0.25, "reward_min": 0.25,
                                      "reward_median": 0.25, "reward_max": 0.25}
     assert reward_summary([]) == {}
+
+
+# --- truncated answers (lists.truncated) ---------------------------------------------
+
+def truncated(row: dict) -> dict:
+    return {**row, "finish_reason": "length"}
+
+
+def test_truncated_answers_are_ranked_like_others_by_default_and_counted():
+    rows = [truncated(candidate("q", 0, 1.0)), candidate("q", 1, 0.5), truncated(candidate("q", 2, 0.0))]
+    [row], counts = build_lists(rows, lists_config("top_rest"))
+    assert rewards_of(row["positives"]) == [1.0] and rewards_of(row["negatives"]) == [0.5, 0.0]
+    assert counts["truncated_positives"] == 1 and counts["truncated_negatives"] == 1
+
+
+def test_negative_only_never_makes_a_truncated_answer_a_positive():
+    rows = ([truncated(candidate("q", 0, 1.0)), candidate("q", 1, 0.5), candidate("q", 2, 0.2),
+             truncated(candidate("q", 3, 0.0))]
+            # Its only finished answer is at the floor: no positive can lead, so no list.
+            + [truncated(candidate("r", 0, 1.0)), candidate("r", 1, 0.0)])
+    lists, counts = build_lists(rows, lists_config("top_rest", truncated="negative_only"))
+    [row] = lists
+    assert row["prompt_id"] == "q"
+    # The truncated 1.0 is above the positive: it can be neither, and is left out.
+    assert rewards_of(row["positives"]) == [0.5] and rewards_of(row["negatives"]) == [0.2, 0.0]
+    assert counts["no_finished_positive_dropped"] == 1
+    assert counts["truncated_positives"] == 0 and counts["truncated_negatives"] == 1
+    assert all(p["reward"] >= n["reward"] for p in row["positives"] for n in row["negatives"])

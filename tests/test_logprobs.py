@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pools.logprobs import collate, pack_lists, sequence_logprobs, tokenize_example
+from pools.logprobs import collate, pack_lists, response_to_score, sequence_logprobs, tokenize_example
 
 PAD = 0
 
@@ -229,6 +229,29 @@ def test_tokenize_example_truncates_the_response_only():
     # Room for everything: eos kept.
     ids, _ = tokenize_example(tokenizer, MESSAGES, "abcdef", max_length=len(PROMPT) + 7)
     assert ids[-1] == 2
+
+
+def test_sampled_ids_are_scored_as_they_are():
+    tokenizer = CharTokenizer()
+    # A finished answer ends with the stop token the engine emitted, which need not be eos
+    # (Gemma's <end_of_turn>, Llama-3's <|eot_id|>): nothing is replaced or added.
+    ids, num_prompt = tokenize_example(tokenizer, MESSAGES, [5, 6, 107], max_length=100)
+    assert ids[num_prompt:] == [5, 6, 107]
+    # A truncated answer (max_tokens) gets no end-of-answer token.
+    ids, num_prompt = tokenize_example(tokenizer, MESSAGES, [5, 6, 7], max_length=100)
+    assert ids[num_prompt:] == [5, 6, 7] and 2 not in ids[num_prompt:]
+    # Ids that are not what the text tokenizes to are still the ones scored.
+    ids, num_prompt = tokenize_example(tokenizer, MESSAGES, [ord("o"), ord("k")], max_length=100)
+    assert ids[num_prompt:] == [ord("o"), ord("k")]
+    ids, _ = tokenize_example(tokenizer, MESSAGES, [5, 6, 7, 8], max_length=len(PROMPT) + 2)
+    assert ids[len(PROMPT):] == [5, 6]
+
+
+def test_rows_without_ids_are_scored_from_their_text():
+    # Lists made before response_token_ids existed: the text, and eos, as they were trained then.
+    assert response_to_score({"response": "ok", "response_token_ids": None}) == "ok"
+    assert response_to_score({"response": "ok"}) == "ok"
+    assert response_to_score({"response": "ok", "response_token_ids": [5, 2]}) == [5, 2]
 
 
 def test_tokenize_example_rejects_an_overlong_prompt():

@@ -26,8 +26,10 @@ CONSTRAINTS = json.dumps({"constraints": [{"kind": "max_words", "limit": 3}]})
 def candidate_row(prompt_id: str, sample_index: int, response: str, round_number: int) -> dict:
     return {"prompt_id": prompt_id, "prompt": [{"role": "user", "content": f"Answer {prompt_id} in 3 words."}],
             "response": response, "sample_index": sample_index, "round": round_number, "policy": "base",
-            "temperature": 1.0, "num_tokens": len(response.split()), "finish_reason": "stop",
-            "metadata": CONSTRAINTS}
+            # A long answer stands for one the engine cut at max_tokens.
+            "temperature": 1.0, "num_tokens": len(response.split()),
+            "finish_reason": "length" if len(response.split()) >= 50 else "stop",
+            "metadata": CONSTRAINTS, "response_token_ids": [len(response), sample_index, 2]}
 
 
 def make_plan(tmp_path, number: int, *overrides: str) -> SimpleNamespace:

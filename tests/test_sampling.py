@@ -43,7 +43,8 @@ def test_group_samples_puts_each_prompts_blocks_together_with_their_temperature(
     grouped = group_samples(outputs, blocks)
     assert [[s["text"] for s in samples] for samples in grouped] == [["a", "bb", "ccc"], ["d", "ee", "fff"]]
     assert [[s["temperature"] for s in samples] for samples in grouped] == [[0.6, 0.6, 1.0]] * 2
-    assert grouped[0][1] == {"text": "bb", "num_tokens": 2, "finish_reason": "stop", "temperature": 0.6}
+    assert grouped[0][1] == {"text": "bb", "num_tokens": 2, "finish_reason": "stop", "token_ids": [0, 1],
+                             "temperature": 0.6}
 
 
 def test_candidate_rows_carry_each_samples_temperature_and_index():

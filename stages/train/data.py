@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from pools.logprobs import tokenize_example
+from pools.logprobs import response_to_score, tokenize_example
 
 def use_sparse_embedding_grad(model) -> bool:
     """Let the input embedding's backward write only the rows of the batch's tokens.
@@ -59,7 +59,7 @@ def build_examples(rows: list[dict[str, Any]], tokenizer, max_length: int, max_l
     examples = []
     for row in rows:
         items = list_items(row, max_list_size)
-        tokens = [tokenize_example(tokenizer, row["prompt"], item["response"], max_length) for item in items]
+        tokens = [tokenize_example(tokenizer, row["prompt"], response_to_score(item), max_length) for item in items]
         examples.append(ListExample(row["prompt_id"], tokens, [item["ref_logp"] for item in items],
                                     [item["reward"] for item in items]))
     return examples
