@@ -27,13 +27,18 @@ class EngineExtension:
         the embeddings and puts the output layer's old tensors back ("ParallelLMHead: Failed
         to load weights"): a reloaded engine would score tokens with the previous policy's
         output layer. Re-tying and rerunning the layer's post-load step (on CPU it packs the
-        weight for its GEMM) gives the output layer a fresh engine has. False for an untied model.
+        weight for its GEMM) gives the output layer a fresh engine has. False for an untied model,
+        and for one whose logits read the input embeddings directly (Gemma).
         """
         model = self.model_runner.get_model()
         if not getattr(self.model_runner.model_config.hf_text_config, "tie_word_embeddings", False):
             return False
         lm_head = getattr(model, "lm_head", None)
         embed_tokens = getattr(getattr(model, "model", None), "embed_tokens", None)
+        if lm_head is None and embed_tokens is not None:
+            # Gemma's vLLM classes have no output layer: their logits read embed_tokens itself,
+            # which the reload rebuilt (tests/test_model_families.py checks the log-probs).
+            return False
         if lm_head is None or embed_tokens is None:
             raise RuntimeError(f"{type(model).__name__} ties its embeddings but has no lm_head and "
                                "model.embed_tokens to tie again after a reload; set generate.keep_engines=off")

@@ -16,6 +16,7 @@ import torch
 
 from pipeline import timing
 from pipeline.console import worker_bar
+from pipeline.errors import PipelineError
 from pipeline.hardware import native_bf16
 from pools.logprobs import Response, list_batch, sequence_logprobs, tokenize_example
 
@@ -33,12 +34,78 @@ def use_all_cpu_threads() -> None:
         torch.set_num_threads(os.cpu_count() or 1)
 
 
-def load_policy(path: str, dtype: str, trust_remote_code: bool = False):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def attention_for(config) -> str | None:
+    """The attention implementation that computes what the model defines: sdpa ignores an
+    attention soft-cap (Gemma-2's attn_logit_softcapping), eager applies it; None: the default."""
+    text = getattr(config, "get_text_config", lambda: config)()
+    return "eager" if getattr(text, "attn_logit_softcapping", None) is not None else None
+
+
+def load_policy(path: str, dtype: str, trust_remote_code: bool = False, check: bool = True):
+    """The policy and its tokenizer on this worker's device; with `check`, refused in one line if our
+    log-probs are not the model's own (check_logprob_path)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
-    return model.to(pick_device()), tokenizer
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    extra = {"attn_implementation": attention} if (attention := attention_for(config)) else {}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+                                                 **extra)
+    model = model.to(pick_device())
+    if check:
+        check_logprob_path(model, tokenizer, path)
+    return model, tokenizer
+
+
+# Per-token agreement the load-time check asks of our log-probs with the model's own, in nats:
+# fp32 paths differ by rounding only; bf16 weights round each matmul to 8 bits of mantissa.
+LOGPROB_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2}
+PROBE_PROMPT = [{"role": "user", "content": "Name three colours, then stop."}]
+PROBE_ANSWERS = ("Red, green and blue.", "Blue, yellow, and a shade of purple that has no name.")
+
+
+def model_logprobs(model, items: list[tuple[list[int], int]]) -> list[float]:
+    """sum log_softmax(model(ids).logits)[label] over each item's response, one forward per item:
+    the model's own numbers, as transformers' loss would compute them."""
+    totals = []
+    for ids, num_prompt in items:
+        input_ids = torch.tensor([ids], device=model.device)
+        logits = model(input_ids=input_ids, use_cache=False).logits[0].float()
+        logps = torch.log_softmax(logits[num_prompt - 1:-1], dim=-1)
+        totals.append(logps.gather(-1, input_ids[0, num_prompt:, None]).sum().item())
+    return totals
+
+
+def logprob_gap(model, tokenizer, items: list[tuple[list[int], int]], chunk_size: int = 64) -> float:
+    """The largest per-token difference between our log-probs (one row per item, and the items packed
+    after their shared prompt) and the model's own."""
+    pad = pad_token_id(tokenizer)
+    with torch.no_grad():
+        theirs = model_logprobs(model, items)
+        gaps = []
+        for share_prompt in (False, True):
+            batch = {k: v.to(model.device) for k, v in list_batch([items], pad, share_prompt).items()}
+            ours = sequence_logprobs(model, batch, chunk_size).tolist()
+            gaps += [abs(a - b) / (len(ids) - n) for a, b, (ids, n) in zip(ours, theirs, items, strict=True)]
+    return max(gaps)
+
+
+def check_logprob_path(model, tokenizer, path: str) -> None:
+    """Stop, in one line, rather than train on log-probs that are not the model's own: a family that
+    does something after its last hidden state that FamilyHead does not reproduce, or an attention
+    implementation that ignores part of the model (pools/logprobs.py)."""
+    was_training = model.training
+    model.eval()
+    items = [tokenize_example(tokenizer, PROBE_PROMPT, tokenizer.encode(answer, add_special_tokens=False), 10**6)
+             for answer in PROBE_ANSWERS]
+    gap = logprob_gap(model, tokenizer, items)
+    model.train(was_training)
+    tolerance = LOGPROB_TOLERANCE.get(model.dtype, LOGPROB_TOLERANCE[torch.bfloat16])
+    if not gap <= tolerance:
+        family = getattr(model.config, "model_type", "?")
+        raise PipelineError(f"log-probs of {path} ({family}) differ from the model's own logits by {gap:.3g} nats "
+                            f"per token (tolerance {tolerance:g}): pools/logprobs.py does not reproduce what this "
+                            "family computes after its last hidden state; it is not trained on")
 
 
 def autocast(setting: str):

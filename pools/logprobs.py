@@ -16,6 +16,7 @@ exactly the keys, at exactly the positions, that it would in its own row.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -188,9 +189,41 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+# What a family's *ForCausalLM.forward does to lm_head's output, keyed by the config field that asks
+# for it (read from transformers' modeling files): without it the log-probs are not the model's.
+LOGIT_TRANSFORMS: dict[str, Callable[[Tensor, float], Tensor]] = {
+    "final_logit_softcapping": lambda logits, cap: torch.tanh(logits / cap) * cap,  # Gemma-2, Gemma-3
+    "logit_scale": lambda logits, scale: logits * scale,                             # Cohere
+    "logits_scaling": lambda logits, scaling: logits / scaling,                      # Granite, MiniCPM3
+}
+
+
+class FamilyHead(nn.Module):
+    """The model's own logits from its last hidden states: lm_head, then its family's transforms.
+
+    A family this does not cover is caught when the model loads (pools/logprob_scorer.py,
+    check_logprob_path), not trained on silently.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        inner = _unwrap(model)
+        self.head = inner.get_output_embeddings()
+        config = getattr(inner.config, "get_text_config", lambda: inner.config)()
+        self.transforms = [(LOGIT_TRANSFORMS[name], float(value)) for name in LOGIT_TRANSFORMS
+                           if (value := getattr(config, name, None)) is not None]
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        # In fp32, as the log-softmax after it: a soft-cap's tanh loses most in bf16.
+        logits = self.head(hidden).float()
+        for transform, value in self.transforms:
+            logits = transform(logits, value)
+        return logits
+
+
 def _label_logprobs(head: nn.Module, hidden: Tensor, labels: Tensor) -> Tensor:
     """log softmax(head(hidden))[label] per row of ``hidden`` [P, H] -> [P], in fp32."""
-    logits = head(hidden).float()
+    logits = head(hidden)
     return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
@@ -213,8 +246,8 @@ def sequence_logprobs(model: nn.Module, batch: dict[str, Tensor], chunk_size: in
     """Sum (or, with ``average``, mean) over response tokens of log p(token | prefix), one per item, fp32.
 
     ``batch`` comes from ``collate`` or ``pack_lists``. ``model`` is a causal LM whose logits are
-    ``get_output_embeddings()(last hidden state)`` (Llama, Qwen, Mistral, SmolLM; not models with
-    logit soft-capping or scaling). It may be wrapped (DDP): we call the wrapper's forward, so its
+    ``get_output_embeddings()(last hidden state)`` followed by its family's LOGIT_TRANSFORMS
+    (soft-capping, scaling). It may be wrapped (DDP): we call the wrapper's forward, so its
     gradient synchronisation still runs, and ask it for logits of the last position only; the rest
     comes from the final hidden states. Differentiable; matches a full log_softmax gather to fp32 rounding.
     """
@@ -227,7 +260,7 @@ def sequence_logprobs(model: nn.Module, batch: dict[str, Tensor], chunk_size: in
         use_cache=False,
     )
     hidden = out.hidden_states[-1]
-    head = _unwrap(model).get_output_embeddings()
+    head = FamilyHead(model)
     states = hidden.reshape(-1, hidden.shape[-1])[batch["label_index"]]
     labels = batch["labels"]
 
