@@ -1,8 +1,9 @@
-"""One model family through vLLM and our log-prob path: `python -m tests.family_engine_check <model dir> <work dir>`.
+"""Model families through vLLM and our log-prob path:
+`python -m tests.family_engine_check <work dir> <model dir>...`.
 
-Run in its own process per family (tests/test_model_families.py), because a process holds one
-vLLM engine at a time; the transformers side runs in a child process of its own (see MODELS).
-It prints one JSON line with what it measured:
+One family at a time (a process holds one vLLM engine at a time; each is deleted before the
+next starts); the transformers side runs in a child process of its own (see MODELS). It prints
+one `RESULT` JSON line per family with what it measured:
 
 1. vLLM (fp32, as the engines of a round run on CPUs without bf16) samples the probe prompt;
    our tokenization of the prompt must give vLLM's prompt ids, and each sample's ids, scored as
@@ -110,32 +111,43 @@ def train_one_step(outputs: list[dict], out_dir: str) -> None:
     save_policy(model, tokenizer, TrainConfig(), Path(out_dir), rank=0, sharded=False)
 
 
-def main(model_dir: str, work_dir: str) -> dict:
+def check_family(scorer, model_dir: str, work_dir: str) -> dict:
     import gc
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
 
     trained = str(Path(work_dir) / "trained")
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as scorer:
-        call = lambda function, *args: scorer.submit(function, *args).result()  # noqa: E731
-        eos = call(load_models, model_dir)
-        llm = engine(model_dir)
-        base = call(compare, sample(llm, 1.0, 4), "policy")
-        call(train_one_step, sample(llm, 0.0, 1), trained)
-        llm.collective_rpc("reload_weights", kwargs={"weights_path": trained})
-        llm.collective_rpc("retie_lm_head")
-        llm.reset_prefix_cache()
-        reloaded_outputs = sample(llm, 0.0, 1)
-        reloaded = call(compare, reloaded_outputs, "policy")
-        # Were the weights really replaced? The base model's log-probs must be far from the engine's now.
-        stale = call(compare, reloaded_outputs, "base")["max_gap_per_token"]
+    call = lambda function, *args: scorer.submit(function, *args).result()  # noqa: E731
+    eos = call(load_models, model_dir)
+    llm = engine(model_dir)
+    base = call(compare, sample(llm, 1.0, 4), "policy")
+    call(train_one_step, sample(llm, 0.0, 1), trained)
+    llm.collective_rpc("reload_weights", kwargs={"weights_path": trained})
+    llm.collective_rpc("retie_lm_head")
+    llm.reset_prefix_cache()
+    reloaded_outputs = sample(llm, 0.0, 1)
+    reloaded = call(compare, reloaded_outputs, "policy")
+    # Were the weights really replaced? The base model's log-probs must be far from the engine's now.
+    stale = call(compare, reloaded_outputs, "base")["max_gap_per_token"]
     del llm
     gc.collect()
-    fresh = [out["completions"][0]["token_ids"] for out in sample(engine(trained), 0.0, 1)]
+    fresh_engine = engine(trained)
+    fresh = [out["completions"][0]["token_ids"] for out in sample(fresh_engine, 0.0, 1)]
+    del fresh_engine
+    gc.collect()
     return {"eos_token_id": eos, "base": base, "reloaded": reloaded,
             "reloaded_greedy": [out["completions"][0]["token_ids"] for out in reloaded_outputs],
             "fresh_greedy": fresh, "base_model_gap_after_reload": stale}
 
 
+def main(work_dir: str, model_dirs: list[str]) -> None:
+    """Every family in turn, one engine at a time; a RESULT line per family."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as scorer:
+        for model_dir in model_dirs:
+            result = check_family(scorer, model_dir, str(Path(work_dir) / Path(model_dir).name))
+            print("RESULT " + json.dumps({"model": model_dir, **result}), flush=True)
+
+
 if __name__ == "__main__":
-    print("RESULT " + json.dumps(main(sys.argv[1], sys.argv[2])), flush=True)
+    main(sys.argv[1], sys.argv[2:])

