@@ -1,4 +1,4 @@
-# The command line of the project (see README.md and ../shared/DESIGN.md).
+# The command line of the project (see README.md and docs/contracts.md).
 VENV    := .venv
 PY      := $(VENV)/bin/python
 N       ?= 1

@@ -18,7 +18,7 @@ Runs `python -m pipeline rounds N` for every method and seed on the same config
 
 K is the config's `generate.num_samples`. When a (method, seed) run has finished
 all its rounds, its metrics.json and eval shards are copied into the repository,
-`docs/experiments/<method>/seed-<s>/round_NNN/` (DESIGN.md's layout), so the
+`docs/experiments/<method>/seed-<s>/round_NNN/` (docs/contracts.md's layout), so the
 tables rebuild on a fresh clone and an experiment split over several machines
 runs only what the store lacks. Then `bench/experiment_summary.py` writes the
 tables with 95% intervals, the verdict on the paper's ordering and the plots

@@ -1,4 +1,4 @@
-"""`python -m pipeline ...`: the command line of DESIGN.md."""
+"""`python -m pipeline ...`: the command line of docs/contracts.md."""
 
 from __future__ import annotations
 

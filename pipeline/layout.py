@@ -1,4 +1,4 @@
-"""The run directory contract (DESIGN.md, "Run layout") and atomic writes.
+"""The run directory contract (docs/contracts.md, "Run layout") and atomic writes.
 
 Nothing in a run directory is ever half-written: files are written to a
 temporary name and renamed, a stage writes into `<output>.partial/` and

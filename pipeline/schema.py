@@ -1,4 +1,4 @@
-"""Arrow schemas of the Parquet shards (DESIGN.md, "Parquet columns").
+"""Arrow schemas of the Parquet shards (docs/contracts.md, "Parquet columns").
 
 Writing with an explicit schema keeps every shard of every round readable as
 one dataset in pandas or DuckDB, even when a shard happens to be empty.

@@ -29,3 +29,14 @@ def test_every_package_of_the_checkout_is_installed(tmp_path):
     result = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_the_project_cites_only_its_own_files():
+    # The contracts the README and the code cite are in docs/, which a clone has.
+    from tests.conftest import REPO_ROOT
+
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.split()
+    assert "docs/contracts.md" in tracked
+    outside = [name for name in tracked if (REPO_ROOT / name).is_file() and name != "tests/test_console_script.py"
+               and "../shared" in (REPO_ROOT / name).read_text(errors="ignore")]
+    assert outside == []

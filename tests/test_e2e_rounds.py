@@ -1,7 +1,7 @@
 """Two smoke rounds end to end: real vLLM, real Ray, real Ray Train, through the CLI.
 
 The rounds run once per test session (conftest.py's `smoke_run`, about five
-minutes); each test then checks one part of the contracts in DESIGN.md on what
+minutes); each test then checks one part of the contracts in docs/contracts.md on what
 they left behind.
 """
 
