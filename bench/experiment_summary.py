@@ -18,6 +18,7 @@ from bench.experiment_tables import Results, against_round_0, between_methods, i
 from bench.replay_summary import replay_section
 from pipeline.errors import PipelineError
 from pipeline.stats import BOOTSTRAP_RESAMPLES
+from pipeline.timing import round_wall_seconds
 
 # The default config's goal (issue 12): +15 points of strict pass rate by the last round,
 # mean over seeds, with the pooled interval's lower end at +5 points or more.
@@ -111,7 +112,7 @@ def wall_time(results: Results, store: Path) -> str:
     """How long the stored rounds took, and on which machines (each seed directory's machine.json)."""
     from bench.generate_bench import machine_line
 
-    seconds = {m: sum(r.metrics.get("round_seconds") or 0.0 for rounds in by_seed.values()
+    seconds = {m: sum(round_wall_seconds(r.metrics) or 0.0 for rounds in by_seed.values()
                       for n, r in rounds.items() if n > 0) for m, by_seed in results.items()}
     machines = set()
     for method, by_seed in results.items():

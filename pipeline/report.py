@@ -21,6 +21,7 @@ from typing import Any
 
 from pipeline.errors import PipelineError
 from pipeline.layout import atomic_write_bytes, atomic_write_text
+from pipeline.timing import round_wall_seconds
 
 ROUND_DIR = re.compile(r"round_(\d{3})")
 
@@ -97,7 +98,6 @@ def table_row(metrics: dict[str, Any], training_log: list[dict[str, Any]]) -> di
     # The log has every step; metrics.json only a summary, used when the log is gone.
     loss_last = losses[-1] if losses else train.get("loss_last")
     loss_mean = sum(losses) / len(losses) if losses else train.get("loss_mean")
-    seconds = [s for s in (metrics.get("stage_seconds") or {}).values() if s is not None]
     return {
         "round": metrics["round"],
         **{key: evaluation.get(key) for key in ("reward_mean", "win_rate", "pass_rate", "response_tokens_mean")},
@@ -107,7 +107,7 @@ def table_row(metrics: dict[str, Any], training_log: list[dict[str, Any]]) -> di
         "loss_last": loss_last,
         "loss_mean": loss_mean,
         "lists": ((metrics.get("stages") or {}).get("rerank") or {}).get("lists"),
-        "wall_seconds": sum(seconds) if seconds else None,
+        "wall_seconds": round_wall_seconds(metrics),
     }
 
 

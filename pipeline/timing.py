@@ -86,6 +86,22 @@ def add_slowest(per_worker: list[Mapping[str, float]]) -> None:
         add(max(per_worker, key=lambda seconds: sum(seconds.values())))
 
 
+def round_wall_seconds(metrics: Mapping) -> float | None:
+    """A round's own wall time: what the log, metrics.json (`wall_seconds`) and `report` all give.
+
+    Round 0's evaluation, when the command that ran round 1 ran it first, is not part of it
+    (`baseline_seconds`), and a reference scored inside the train workers counts once, in train.
+    Rounds finished before `wall_seconds` was stored are read from what they kept."""
+    if metrics.get("wall_seconds") is not None:
+        return float(metrics["wall_seconds"])
+    if metrics.get("round_seconds") is not None:
+        return float(metrics["round_seconds"]) - float(metrics.get("baseline_seconds") or 0.0)
+    seconds = [s for s in (metrics.get("stage_seconds") or {}).values() if s is not None]
+    if not seconds:
+        return None
+    return sum(seconds) - float((metrics.get("stages") or {}).get("train", {}).get("reference_seconds_inside", 0.0))
+
+
 def round_time_text(metrics: Mapping) -> str:
     """How long a finished round took, as the driver logs it (from its metrics.json).
 
@@ -96,6 +112,6 @@ def round_time_text(metrics: Mapping) -> str:
     inside = metrics.get("stages", {}).get("train", {}).get("reference_seconds_inside", 0.0)
     stages = sum(metrics["stage_seconds"].values()) - inside
     baseline = metrics.get("baseline_seconds") or 0.0
-    own = metrics["round_seconds"] - baseline
+    own = round_wall_seconds(metrics)
     text = f"{own:.1f} s ({stages:.1f} s of stages, {metrics.get('ray_init_seconds', 0.0):.1f} s ray.init"
     return text + (f"; round 0's evaluation took {baseline:.1f} s before it)" if baseline else ")")

@@ -21,6 +21,7 @@ from typing import Any
 
 from pipeline.layout import RunLayout, atomic_write_json
 from pipeline.report import INTERVAL_KEYS, read_training_log, write_report
+from pipeline.timing import round_wall_seconds
 
 log = logging.getLogger("pipeline.tracking")
 
@@ -57,8 +58,8 @@ def round_values(metrics: dict[str, Any]) -> dict[str, float]:
     values.update({f"lists/{key}": reference[key] for key in ("lists_current", "lists_replayed") if key in reference})
     values["lists/prompts_dropped_too_long"] = metrics.get("prompts_dropped_too_long", 0)
     values.update({f"seconds/{stage}": seconds for stage, seconds in (metrics.get("stage_seconds") or {}).items()})
-    if "round_seconds" in metrics:
-        values["seconds/round"] = metrics["round_seconds"]
+    if (seconds := round_wall_seconds(metrics)) is not None:
+        values["seconds/round"] = seconds
     return {key: float(value) for key, value in values.items()}
 
 

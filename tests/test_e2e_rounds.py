@@ -162,6 +162,12 @@ def test_eval_and_metrics(run_dir, number):
         else:
             assert stats["work_seconds"] > 0, stage
     assert metrics["round_seconds"] > 0
+    # One wall time: the round's own, the same in pipeline.log and (round 0 apart) in metrics.json.
+    assert 0 < metrics["wall_seconds"] <= metrics["round_seconds"]
+    assert f"round {number} finished in {metrics['wall_seconds']:.1f} s" in (run_dir / "pipeline.log").read_text()
+    assert metrics["code"]["commit"] and metrics["code"]["version"]
+    assert all(len(r["response_token_ids"]) == r["num_tokens"] and r["finish_reason"] in ("stop", "length")
+               for r in rows)
     # The train stage's timings file is read into its stats and removed, not left in the checkpoint.
     assert not (round_dir / "policy" / "_timings.json").exists()
     assert metrics["train"]["steps"] >= 1

@@ -123,3 +123,25 @@ def test_a_reference_stage_of_its_own_counts_and_a_later_round_has_no_baseline()
                "stages": {"reference": {"in_train_workers": False}, "train": {}},
                "ray_init_seconds": 0.0, "round_seconds": 41.0}
     assert timing.round_time_text(metrics) == "41.0 s (40.0 s of stages, 0.0 s ray.init)"
+
+
+def test_the_log_metrics_and_report_give_one_wall_time_per_round():
+    from pipeline.report import table_row
+
+    metrics = {"round": 1, "eval": {}, "stage_seconds": {"generate": 234.3, "rerank": 4.9, "reference": 88.8,
+                                                        "train": 394.4, "evaluate": 127.2},
+               "stages": {"train": {"reference_seconds_inside": 88.8}},
+               "ray_init_seconds": 9.6, "baseline_seconds": 202.1, "round_seconds": 972.4}
+    metrics["wall_seconds"] = round(timing.round_wall_seconds(metrics), 2)  # as the driver stores it
+    assert metrics["wall_seconds"] == 770.3
+    assert timing.round_time_text(metrics).startswith("770.3 s ")
+    assert table_row(metrics, [])["wall_seconds"] == 770.3
+
+
+def test_rounds_from_before_wall_seconds_read_the_same():
+    with_total = {"round_seconds": 972.4, "baseline_seconds": 202.1, "stage_seconds": {"train": 1.0}}
+    assert timing.round_wall_seconds(with_total) == pytest.approx(770.3)
+    stages_only = {"stage_seconds": {"generate": 10.0, "train": 20.0},
+                   "stages": {"train": {"reference_seconds_inside": 5.0}}}
+    assert timing.round_wall_seconds(stages_only) == 25.0
+    assert timing.round_wall_seconds({"stage_seconds": {}}) is None
