@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import sys
@@ -13,34 +12,76 @@ from pipeline import console
 from pipeline.errors import PipelineError, Terminated
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default (argparse's, for those that have one)."""
+
+
+def package_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("larpo-pipeline")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser that owns unrecognized arguments: a mistyped flag gets that
+    subcommand's usage, not the top-level one."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extra = super().parse_known_args(args, namespace)
+        if hasattr(namespace, "overrides"):
+            wrong = [item for item in extra if "=" not in item or item.startswith("-")]
+            if wrong:
+                self.error(f"unrecognized arguments: {' '.join(wrong)}")
+            namespace.overrides = list(namespace.overrides) + extra
+            extra = []
+        return namespace, extra
+
+
 def build_parser() -> argparse.ArgumentParser:
     # `larpo` (the console script of pyproject.toml) and `python -m pipeline` are the same command.
     prog = "larpo" if Path(sys.argv[0]).name == "larpo" else "python -m pipeline"
-    parser = argparse.ArgumentParser(prog=prog, description="LarPO iterative alignment rounds")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog=prog, description="LarPO iterative alignment rounds",
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
 
     for name, help_text in (("round", "run round N (round N-1 must be finished)"),
                             ("rounds", "run rounds 1..N, skipping finished ones")):
-        sub = commands.add_parser(name, help=help_text)
-        sub.add_argument("number", type=int)
-        sub.add_argument("--config", default="configs/default.yaml")
+        sub = commands.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
+        sub.add_argument("number", type=int, help="the round to run (round) or the last round to run (rounds)")
+        sub.add_argument("--config", default="configs/default.yaml",
+                         help="the run's YAML config (its relative paths are read from the current directory)")
         sub.add_argument("--run", default="default", help="run name: the directory under the output root")
         sub.add_argument("--output", help="output root (overrides the config's `output`)")
         sub.add_argument("--verbose", action="store_true",
                          help="also show vLLM's, Ray's and the workers' output live (always in runs/<run>/logs/)")
-        sub.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.beta=0.2")
+        sub.add_argument("--dry-run", action="store_true",
+                         help="show the plan (resolved config, prompts, stages to run or skip, estimated work) "
+                              "and write nothing")
+        sub.add_argument("overrides", nargs="*", metavar="key=value", default=[],
+                         help="config overrides, e.g. train.beta=0.2 (`larpo config` lists every key)")
+
+    sub = commands.add_parser("config", help="every config key with its default and help, or the resolved config "
+                              "of a file plus overrides", formatter_class=HelpFormatter)
+    sub.add_argument("--config", help="a YAML config to resolve (default: list every key instead)")
+    sub.add_argument("overrides", nargs="*", metavar="key=value", default=[], help="config overrides")
 
     commands.add_parser("prepare-models", help="convert the embedded default model and build the tiny test model")
 
-    sub = commands.add_parser("inspect", help="what the reranker did in one round: counts, rewards, example lists")
+    sub = commands.add_parser("inspect", help="what the reranker did in one round: counts, rewards, example lists",
+                              formatter_class=HelpFormatter)
     sub.add_argument("round_dir", help="a round directory, e.g. runs/default/round_001")
     sub.add_argument("--examples", type=int, default=3, help="prompts shown with their positives and negatives")
 
-    sub = commands.add_parser("report", help="a table and a PNG plot of every round of a run")
+    sub = commands.add_parser("report", help="a table and a PNG plot of every round of a run",
+                              formatter_class=HelpFormatter)
     sub.add_argument("run_dir", help="a run directory, e.g. runs/default")
 
     sub = commands.add_parser("export", help="ranked lists as a preference dataset (prompt, chosen, rejected) "
-                              "for TRL and other trainers")
+                              "for TRL and other trainers", formatter_class=HelpFormatter)
     sub.add_argument("source", help="a round directory (runs/<run>/round_001) or a run directory (every round)")
     sub.add_argument("--format", choices=("trl", "hf"), default="trl",
                      help="trl: one Parquet file in TRL's conversational format; hf: a datasets save_to_disk directory")
@@ -73,19 +114,18 @@ def run_command(args: argparse.Namespace) -> int:
         from pipeline.report import main as report_main
 
         return report_main(args)
+    if args.command == "config":
+        from pipeline.plan_view import config_main
+
+        return config_main(args)
     return run_rounds(args)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    # Overrides may come after options (`--run x train.beta=0.2`), which argparse
-    # leaves unparsed; anything else left over is a real mistake.
-    args, extra = parser.parse_known_args(argv)
-    unexpected = [item for item in extra if "=" not in item or item.startswith("-")]
-    if unexpected or (extra and not hasattr(args, "overrides")):
-        parser.error(f"unrecognized arguments: {' '.join(unexpected or extra)}")
-    if extra:
-        args.overrides = list(args.overrides) + extra
+    # Overrides may come after options (`--run x train.beta=0.2`), which argparse leaves
+    # unparsed: CommandParser takes them, and refuses anything else left over.
+    args = parser.parse_args(argv)
     if args.command in ("round", "rounds"):
         console.configure(verbose=args.verbose)
     else:
@@ -129,11 +169,16 @@ def run_rounds(args: argparse.Namespace) -> int:
     from pipeline.driver import plan_round, run_round
     from pipeline.layout import RunLayout
     from pipeline.lock import run_lock
+    from pipeline.plan_view import summary_line
     from pipeline.tracking import Tracking
     from pools.vllm_engines import EnginePool
 
     overrides = list(args.overrides) + ([f"output={args.output}"] if args.output else [])
     config = load_config(args.config, overrides)
+    if args.dry_run:
+        from pipeline.plan_view import dry_run_main
+
+        return dry_run_main(args, config)
     first = 1 if args.command == "rounds" else args.number
     run = RunLayout.at(config.output, args.run)
     run.ensure_writable()
@@ -144,9 +189,9 @@ def run_rounds(args: argparse.Namespace) -> int:
     try:
         with run_lock(run.dir):
             for number in range(first, args.number + 1):
-                metrics = run_round(plan_round(config, args.run, number, engines), tracking)
-                print(json.dumps({"round": number, "eval": metrics.get("eval"),
-                                  "stage_seconds": metrics.get("stage_seconds")}))
+                plan = plan_round(config, args.run, number, engines)
+                metrics = run_round(plan, tracking)
+                print(summary_line(metrics, plan.round.dir))
     except KeyboardInterrupt:  # Terminated (SIGTERM) included
         return interrupted(_terminated[0] if _terminated else signal.SIGINT)
     finally:

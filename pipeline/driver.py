@@ -60,11 +60,14 @@ class RoundPlan:
     engines: EnginePool | None = None
 
 
-def plan_round(config: Config, run_name: str, number: int, engines: EnginePool | None = None) -> RoundPlan:
+def plan_round(config: Config, run_name: str, number: int, engines: EnginePool | None = None,
+               dry_run: bool = False) -> RoundPlan:
+    """Validate round `number` of the run and gather what it needs; with `dry_run`, write nothing."""
     if number < 1:
         raise PipelineError(f"round number must be 1 or more; got {number}")
     run = RunLayout.at(config.output, run_name)
-    run.ensure_writable()
+    if not dry_run:
+        run.ensure_writable()
     this_round = run.round(number)
     if number > 1 and not run.round(number - 1).is_finished():
         previous = run.round(number - 1)

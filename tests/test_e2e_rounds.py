@@ -203,6 +203,9 @@ def test_the_console_shows_the_pipeline_and_the_logs_keep_the_rest(run_dir):
     assert len(lines) <= 40, "\n".join(lines)
     finished = [line for line in lines if " finished in " in line]
     assert len(finished) == 1 + 2 * len(STAGES) + 2, finished  # round 0, every stage, each round
+    # Each round ends with one short human line; the JSON stays in metrics.json.
+    summaries = [line for line in lines if re.match(r"round [12] done in \d+ s: pass rate ", line)]
+    assert len(summaries) == 2 and all(len(line) < 250 and "metrics.json" in line for line in summaries), lines
     assert not [line for line in lines if "vLLM" in line or "(pid=" in line or "WARNING" in line], lines
     logs = run_dir / "logs"
     assert sorted(p.name for p in (logs / "round_000").iterdir()) == ["evaluate.log"]
