@@ -30,6 +30,7 @@ from pipeline import console, timing
 from pipeline.layout import (EARLIER_ROUNDS, STAGE_BY_NAME, STAGE_REGISTRY, STAGES, RoundLayout, RunLayout,
                              atomic_write_json, atomic_write_text)
 from pipeline.memory import MemoryMonitor
+from pipeline.model_card import model_card
 from pipeline.models import REPO_ROOT, resolve_model
 from pipeline.prompts import Prompt, fit_to_context, load_prompts, round_slice
 from pipeline.provenance import code_version
@@ -182,6 +183,7 @@ def run_round(plan: RoundPlan, tracking: Tracking | None = None) -> dict[str, An
         metrics["round_seconds"] = round(time.perf_counter() - start, 2)
         metrics["wall_seconds"] = round(timing.round_wall_seconds(metrics), 2)
         atomic_write_json(plan.round.metrics, metrics)
+        atomic_write_text(plan.round.policy / "README.md", model_card(plan, metrics))
         log.info("round %d finished in %s: %s", number, round_time_text(metrics), plan.round.metrics)
         if tracking:
             # The trackers' own chatter (W&B, MLflow) goes to the round's logs too.

@@ -286,3 +286,14 @@ def test_interrupted_stage_is_redone_from_its_partial_output(run_dir):
     assert "generate already done" in result.stderr
     assert read(round_dir / "lists") == before
     assert len(list((round_dir / "lists").glob("part-*.parquet"))) == 1
+
+
+def test_every_policy_carries_a_model_card(run_dir):
+    import yaml
+
+    for number in (1, 2):
+        card = (run_dir / f"round_00{number}" / "policy" / "README.md").read_text()
+        front = yaml.safe_load(card.split("---")[1])
+        assert front["base_model"] == SMOKE["model"]["name"] and "larpo" in front["tags"]
+        assert f"round {number}" in card and "strict pass rate" in card and "95% paired bootstrap" in card
+        assert "smoke_train.jsonl" in card
