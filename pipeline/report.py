@@ -35,6 +35,7 @@ COLUMNS = [
     ("win_rate_interval", "win rate [95% CI]", "interval"),
     ("pass_rate_interval", "pass rate change, points [95% CI]", "interval"),
     ("response_tokens_mean", "mean length (tokens)", "{:.1f}"),
+    ("truncated_rate", "cut at max_tokens", "{:.3f}"),
     ("loss_last", "train loss (last)", "{:.4f}"),
     ("loss_mean", "train loss (mean)", "{:.4f}"),
     ("lists", "lists kept", "{}"),
@@ -100,10 +101,12 @@ def table_row(metrics: dict[str, Any], training_log: list[dict[str, Any]]) -> di
     loss_mean = sum(losses) / len(losses) if losses else train.get("loss_mean")
     return {
         "round": metrics["round"],
-        **{key: evaluation.get(key) for key in ("reward_mean", "win_rate", "pass_rate", "response_tokens_mean")},
+        **{key: evaluation.get(key) for key in ("reward_mean", "win_rate", "pass_rate", "response_tokens_mean",
+                                                "truncated_rate")},
         # Round 0 against itself has no interval to show.
         **{f"{key}_interval": intervals.get(key) if metrics["round"] else None for key in INTERVAL_KEYS},
         "pass_rate_by_kind": evaluation.get("pass_rate_by_kind") or {},
+        "pass_count_by_kind": evaluation.get("pass_count_by_kind") or {},
         "loss_last": loss_last,
         "loss_mean": loss_mean,
         "lists": ((metrics.get("stages") or {}).get("rerank") or {}).get("lists"),
@@ -144,16 +147,23 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def kind_cell(row: dict[str, Any], kind: str) -> str:
+    """'0.316 (6/19)': the rate with its counts, which a rate over a few prompts needs beside it."""
+    counts = row.get("pass_count_by_kind", {}).get(kind)
+    rate = format_cell(row["pass_rate_by_kind"].get(kind), "{:.3f}")
+    return f"{rate} ({counts[0]}/{counts[1]})" if counts else rate
+
+
 def kinds_table(rows: list[dict[str, Any]]) -> str:
-    """Strict pass rate per constraint kind (rows) and round (columns); empty when no round has them."""
+    """Strict pass rate per constraint kind (rows) and round (columns), with counts where the round
+    kept them; empty when no round has them."""
     kinds = sorted({kind for row in rows for kind in row["pass_rate_by_kind"]})
     if not kinds:
         return ""
     lines = ["| constraint kind | " + " | ".join(f"round {row['round']}" for row in rows) + " |",
              "|---|" + "---:|" * len(rows)]
     for kind in kinds:
-        lines.append(f"| {kind} | " + " | ".join(format_cell(row["pass_rate_by_kind"].get(kind), "{:.3f}")
-                                                for row in rows) + " |")
+        lines.append(f"| {kind} | " + " | ".join(kind_cell(row, kind) for row in rows) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -78,4 +78,6 @@ EVAL = pa.schema([
     ("metadata", pa.string()),
     ("finish_reason", pa.string()),
     ("response_token_ids", TOKEN_IDS),
+    # Each of the prompt's constraints (metadata's order), met or not; null without constraints.
+    ("constraints_met", pa.list_(pa.bool_())),
 ])

@@ -38,6 +38,7 @@ log = logging.getLogger("pipeline.evaluate")
 
 # What a round's metrics.json carries under "eval" (None where evaluation was off).
 EVAL_KEYS = ("eval_prompts", "reward_mean", "win_rate", "pass_rate", "response_tokens_mean", "truncated_rate",
+             "pass_count_by_kind",
              "vs_round_0", "pass_rate_by_kind")
 # Decoding settings that must match round 0's for a win rate to mean anything: the
 # evaluate knobs that define the run (pipeline/config.py).
@@ -115,14 +116,30 @@ def pass_rate(rows: list[dict]) -> float | None:
     return sum(passes) / len(passes) if passes else None
 
 
-def pass_rate_by_kind(rows: list[dict]) -> dict[str, float]:
-    """For each constraint kind, the share of the prompts asking for it whose response meets it."""
+def met_by_kind(rows: list[dict]) -> dict[str, list[bool]]:
+    """For each constraint kind, whether each response of a prompt asking for it meets it."""
     met: dict[str, list[bool]] = {}
     for row in rows:
         constraints = constraints_of(row)
         for constraint, ok in zip(constraints, check_all(row["response"], constraints), strict=True):
             met.setdefault(str(constraint["kind"]), []).append(ok)
-    return {kind: sum(oks) / len(oks) for kind, oks in sorted(met.items())}
+    return dict(sorted(met.items()))
+
+
+def pass_rate_by_kind(rows: list[dict]) -> dict[str, float]:
+    """For each constraint kind, the share of the prompts asking for it whose response meets it."""
+    return {kind: sum(oks) / len(oks) for kind, oks in met_by_kind(rows).items()}
+
+
+def pass_count_by_kind(rows: list[dict]) -> dict[str, list[int]]:
+    """For each constraint kind, [responses meeting it, prompts asking for it]: the rates' denominators."""
+    return {kind: [sum(oks), len(oks)] for kind, oks in met_by_kind(rows).items()}
+
+
+def constraints_met(row: dict) -> list[bool] | None:
+    """Each of the prompt's constraints, met or not, in the prompt's order; None without constraints."""
+    constraints = constraints_of(row)
+    return check_all(row["response"], constraints) if constraints else None
 
 
 def intervals_vs_round_0(current: list[dict], baseline: list[dict]) -> dict[str, dict[str, float]]:
@@ -159,7 +176,8 @@ def eval_metrics(rows: list[dict], baseline: list[dict]) -> dict[str, Any]:
             "pass_rate": pass_rate(rows), "response_tokens_mean": sum(r["num_tokens"] for r in rows) / n,
             # Answers cut at evaluate.max_tokens: they cannot meet end_phrase, postscript or quotation.
             "truncated_rate": sum(r.get("finish_reason") == "length" for r in rows) / n,
-            "vs_round_0": intervals_vs_round_0(rows, baseline), "pass_rate_by_kind": pass_rate_by_kind(rows)}
+            "vs_round_0": intervals_vs_round_0(rows, baseline), "pass_rate_by_kind": pass_rate_by_kind(rows),
+            "pass_count_by_kind": pass_count_by_kind(rows)}
 
 
 def respond(prompts: list[Prompt], policy: str, round_number: int, config, out_dir: Path, engines=None
@@ -181,6 +199,7 @@ def respond(prompts: list[Prompt], policy: str, round_number: int, config, out_d
             raise PipelineError(f"reward of held-out prompt_id {row['prompt_id']!r} (round {round_number}) is "
                                 f"{reward}; set reward.on_invalid=drop to leave such answers out of the metrics")
         row["reward"] = reward
+        row["constraints_met"] = constraints_met(row)
     with timing.timed("io"):
         write_parquet(pa.Table.from_pylist(rows, schema=schema.EVAL), out_dir / shard_name(0))
         shutil.rmtree(samples_dir)

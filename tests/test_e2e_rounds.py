@@ -168,6 +168,9 @@ def test_eval_and_metrics(run_dir, number):
     assert metrics["code"]["commit"] and metrics["code"]["version"]
     assert all(len(r["response_token_ids"]) == r["num_tokens"] and r["finish_reason"] in ("stop", "length")
                for r in rows)
+    assert all(len(r["constraints_met"]) == len(json.loads(r["metadata"])["constraints"]) for r in rows)
+    assert metrics["eval"]["truncated_rate"] == pytest.approx(
+        sum(r["finish_reason"] == "length" for r in rows) / len(rows))
     # The train stage's timings file is read into its stats and removed, not left in the checkpoint.
     assert not (round_dir / "policy" / "_timings.json").exists()
     assert metrics["train"]["steps"] >= 1

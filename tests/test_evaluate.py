@@ -142,6 +142,9 @@ def test_pass_rate_by_kind_counts_each_constraint():
             row("c", 0.0, "far too many words here", MAX_WORDS_3),
             row("d", 0.0, "x", {})]
     assert evaluate.pass_rate_by_kind(rows) == {"lowercase": 0.5, "max_words": pytest.approx(2 / 3)}
+    assert evaluate.pass_count_by_kind(rows) == {"lowercase": [1, 2], "max_words": [2, 3]}
+    # The eval shard keeps each constraint's result, in the prompt's order.
+    assert [evaluate.constraints_met(r) for r in rows] == [[True, True], [True, False], [False], None]
 
 
 # --- round 0 --------------------------------------------------------------------

@@ -151,7 +151,8 @@ def test_intervals_and_kinds_in_the_table_and_the_plot(tmp_path, capsys):
                          "vs_round_0": {"reward_mean": interval(0.5, 0.25, 0.1, 0.4),
                                         "win_rate": interval(0.625, 0.5, 0.05, 0.2),
                                         "pass_rate": interval(0.25, 0.125, -0.02, 0.27)},
-                         "pass_rate_by_kind": {"lowercase": 0.5, "max_words": 0.125}})
+                         "pass_rate_by_kind": {"lowercase": 0.5, "max_words": 0.125}, "truncated_rate": 0.25,
+                         "pass_count_by_kind": {"lowercase": [2, 4], "max_words": [1, 8]}})
     assert main(argparse.Namespace(run_dir=str(run))) == 0
     header, _, *rows = table_lines(capsys.readouterr().out)
     by_round = {row[0]: dict(zip(header, row)) for row in rows}
@@ -160,7 +161,9 @@ def test_intervals_and_kinds_in_the_table_and_the_plot(tmp_path, capsys):
     assert by_round["1"]["win rate [95% CI]"] == "0.625 [0.550, 0.700]"
     assert by_round["1"]["pass rate change, points [95% CI]"] == "+12.5 [-2.0, +27.0]"
     report = (run / "report.md").read_text()
-    assert "| lowercase | 0.000 | 0.500 |" in report and "| max_words | 0.250 | 0.125 |" in report
+    # Counts beside a rate where the round kept them (round 0 here predates them).
+    assert "| lowercase | 0.000 | 0.500 (2/4) |" in report and "| max_words | 0.250 | 0.125 (1/8) |" in report
+    assert by_round["1"]["cut at max_tokens"] == "0.250"
     from pipeline.report import interval_bars, read_run
     rows = [table_row(m, log) for m, log in read_run(run)]
     rounds, values, (below, above) = interval_bars(rows, "pass_rate")
