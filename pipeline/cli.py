@@ -76,6 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("round_dir", help="a round directory, e.g. runs/default/round_001")
     sub.add_argument("--examples", type=int, default=3, help="prompts shown with their positives and negatives")
 
+    sub = commands.add_parser("diff", help="the held-out answers that lost against round 0, with their constraints",
+                              formatter_class=HelpFormatter)
+    sub.add_argument("round_dir", help="a round directory, e.g. runs/default/round_003")
+    sub.add_argument("--limit", type=int, default=10, help="how many of the worst losses to show")
+
+    sub = commands.add_parser("sample", help="what a round's policy answers now: sample a prompt with vLLM",
+                              formatter_class=HelpFormatter)
+    sub.add_argument("round_dir", help="a round directory whose policy/ is finished, e.g. runs/default/round_001")
+    sub.add_argument("prompt", help="the user message")
+    sub.add_argument("-n", "--samples", type=int, default=1, help="answers to draw")
+    sub.add_argument("--temperature", type=float, default=0.0, help="0: greedy, as the evaluate stage answers")
+    sub.add_argument("--max-tokens", type=int, default=256, help="longest answer, in tokens")
+
     sub = commands.add_parser("report", help="a table and a PNG plot of every round of a run",
                               formatter_class=HelpFormatter)
     sub.add_argument("run_dir", help="a run directory, e.g. runs/default")
@@ -114,6 +127,14 @@ def run_command(args: argparse.Namespace) -> int:
         from pipeline.report import main as report_main
 
         return report_main(args)
+    if args.command == "diff":
+        from pipeline.diff_round import main as diff_main
+
+        return diff_main(args)
+    if args.command == "sample":
+        from pipeline.sample_policy import main as sample_main
+
+        return sample_main(args)
     if args.command == "config":
         from pipeline.plan_view import config_main
 

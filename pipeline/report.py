@@ -275,5 +275,9 @@ def main(args) -> int:
     except PermissionError as exc:
         raise PipelineError(f"cannot write the report into {run_dir}: {exc.strerror} ({exc.filename})") from None
     print(table, end="")
+    unfinished = sorted(p.name for p in run_dir.glob("round_[0-9][0-9][0-9]*")
+                        if p.is_dir() and not (p / "metrics.json").is_file())
+    if unfinished:
+        print(f"not reported, not finished yet (no metrics.json): {', '.join(unfinished)}")
     print(f"wrote {run_dir / 'report.md'} and {run_dir / 'report.png'}")
     return 0

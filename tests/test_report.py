@@ -102,6 +102,8 @@ def test_the_report_command_line(run_dir):
     result = run_cli("report", str(run_dir), timeout=120)
     assert result.returncode == 0, result.stderr
     assert "win rate vs round 0" in result.stdout
+    # run_dir's round 3 has started, not finished: named, not silently left out.
+    assert "not reported, not finished yet (no metrics.json): round_003" in result.stdout
     assert (run_dir / "report.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
