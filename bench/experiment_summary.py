@@ -126,6 +126,22 @@ def wall_time(results: Results, store: Path) -> str:
                         for m, s in seconds.items()) + ").")
 
 
+def code_text(results: Results) -> str:
+    """Which code produced each method's rows: the commits its stored rounds recorded (metrics.json's
+    `code`); rounds from before that was recorded are named as such."""
+    parts = []
+    for method, by_seed in results.items():
+        commits = sorted({(r.metrics.get("code") or {}).get("commit") or "" for rounds in by_seed.values()
+                          for n, r in rounds.items() if n > 0})
+        named = [commit[:10] for commit in commits if commit]
+        text = ", ".join(f"commit {c}" for c in named)
+        if "" in commits:
+            text += (" and " if named else "") + ("code from before commits were recorded (training scored each "
+                                                  "answer's text plus eos, truncated answers included)")
+        parts.append(f"{METHODS[method].short}: {text}")
+    return "Code that produced each method's rows: " + "; ".join(parts) + "."
+
+
 # --- the plots ---------------------------------------------------------------------
 
 def plot_results(results: Results, methods: list[str]) -> bytes:
@@ -205,7 +221,7 @@ def summarize(store: Path, methods: list[str], seeds: list[int], results_md: Pat
           "prompt's answers averaged over the seeds first (pipeline/stats.py); a change is against round 0 "
           "of the same runs. The intervals hold the trained checkpoints fixed: they say how sure the held-out "
           "prompts make a comparison of these runs, not where another seed would land (each seed's own "
-          "interval, for the default config, is below). " + wall_time(results, store), "",
+          "interval, for the default config, is below). " + wall_time(results, store) + " " + code_text(results), "",
         f"**{sentence}**",
         *pairwise_comparison(results), "",
         results_table(results, methods),

@@ -77,6 +77,22 @@ def table_rows(text: str) -> dict[tuple[str, str], list[str]]:
     return {(row[0], row[1]): row[2:] for row in rows if row[0] in {m.label for m in experiment.METHODS.values()}}
 
 
+def test_the_summary_says_which_code_produced_each_methods_rows(tmp_path):
+    from bench.experiment_summary import code_text
+    from bench.experiment_tables import load
+
+    store = tmp_path / "store"
+    for seed in (0, 1):
+        write_seed(store, "dpo", seed, [0.3])
+        directory = write_seed(store, "contrastive", seed, [0.4])
+        metrics = json.loads((directory / "round_001" / "metrics.json").read_text())
+        metrics["code"] = {"version": "0.1.0", "commit": "abcdef1234567890", "dirty": False}
+        (directory / "round_001" / "metrics.json").write_text(json.dumps(metrics))
+    text = code_text(load(store, ["dpo", "contrastive"], [0, 1]))
+    assert "contrastive: commit abcdef1234" in text
+    assert "iterative DPO: code from before commits were recorded" in text
+
+
 def test_table_verdict_and_plots(store, tmp_path):
     results_md = tmp_path / "docs" / "results.md"
     results_md.parent.mkdir()
