@@ -8,6 +8,19 @@ from pipeline.cli import build_parser, main
 from pipeline.plan_view import describe_keys, summary_line
 
 
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    # main() configures the `pipeline` logger for a terminal (pipeline/console.py), as the
+    # command does; other tests expect it as they found it.
+    import logging
+
+    pipeline, root = logging.getLogger("pipeline"), logging.getLogger()
+    saved = (pipeline.handlers[:], pipeline.level, pipeline.propagate, root.handlers[:], root.level)
+    yield
+    pipeline.handlers[:], pipeline.level, pipeline.propagate = saved[0], saved[1], saved[2]
+    root.handlers[:], root.level = saved[3], saved[4]
+
+
 def run_main(capsys, *argv: str) -> tuple[int, str, str]:
     try:
         code = main(list(argv))
