@@ -176,7 +176,7 @@ def check_stored_settings(method: str, seed: int, args: argparse.Namespace, over
     """Refuse to reuse or extend a stored (method, seed) that ran with other settings than this call's."""
     import yaml
 
-    from pipeline.config import config_from_dict, get_key, load_config
+    from pipeline.config import config_from_dict, get_key, load_config, same_setting
     from pipeline.config_parse import leaf_fields
 
     stored_path = seed_dir(args.store, method, seed) / "config.yaml"
@@ -185,7 +185,7 @@ def check_stored_settings(method: str, seed: int, args: argparse.Namespace, over
     stored = config_from_dict(yaml.safe_load(stored_path.read_text()), source=str(stored_path))
     wanted = load_config(args.config, overrides)
     for key, _ in leaf_fields(type(wanted)):
-        if key not in NOT_COMPARED and get_key(stored, key) != get_key(wanted, key):
+        if key not in NOT_COMPARED and not same_setting(key, get_key(stored, key), get_key(wanted, key)):
             raise PipelineError(f"{repo_relative(stored_path)} has {key}={get_key(stored, key)!r} but this "
                                 f"experiment asks for {get_key(wanted, key)!r}: use another --store, or move "
                                 "the stored run away to run it again")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from pipeline import console
+from pipeline.config import DEFAULT_CONFIG
 from pipeline.errors import PipelineError, Terminated
 
 
@@ -52,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                             ("rounds", "run rounds 1..N, skipping finished ones")):
         sub = commands.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         sub.add_argument("number", type=int, help="the round to run (round) or the last round to run (rounds)")
-        sub.add_argument("--config", default="configs/default.yaml",
-                         help="the run's YAML config (its relative paths are read from the current directory)")
+        sub.add_argument("--config", default=str(DEFAULT_CONFIG),
+                         help="the run's YAML config; its relative paths are read from its own directory (the "
+                              "project's for the bundled configs), those of key=value overrides from here")
         sub.add_argument("--run", default="default", help="run name: the directory under the output root")
         sub.add_argument("--output", help="output root (overrides the config's `output`)")
         sub.add_argument("--verbose", action="store_true",

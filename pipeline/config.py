@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, NamedTuple
@@ -294,16 +295,113 @@ TRAIN_FINGERPRINT_EXCLUDED = frozenset(f.name for f in dataclasses.fields(TrainC
                                        if not f.metadata["fingerprint"])
 
 
+# The project's checkout: its bundled configs name the project's files (data/prompts/...).
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+BUNDLED_CONFIGS = PROJECT_DIR / "configs"
+DEFAULT_CONFIG = BUNDLED_CONFIGS / "default.yaml"
+
+# Keys that name a file or directory, with what tells a path from another kind of value
+# (`embedded:<name>`, `hf:<dataset>`, a hub id); those values are left as they are.
+PATH_KEYS: dict[str, Callable[[str], bool]] = {
+    "output": lambda value: bool(value),
+    "prompts.train": lambda value: bool(value) and not value.startswith("hf:"),
+    "prompts.heldout": lambda value: bool(value) and not value.startswith("hf:"),
+    "model.name": lambda value: bool(value) and not value.startswith("embedded:"),
+    "reward.model": lambda value: bool(value) and not value.startswith("embedded:"),
+}
+# A model named by a relative path that does not exist there is a hub id ("org/name").
+MAY_BE_HUB_IDS = ("model.name", "reward.model")
+
+
+def resolve_path(key: str, value: Any, base: Path) -> Any:
+    """`value` of path key `key` as an absolute path, read from `base` when it is relative."""
+    if not isinstance(value, str) or not PATH_KEYS[key](value) or Path(value).expanduser().is_absolute():
+        return value
+    candidate = base / Path(value).expanduser()
+    if key in MAY_BE_HUB_IDS and not candidate.exists():
+        return value
+    return os.path.normpath(candidate)
+
+
+def config_dir(path: Path | None) -> Path:
+    """Where a config file's relative paths are read from: its own directory, or the project's
+    for the bundled configs (and the defaults)."""
+    if path is None:
+        return PROJECT_DIR
+    parent = path.resolve().parent
+    return PROJECT_DIR if parent == BUNDLED_CONFIGS else parent
+
+
+def set_key(config: Config, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    section: Any = config
+    for part in parents:
+        section = getattr(section, part)
+    setattr(section, leaf, value)
+
+
+def in_file(raw: dict[str, Any], dotted: str) -> bool:
+    section: Any = raw
+    for part in dotted.split("."):
+        if not isinstance(section, dict) or part not in section:
+            return False
+        section = section[part]
+    return True
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML file (or only defaults when `path` is None), apply overrides, validate."""
+    """Read a YAML file (or only defaults when `path` is None), apply overrides, validate.
+
+    Relative paths (PATH_KEYS) become absolute: a file's are read from its directory (the
+    project's, for the bundled configs), the defaults' from the project's, and an override's
+    from the current directory, where the person typing it is. So `larpo` runs from anywhere.
+    """
     path = Path(path) if path is not None else None
     raw = read_yaml(path) if path is not None else {}
     config = build(Config, raw, source=str(path) if path is not None else "defaults")
+    for key in PATH_KEYS:
+        base = config_dir(path) if in_file(raw, key) else PROJECT_DIR
+        set_key(config, key, resolve_path(key, get_key(config, key), base))
     for item in overrides:
         apply_override(config, item)
+        key = item.partition("=")[0].strip()
+        if key in PATH_KEYS:
+            set_key(config, key, resolve_path(key, get_key(config, key), Path.cwd()))
     _check_ranges(config)
     _check_registries(config)
     return config
+
+
+def portable(key: str, value: Any) -> Any:
+    """A path inside the project as the project names it (relative to it), so that a run's
+    config.yaml reads the same from another checkout or a `ray job submit` working directory."""
+    if key in PATH_KEYS and isinstance(value, str) and os.path.isabs(value):
+        try:
+            return Path(value).relative_to(PROJECT_DIR).as_posix()
+        except ValueError:
+            return value
+    return value
+
+
+def portable_dict(config: Config) -> dict[str, Any]:
+    """`config.to_dict()` with its paths `portable`: what a run's config.yaml stores."""
+    raw = config.to_dict()
+    for key in PATH_KEYS:
+        *parents, leaf = key.split(".")
+        section = raw
+        for part in parents:
+            section = section[part]
+        section[leaf] = portable(key, section[leaf])
+    return raw
+
+
+def same_setting(key: str, stored: Any, wanted: Any) -> bool:
+    """Whether a run's stored value of `key` is the one asked for now. A stored relative path is
+    the project's (config.yaml stores them so, and runs made before paths were resolved ran
+    from the project's root)."""
+    if stored == wanted:
+        return True
+    return key in PATH_KEYS and portable(key, resolve_path(key, stored, PROJECT_DIR)) == portable(key, wanted)
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "dict") -> Config:

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import RUN_IDENTITY_KEYS, Config, config_from_dict, get_key
+from pipeline.config import RUN_IDENTITY_KEYS, Config, config_from_dict, get_key, portable_dict, same_setting
 from pipeline.errors import PipelineError
 from pipeline import console, timing
 from pipeline.layout import (EARLIER_ROUNDS, STAGE_BY_NAME, STAGE_REGISTRY, STAGES, RoundLayout, RunLayout,
@@ -126,7 +126,7 @@ def check_compatible(run: RunLayout, config: Config) -> None:
         return
     stored = config_from_dict(yaml.safe_load(run.config.read_text()), source=str(run.config))
     for key in RUN_IDENTITY_KEYS:
-        if get_key(stored, key) != get_key(config, key):
+        if not same_setting(key, get_key(stored, key), get_key(config, key)):
             raise PipelineError(f"config key '{key}' is {get_key(config, key)!r} but run {run.dir} was started "
                                 f"with {get_key(stored, key)!r}; use a new run name to change it")
 
@@ -153,7 +153,7 @@ def run_round(plan: RoundPlan, tracking: Tracking | None = None) -> dict[str, An
         import ray
 
         wait_for_resources(plan.config, ray.cluster_resources)
-        config_text = yaml.safe_dump(plan.config.to_dict(), sort_keys=False)
+        config_text = yaml.safe_dump(portable_dict(plan.config), sort_keys=False)
         if not plan.run.config.is_file():
             atomic_write_text(plan.run.config, config_text)
         atomic_write_text(plan.round.config, config_text)

@@ -6,6 +6,7 @@ import pytest
 
 from pipeline.cli import build_parser, main
 from pipeline.plan_view import describe_keys, summary_line
+from tests.conftest import REPO_ROOT
 
 
 @pytest.fixture(autouse=True)
@@ -34,7 +35,7 @@ def test_every_option_of_round_has_help_and_shows_its_default(capsys):
     code, out, _ = run_main(capsys, "round", "--help")
     assert code == 0
     out = " ".join(out.split())  # help text wraps at the terminal's width
-    assert "(default: configs/default.yaml)" in out and "(default: default)" in out
+    assert "configs/default.yaml)" in out and "(default: default)" in out
     assert "the round to run" in out and "--dry-run" in out
     for action in build_parser()._subparsers._group_actions[0].choices["round"]._actions:
         assert action.help, action.dest
@@ -85,7 +86,7 @@ def test_dry_run_shows_the_plan_and_writes_nothing(capsys, tmp_path, tiny_model)
                               "--output", str(output), "--dry-run")
     assert code == 0, err
     assert "dry run: nothing is written" in out and "resolved config:" in out
-    assert "prompts    12 from data/prompts/smoke_train.jsonl" in out
+    assert "prompts    12 from " + str(REPO_ROOT / "data" / "prompts" / "smoke_train.jsonl") in out
     assert "generate would run" in out and "round 0's answers would be made first" in out
     assert "12 prompts x 4 samples = 48 answers" in out
     assert not output.exists()
@@ -105,3 +106,17 @@ def test_the_summary_line_is_short_and_human():
     assert line == ("round 1 done in 1460 s: pass rate 0.411 (+13.0 points [+5.2, +20.8] vs round 0), reward 0.530, "
                     "win rate vs round 0 0.62  (runs/default/round_001/metrics.json)")
     assert len(line) < 200
+
+
+def test_larpo_runs_from_any_directory_with_the_default_config(tmp_path):
+    import subprocess
+
+    from tests.conftest import LARPO
+
+    # No --config: the bundled default, whose paths are the project's wherever larpo starts.
+    result = subprocess.run([str(LARPO), "round", "1", "--run", "anywhere", "--output", "out", "--dry-run"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Run {tmp_path / 'out' / 'anywhere'}" in result.stdout  # --output is read from here
+    assert str(REPO_ROOT / "data" / "prompts" / "train_multi.jsonl") in result.stdout
+    assert not (tmp_path / "out").exists()

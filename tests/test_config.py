@@ -31,6 +31,11 @@ def config_error(path, overrides=()) -> str:
 
 def test_defaults_when_path_is_none():
     config = load_config(None)
+    # The defaults' relative paths are the project's.
+    assert config.output == str(REPO_ROOT / "runs")
+    assert config.prompts.train == str(REPO_ROOT / Config().prompts.train)
+    config.output, config.prompts.train, config.prompts.heldout = (Config().output, Config().prompts.train,
+                                                                   Config().prompts.heldout)
     assert config == Config()
     assert config.train.beta == 0.1
     assert config.generate.num_samples == 4
@@ -62,7 +67,42 @@ def test_smoke_yaml_loads_and_overrides_only_what_it_names():
 
 
 def test_empty_yaml_file_gives_defaults(tmp_path):
-    assert load_config(write(tmp_path, "")) == Config()
+    assert load_config(write(tmp_path, "")) == load_config(None)
+
+
+def test_relative_paths_are_read_from_the_config_files_directory(tmp_path, monkeypatch):
+    (tmp_path / "mine").mkdir()
+    path = write(tmp_path / "mine", "output: out\nprompts:\n  train: p/train.jsonl\n  heldout: hf:org/set\n")
+    monkeypatch.chdir("/")
+    config = load_config(path)
+    assert config.output == str(tmp_path / "mine" / "out")
+    assert config.prompts.train == str(tmp_path / "mine" / "p" / "train.jsonl")
+    assert config.prompts.heldout == "hf:org/set"  # not a path
+    # Keys the file does not name are the project's defaults; an override's path is read from here.
+    assert config.model.name == "embedded:smollm2-135m-instruct"
+    monkeypatch.chdir(tmp_path)
+    assert load_config(path, ["output=elsewhere"]).output == str(tmp_path / "elsewhere")
+
+
+def test_the_bundled_configs_name_the_projects_files_from_anywhere(monkeypatch, tmp_path):
+    from pipeline.config import DEFAULT_CONFIG, same_setting
+
+    monkeypatch.chdir(tmp_path)
+    config = load_config(DEFAULT_CONFIG)
+    assert config.prompts.train == str(REPO_ROOT / "data" / "prompts" / "train_multi.jsonl")
+    assert Path(config.prompts.train).is_file() and config.output == str(REPO_ROOT / "runs")
+    # A run made before paths were resolved stored them relative to the project: the same setting.
+    assert same_setting("prompts.train", "data/prompts/train_multi.jsonl", config.prompts.train)
+    assert not same_setting("prompts.train", "data/prompts/train.jsonl", config.prompts.train)
+    assert not same_setting("train.beta", 0.1, 0.2)
+    # A run's config.yaml names the project's files relative to it: it reads the same from another
+    # checkout (or a `ray job submit` working directory), where the absolute paths differ.
+    from pipeline.config import portable_dict
+
+    stored = portable_dict(config)
+    assert stored["prompts"]["train"] == "data/prompts/train_multi.jsonl" and stored["output"] == "runs"
+    assert same_setting("prompts.train", stored["prompts"]["train"], config.prompts.train)
+    assert same_setting("prompts.train", "/elsewhere/data.jsonl", "/elsewhere/data.jsonl")
 
 
 def test_partial_section_keeps_other_defaults(tmp_path):
@@ -343,7 +383,7 @@ def test_override_string_that_looks_like_a_number_stays_a_string():
     config = load_config(None, ["model.name=123"])
     assert config.model.name == "123"
     assert load_config(None, ["model.name=true"]).model.name == "true"
-    assert load_config(None, ["output=null"]).output == "null"
+    assert load_config(None, ["output=null"]).output == str(Path.cwd() / "null")
 
 
 def test_override_value_may_contain_equals_and_spaces():
