@@ -58,8 +58,9 @@ def load_policy(path: str, dtype: str, trust_remote_code: bool = False, check: b
 
 
 # Per-token agreement the load-time check asks of our log-probs with the model's own, in nats:
-# fp32 paths differ by rounding only; bf16 weights round each matmul to 8 bits of mantissa.
-LOGPROB_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2}
+# fp32 paths differ by rounding only; bf16 weights round each matmul to 8 bits of mantissa, more
+# so the wider the model (docs/models.md). A family transform left out costs nats per token.
+LOGPROB_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.25}
 PROBE_PROMPT = [{"role": "user", "content": "Name three colours, then stop."}]
 PROBE_ANSWERS = ("Red, green and blue.", "Blue, yellow, and a shade of purple that has no name.")
 
