@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PipelineError
-from pipeline.inspect_round import shorten
+from pipeline.inspect_round import ROUND_NAME, shorten
 from pipeline.layout import read_parquet_dir
 from rewards.constraints import check_all
-
-ROUND_NAME = re.compile(r"round_(\d{3,})")
-
 
 def eval_rows(round_dir: Path) -> dict[str, dict[str, Any]]:
     directory = round_dir / "eval"

@@ -8,16 +8,13 @@ use, so the answer is one a round could have drawn. Greedy by default, as evalua
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import yaml
 
 from pipeline.config import config_from_dict
 from pipeline.errors import PipelineError
-
-ROUND_NAME = re.compile(r"round_(\d{3,})")
-
+from pipeline.inspect_round import ROUND_NAME
 
 def policy_of(round_dir: Path) -> Path:
     """The finished policy of a round; round 0's is the run's base model."""
