@@ -20,15 +20,58 @@ from pipeline.prompts import load_prompts
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PAPER_DIR = REPO_ROOT / "configs" / "paper"
 MODELS = {"mistral-7b": "mistralai/Mistral-7B-Instruct-v0.2", "gemma-2-2b": "google/gemma-2-2b-it"}
-REWARD_MODEL = "sfairXC/FsfairX-LLaMA3-RM-v0.1"
-# objective -> (lists.strategy, num_positives, num_negatives)
-LISTS = {
-    "contrastive": ("top_bottom", 1, 3),   # top-1 vs bottom-3
-    "lambdarank": ("top_bottom", 2, 2),    # top-2 vs bottom-2
-    "listmle": ("top_bottom", 2, 2),
-    "dpo": ("top_bottom", 1, 1),           # the pairwise baseline: best vs worst
+
+# The paper's numbers: LarPO, Jin et al., "LLM Alignment as Retriever Optimization: An Information
+# Retrieval Perspective", arXiv 2502.03699 (ICML 2025). The recipes are its objective study, the one
+# that trains both models with every objective and Dong et al.'s (2024) reward model: Section 6.1,
+# Table 3, settings in Appendix H.2.
+PAPER = {
+    "iterations": 3,                                  # App. H.2: "training on UltraFeedback dataset for 3 iterations"
+    "learning_rate": 5e-7,                            # App. H.2: "The learning rate is set as 5e-7"
+    "epochs": 2,                                      # App. H.2: "we train the LLM for 2 epochs per iteration"
+    "prompts": "openbmb/UltraFeedback",               # App. H.2 (Table 2's runs too, Section 5)
+    "reward_model": "sfairXC/FsfairX-LLaMA3-RM-v0.1",  # App. H.2: "the pretrained reward model from Dong et al.
+                                                      # (2024)"; Table 2 names it FsfairX
+    "reference": "previous",                          # Algorithm 1: the loss of iteration s against pi_beta = pi_theta_s
 }
+# Samples per prompt, App. H.2 (Table 3): "For the pairwise objective, we generate 2 responses for each
+# prompt ... For the others, we generate 4 responses per prompt". (Table 2's runs, App. H.1: 2 for the
+# iterative DPO baseline, 10 for each LarPO objective, Mistral-7b only.)
+SAMPLES = {"dpo": 2, "contrastive": 4, "lambdarank": 4, "listmle": 4}
+# objective -> (lists.strategy, num_positives, num_negatives), App. H.2: contrastive "the top-1 ranked
+# response and the other responses" (1 vs 3 of 4); ListMLE and LambdaRank "the top-2 as positives and the
+# last-2 as the negatives"; pairwise: the one pair of 2. Every sample is in the list.
+LISTS = {
+    "contrastive": ("top_bottom", 1, 3),
+    "lambdarank": ("top_bottom", 2, 2),
+    "listmle": ("top_bottom", 2, 2),
+    "dpo": ("top_bottom", 1, 1),
+}
+# Sampling temperature. App. H.2 names none. Mistral-7b-it: 0.8, App. H.1 (chosen for Table 2's LarPO
+# runs among 0.8-1.2). Gemma2-2b-it: 1, App. H.3 (its iterative DPO runs; Figure 6: below about 0.9 its
+# training degrades).
+TEMPERATURE = {"mistral-7b": 0.8, "gemma-2-2b": 1.0}
+# Not the paper's: 2048 tokens of prompt + answer is the maximum length of Dong et al.'s (2024) recipe,
+# which App. H.2 says it follows (RLHFlow/Online-RLHF: DPO max_length 2048, max_prompt_length 1000); the
+# LarPO paper states no length.
+MAX_LENGTH = 2048
+# Keys whose values the paper does not give: each file's comment above them says they are ours.
+OURS = ["prompts.per_round", "train.beta", "train.warmup_ratio", "train.batch_size", "train.micro_batch_size",
+        "lists.ties", "lists.truncated", "generate.top_p"]
 PAPER_FILES = sorted(PAPER_DIR.glob("*.yaml"))
+
+
+def comment_above(text: str, dotted: str) -> str:
+    """The comment lines right above `section: key:` in a recipe's YAML text, joined."""
+    section, key = dotted.split(".")
+    lines = text.splitlines()
+    start = lines.index(f"{section}:")
+    index = next(i for i in range(start + 1, len(lines)) if lines[i].startswith(f"  {key}:"))
+    above = []
+    while lines[index - 1].lstrip().startswith("#"):
+        index -= 1
+        above.insert(0, lines[index].strip("# "))
+    return " ".join(above)
 
 
 def test_one_file_per_model_and_objective():
@@ -42,29 +85,37 @@ def test_paper_config_loads_and_keeps_the_papers_settings(path):
     assert config.model.name == MODELS[model_key]
     assert config.train.objective == objective
 
-    # The paper's settings.
-    assert config.generate.num_samples == 10
-    assert config.generate.temperature == 0.8 and config.generate.temperatures == []
-    assert config.train.learning_rate == 5e-7
-    assert config.train.epochs == 2
+    # The paper's settings (App. H.2).
+    assert config.generate.num_samples == SAMPLES[objective]
+    assert config.generate.temperature == TEMPERATURE[model_key] and config.generate.temperatures == []
+    assert config.train.learning_rate == PAPER["learning_rate"]
+    assert config.train.epochs == PAPER["epochs"]
     strategy, positives, negatives = LISTS[objective]
     assert (config.lists.strategy, config.lists.num_positives, config.lists.num_negatives) == (
         strategy, positives, negatives)
-    assert positives + negatives <= config.generate.num_samples
-    assert positives + negatives <= config.train.max_list_size
-    assert config.reward.name == "hf_classifier" and config.reward.model == REWARD_MODEL
-    assert config.reference.policy == "previous"  # LarPO's Algorithm 1
+    # Every sample is in the list, and the trainer keeps the whole list.
+    assert positives + negatives == config.generate.num_samples == config.train.max_list_size
+    assert config.lists.memory == "none"  # H.2 ranks the iteration's own samples (Table 4's "w. current")
+    assert config.reward.name == "hf_classifier" and config.reward.model == PAPER["reward_model"]
+    assert config.reference.policy == PAPER["reference"]
 
     # UltraFeedback: the string column `instruction`, a held-out slice disjoint from training.
-    assert config.prompts.train == "hf:openbmb/UltraFeedback:train[:98%]"
-    assert config.prompts.heldout == "hf:openbmb/UltraFeedback:train[98%:]"
+    assert config.prompts.train == f"hf:{PAPER['prompts']}:train[:98%]"
+    assert config.prompts.heldout == f"hf:{PAPER['prompts']}:train[98%:]"
     assert config.prompts.messages_field == "instruction"
-    # Three rounds of disjoint prompts out of about 62.7k (98% of 63,967).
-    assert 3 * config.prompts.per_round <= 62_000
+    # The paper's iterations of disjoint prompts out of about 62.7k (98% of 63,967).
+    assert PAPER["iterations"] * config.prompts.per_round <= 62_000
     # hf_classifier reads no metadata, and UltraFeedback's `completions` would be copied into every
     # candidate row; a repeated instruction is dropped (and counted), not a stopped round.
     assert config.prompts.metadata_fields == []
     assert config.prompts.duplicates == "drop"
+
+    # 2048 tokens of prompt + answer (Dong et al.'s length) in the engine and in the trainer, split
+    # into a prompt of up to 1024 tokens and an answer of up to 1024: the trainer cuts nothing the
+    # engine made, and the held-out answers are no longer than the training ones.
+    assert config.model.max_model_len == config.train.max_length == MAX_LENGTH
+    assert config.generate.max_tokens == config.model.max_model_len - 1024
+    assert config.evaluate.max_tokens <= config.generate.max_tokens
 
     # GPU settings.
     assert config.generate.dtype == "bfloat16" and config.reward.dtype == "bfloat16"
@@ -74,11 +125,18 @@ def test_paper_config_loads_and_keeps_the_papers_settings(path):
     assert config.train.sharding == ("fsdp" if model_key == "mistral-7b" else "none")
     assert config.train.num_workers > 1 and config.generate.num_actors > 1
     assert config.train.batch_size % (config.train.micro_batch_size * config.train.num_workers) == 0
-    # Room for a prompt beside the answer, and a prompt + answer the trainer does not cut.
-    prompt_budget = config.model.max_model_len - config.generate.max_tokens
-    assert prompt_budget >= 1024
-    assert config.train.max_length >= config.model.max_model_len
-    assert config.evaluate.max_tokens <= config.generate.max_tokens
+
+
+@pytest.mark.parametrize("path", PAPER_FILES, ids=lambda p: p.stem)
+def test_comments_tell_the_papers_values_from_ours(path):
+    text = path.read_text()
+    for dotted in OURS:
+        comment = comment_above(text, dotted).lower()
+        assert "ours" in comment or "not in the paper" in comment, f"{dotted}: {comment!r}"
+    for dotted, where in [("generate.num_samples", "H.2"), ("train.learning_rate", "H.2"), ("train.epochs", "H.2"),
+                          ("model.max_model_len", "Dong et al."), ("generate.temperature", "H.")]:
+        assert where in comment_above(text, dotted), dotted
+    assert "Table 3" in text and "Appendix H.2" in text
 
 
 @pytest.mark.parametrize("path", PAPER_FILES, ids=lambda p: p.stem)
@@ -86,7 +144,7 @@ def test_header_says_how_to_run_three_rounds(path):
     text = path.read_text()
     header = text[:text.index("\nseed:")]
     assert all(line.startswith("#") for line in header.splitlines()), "the header is comments only"
-    assert f"make rounds N=3 CONFIG=configs/paper/{path.name}" in header
+    assert f"make rounds N={PAPER['iterations']} CONFIG=configs/paper/{path.name}" in header
     # The header's check of the prompt set reads it as the recipe does: repeats dropped, not refused.
     assert "duplicates='drop'" in header and "refused" not in header
     # Every knob is written out (torchtune style), not left to defaults.
