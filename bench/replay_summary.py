@@ -16,7 +16,7 @@ from bench.experiment_tables import Results, RoundResult, between_methods, inter
     results_table, seeds_text, verdict_word
 
 # The ablation's baseline, the default with no replay: a seed's `contrastive` run, or its `replay-none`
-# run where that one ran on the replay run's kind of machine and `contrastive` did not.
+# run where that one ran on the replay run's kind of machine with its code and `contrastive` did not.
 NONE_METHODS = (DEFAULT_METHOD, "replay-none")
 REPLAYING = tuple(m for m in REPLAY_METHODS if m not in NONE_METHODS)
 NONE = "none"  # the key of the matched baseline runs in paired_with_none's results
@@ -34,12 +34,14 @@ def replay_section(store: Path, seeds: list[int]) -> list[str]:
              "over the held-out prompts, seeds averaged per prompt. With one earlier round, `all` replays what "
              "`previous` does, so a seed's `all` run starts from its `previous` run's rounds "
              f"1-{shared} (bench/experiment.py, `Method.same_as`) and differs from round {shared + 1} on. "
-             "A seed's runs are compared only when they ran on one kind of machine (their machine.json). "
+             "A seed's runs are compared only when they ran on one kind of machine (their machine.json) and "
+             "with the same code (metrics.json's `code`). "
              "Round 1 replays nothing, so there the two runs compute the same thing: on one kind of machine "
              "they agree prompt by prompt (the round 1 lines below); across kinds (bf16 with AMX or with "
              "AVX512_BF16 alone, float32 on AVX2) the base model's answers already differ and the runs drift "
-             "apart (\"not compared\", below). Where a seed's `contrastive` run ran on another kind, its "
-             "none is a `replay-none` run: the default again, on the replay run's kind of machine. Each "
+             "apart (\"not compared\", below). Where a seed's `contrastive` run ran on another kind or other "
+             "code, its none is a `replay-none` run: the default again, on the replay run's kind of machine "
+             "and code. Each "
              "interval holds the trained runs fixed, as above; the seeds' own differences after it show how "
              "far another run may land.", ""]
     last = max((n for by_seed in results.values() for rounds in by_seed.values() for n in rounds), default=0)
@@ -55,7 +57,7 @@ def replay_section(store: Path, seeds: list[int]) -> list[str]:
                              + seed_by_seed(paired, method, number))
         if left_out:
             lines.append(f"- {METHODS[method].short}: seed {', '.join(map(str, left_out))} left out, "
-                         "no run of none on its kind of machine")
+                         "no run of none on its kind of machine with its code")
     lines += same_computation_lines(results, store) + cross_machine_lines(results, store)
     shown = [m for m in REPLAY_METHODS if m in results or m != "replay-none"]  # replay-none: a row once run
     return lines + ["", results_table(results, shown), *replay_cost_lines(results, store)]
@@ -74,21 +76,30 @@ def seed_difference(paired: Results, method: str, seed: int, number: int) -> str
     return points(found[0].difference) if found else None
 
 
+def code_line(rounds: dict[int, RoundResult]) -> str:
+    """The commit that trained a run's first round (metrics.json's `code`); "" from before it was recorded.
+    A replay run and its none compare only on the same code: a change of the trainer moves both."""
+    first = rounds.get(1)
+    return ((first.metrics.get("code") or {}).get("commit") or "") if first else ""
+
+
 def machine_kind(store: Path, method: str, seed: int) -> tuple | None:
     """The kind of machine a stored (method, seed) ran on (bench/experiment.py); None if not recorded."""
     return kind_of(stored_machine(store, method, seed))
 
 
 def paired_with_none(results: Results, store: Path, method: str) -> tuple[Results, list[int]]:
-    """A replay method's seeds beside the none run (under NONE) that ran on the same kind of machine; and the
-    seeds that have none such. A seed's run unknown to machine.json is not known to match any."""
+    """A replay method's seeds beside the none run (under NONE) that ran on the same kind of machine with the
+    same code (code_line); and the seeds that have none such. A seed's run unknown to machine.json is not
+    known to match any."""
     ours: dict[int, dict[int, RoundResult]] = {}
     none: dict[int, dict[int, RoundResult]] = {}
     left_out = []
     for seed, rounds in sorted(results.get(method, {}).items()):
-        kind = machine_kind(store, method, seed)
+        kind, code = machine_kind(store, method, seed), code_line(results[method][seed])
         match = next((m for m in NONE_METHODS if seed in results.get(m, {})
-                      and kind is not None and machine_kind(store, m, seed) == kind), None)
+                      and kind is not None and machine_kind(store, m, seed) == kind
+                      and code_line(results[m][seed]) == code), None)
         if match is None:
             left_out.append(seed)
             continue
