@@ -127,8 +127,10 @@ class RewardConfig:
                                                 "naming the prompt, or `drop` that candidate (counted in the "
                                                 "stage's statistics).")
     num_actors: int = knob(1, "Reward actors that share the candidates.", POSITIVE)
-    num_gpus_per_actor: float = knob(0.0, "GPUs each reward actor holds (0 on CPU hosts; 1 puts one reward model "
-                                     "on each GPU).", ZERO_OR_MORE)
+    num_gpus_per_actor: float | Literal["auto"] = knob(
+        "auto", "GPUs each reward actor holds. auto: one on a GPU cluster (what kept engines leave of a GPU, "
+        "beside them), none on CPUs; 0 on a GPU cluster runs the reward model on CPU, with no GPU visible "
+        "(pipeline/gpu_layout.py).", Check(lambda v: v == "auto" or v >= 0, "auto, or zero or more"))
     model: str = knob("", "hf_classifier: the reward model (AutoModelForSequenceClassification with one label, e.g. "
                       "Skywork-Reward): a local checkpoint directory, `embedded:<name>`, or a hub id already in the "
                       "local HF cache. Its tokenizer needs a chat template.", identity=True)

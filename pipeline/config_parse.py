@@ -73,6 +73,12 @@ def build(cls: type, raw: dict[str, Any], source: str, prefix: str = "", root: t
     return cls(**kwargs)
 
 
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return " or ".join(repr(choice) for choice in typing.get_args(hint))
+    return getattr(hint, "__name__", str(hint))
+
+
 def coerce(value: Any, hint: Any, dotted: str, source: str) -> Any:
     origin = typing.get_origin(hint)
     if origin is Literal:
@@ -109,7 +115,20 @@ def coerce(value: Any, hint: Any, dotted: str, source: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in typing.get_args(hint):
             return None
-        return coerce(value, next(a for a in typing.get_args(hint) if a is not type(None)), dotted, source)
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        # A number or a word (`float | Literal["auto"]`): the first reading that fits.
+        for option in options[:-1]:
+            try:
+                return coerce(value, option, dotted, source)
+            except ConfigError:
+                pass
+        try:
+            return coerce(value, options[-1], dotted, source)
+        except ConfigError:
+            if len(options) == 1:
+                raise
+        words = " or ".join(_describe(option) for option in options)
+        raise ConfigError(f"config key '{dotted}' ({source}) must be {words}; got {value!r}") from None
     # bool is an int in Python; a `true` given for a number is a mistake.
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
@@ -146,7 +165,9 @@ def apply_override(config: Any, item: str) -> None:
     if hint is str and not isinstance(value, str):
         value = text  # `run=123` or `name=true` are strings when a string is expected
     if typing.get_origin(hint) in (types.UnionType, typing.Union) and value is not None:
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))  # `key=null` stays None
+        options = [a for a in typing.get_args(hint) if a is not type(None)]  # `key=null` stays None
+        if len(options) == 1:
+            hint = options[0]
     if typing.get_origin(hint) in (list, dict) and not isinstance(value, (list, dict)):
         value = text  # `temperatures=0.6,1.0` reads as a string; coerce splits it
     setattr(section, leaf, coerce(value, hint, key, source))

@@ -27,6 +27,7 @@ import yaml
 from pipeline.config import RUN_IDENTITY_KEYS, Config, config_from_dict, get_key, portable_dict, same_setting
 from pipeline.errors import PipelineError
 from pipeline import console, timing
+from pipeline.gpu_layout import GpuLayout, cluster_gpu_count, plan_gpu_layout
 from pipeline.layout import (EARLIER_ROUNDS, STAGE_BY_NAME, STAGE_REGISTRY, STAGES, RoundLayout, RunLayout,
                              atomic_write_json, atomic_write_text)
 from pipeline.memory import MemoryMonitor
@@ -59,6 +60,8 @@ class RoundPlan:
     # The command's vLLM engines (pools/vllm_engines.py), kept across stages and rounds when
     # generate.keep_engines says so; None: each sampling stage starts its own.
     engines: EnginePool | None = None
+    # Where each process runs on the cluster's GPUs, decided when the round starts (pipeline/gpu_layout.py).
+    gpus: GpuLayout | None = None
 
 
 def plan_round(config: Config, run_name: str, number: int, engines: EnginePool | None = None,
@@ -153,6 +156,10 @@ def run_round(plan: RoundPlan, tracking: Tracking | None = None) -> dict[str, An
         import ray
 
         wait_for_resources(plan.config, ray.cluster_resources)
+        plan = dataclasses.replace(plan, gpus=plan_gpu_layout(
+            plan.config, cluster_gpu_count(), plan.engines.keep if plan.engines else False))
+        for line in plan.gpus.describe():
+            file_only("round %d placement: %s", number, line, level=logging.INFO)
         config_text = yaml.safe_dump(portable_dict(plan.config), sort_keys=False)
         if not plan.run.config.is_file():
             atomic_write_text(plan.run.config, config_text)

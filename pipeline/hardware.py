@@ -21,9 +21,3 @@ def native_bf16() -> bool:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
-
-def cluster_has_gpus() -> bool:
-    """Whether the Ray cluster this driver is connected to has any GPU."""
-    import ray
-
-    return ray.cluster_resources().get("GPU", 0) > 0

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from typing import Any
 
 import ray
 
 from pipeline import timing
 from pipeline.errors import PipelineError
+from pipeline.gpu_layout import hide_unassigned_gpus, where_this_runs
 from rewards import Sample, build_reward_from_config
 
 
@@ -25,8 +27,10 @@ class RewardWorker:
     def __init__(self, reward_config):
         self.clock = timing.Timings()
         with self.clock("startup"):
+            hide_unassigned_gpus()
             import torch
 
+            self.placement = where_this_runs()
             # Ray gives an actor OMP_NUM_THREADS=1; a model reward on a CPU host should
             # share the cores with the other reward actors instead.
             if not torch.cuda.is_available():
@@ -40,12 +44,23 @@ class RewardWorker:
     def timings(self) -> dict[str, float]:
         return self.clock.seconds
 
+    def where(self) -> str:
+        return self.placement
 
-def score_candidates(rows: list[dict[str, Any]], reward_config, retries: int = 0) -> list[float]:
+
+def reward_actor_options(num_gpus: float, retries: int) -> dict[str, Any]:
+    """What a reward actor asks of Ray: `num_gpus` GPUs (none: it hides every GPU from itself,
+    RewardWorker), and to be started again when its process dies."""
+    return {"num_gpus": num_gpus, "max_restarts": retries, "max_task_retries": retries}
+
+
+def score_candidates(rows: list[dict[str, Any]], reward_config, retries: int = 0, num_gpus: float = 0.0
+                     ) -> list[float]:
     """Rewards for candidate rows, in order, as the reward model returns them (NaN included).
 
     Batches hold responses of similar length (less padding for a neural
-    reward) and go round-robin to `reward.num_actors` Ray actors.
+    reward) and go round-robin to `reward.num_actors` Ray actors, each holding
+    `num_gpus` (the round's GpuLayout.reward_actor).
     """
     if not rows:
         return []
@@ -54,14 +69,16 @@ def score_candidates(rows: list[dict[str, Any]], reward_config, retries: int = 0
     batches = [order[i:i + size] for i in range(0, len(order), size)]
     # A reward actor whose process dies is started again by Ray (its model reloaded), and the
     # batches it had not answered are sent to it again: up to `retries` times each.
-    workers = [RewardWorker.options(num_gpus=reward_config.num_gpus_per_actor, max_restarts=retries,
-                                    max_task_retries=retries).remote(reward_config)
+    workers = [RewardWorker.options(**reward_actor_options(num_gpus, retries)).remote(reward_config)
                for _ in range(min(reward_config.num_actors, len(batches)))]
     try:
         futures = [workers[n % len(workers)].score.remote([to_sample(rows[i]) for i in batch])
                    for n, batch in enumerate(batches)]
         results = ray.get(futures)
         timing.add_slowest(ray.get([worker.timings.remote() for worker in workers]))
+        for n, where in enumerate(ray.get([worker.where.remote() for worker in workers])):
+            # Into the stage's log (stderr is captured there), not onto the terminal.
+            print(f"reward actor {n} ({reward_config.name}) ran on {where}", file=sys.stderr, flush=True)
     finally:
         for worker in workers:
             ray.kill(worker)

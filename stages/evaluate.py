@@ -26,6 +26,7 @@ import pyarrow as pa
 from pipeline import schema, timing
 from pipeline.config import EvaluateConfig
 from pipeline.errors import PipelineError
+from pipeline.gpu_layout import layout_of
 from pipeline.layout import RunLayout, read_parquet_dir, shard_name, write_parquet
 from pipeline.prompts import Prompt
 from pipeline.seeds import derive_seed
@@ -180,10 +181,10 @@ def eval_metrics(rows: list[dict], baseline: list[dict]) -> dict[str, Any]:
             "pass_count_by_kind": pass_count_by_kind(rows)}
 
 
-def respond(prompts: list[Prompt], policy: str, round_number: int, config, out_dir: Path, engines=None
-            ) -> tuple[list[dict], dict[str, Any]]:
-    """Generate one answer per prompt with `policy` (on the command's `engines` when given), score it,
-    write `out_dir/part-00000.parquet`."""
+def respond(prompts: list[Prompt], policy: str, round_number: int, config, out_dir: Path, engines=None,
+            reward_gpus: float = 0.0) -> tuple[list[dict], dict[str, Any]]:
+    """Generate one answer per prompt with `policy` (on the command's `engines` when given), score it
+    on reward actors of `reward_gpus` GPUs each, write `out_dir/part-00000.parquet`."""
     spec = SamplingSpec(1, config.evaluate.temperature, 1.0, config.evaluate.max_tokens)
     samples_dir = out_dir / "samples"
 
@@ -194,7 +195,8 @@ def respond(prompts: list[Prompt], policy: str, round_number: int, config, out_d
                             derive_seed(config.seed, "evaluate", round_number), make_table, engines)
     with timing.timed("io"):
         rows = read_parquet_dir(samples_dir).to_pylist()
-    for row, reward in zip(rows, score_candidates(rows, config.reward, config.worker_retries), strict=True):
+    for row, reward in zip(rows, score_candidates(rows, config.reward, config.worker_retries,
+                                                                reward_gpus), strict=True):
         if not math.isfinite(reward) and config.reward.on_invalid == "error":
             raise PipelineError(f"reward of held-out prompt_id {row['prompt_id']!r} (round {round_number}) is "
                                 f"{reward}; set reward.on_invalid=drop to leave such answers out of the metrics")
@@ -238,7 +240,8 @@ def run_stage(plan, out_dir: Path) -> dict[str, Any]:
         return {"eval_prompts": 0}
     number = plan.round.number
     policy = plan.base_model if number == 0 else str(plan.round.policy)
-    rows, stats = respond(plan.heldout, policy, number, plan.config, out_dir, plan.engines)
+    rows, stats = respond(plan.heldout, policy, number, plan.config, out_dir, plan.engines,
+                          reward_gpus=layout_of(plan).reward_actor)
     if number == 0:
         return {**eval_metrics(rows, rows), **stats}
     with timing.timed("io"):

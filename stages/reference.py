@@ -17,7 +17,7 @@ from typing import Any
 import ray
 
 from pipeline import timing
-from pipeline.hardware import cluster_has_gpus
+from pipeline.gpu_layout import layout_of
 from pools.logprob_scorer import score_items
 from pools.reference_lists import items_to_score, reference_inputs, reference_stats, with_reference, write_train_shard
 
@@ -25,12 +25,12 @@ from pools.reference_lists import items_to_score, reference_inputs, reference_st
 def run_stage(plan, out_dir: Path) -> dict[str, Any]:
     config = plan.config
     rows, current = reference_inputs(plan.run, plan.round, config.train.replay)
-    # Beside kept GPU engines, the share of the GPU they leave (pools/vllm_engines.py).
-    gpus = (plan.engines.gpu_share_left() if plan.engines else 1) if cluster_has_gpus() else 0
+    # One GPU, or beside a kept engine what it leaves of one (pipeline/gpu_layout.py).
+    gpus = layout_of(plan).reference
     logps: list[list[float]] = []
     if rows:
         # Ray runs the task again in a new process when its process dies (a system failure).
-        logps, seconds = ray.get(score_items.options(num_gpus=gpus, max_retries=config.worker_retries).remote(
+        logps, seconds = ray.get(ray.remote(score_items).options(num_gpus=gpus, max_retries=config.worker_retries).remote(
             plan.reference, items_to_score(rows), config.train.dtype, config.train.max_length,
             config.reference.batch_size, config.train.logprob_chunk_size, config.model.trust_remote_code,
             config.train.autocast, config.train.share_prompt))

@@ -46,6 +46,7 @@ import pyarrow.compute as pc
 
 from pipeline import schema, timing
 from pipeline.errors import PipelineError
+from pipeline.gpu_layout import layout_of
 from pipeline.layout import EARLIER_ROUNDS, RunLayout, read_parquet_dir, shard_name, write_parquet
 from pipeline.seeds import derive_seed
 from pools.reward_scorers import score_candidates
@@ -228,7 +229,7 @@ def run_stage(plan, out_dir: Path) -> dict[str, Any]:
     number = plan.round.number
     with timing.timed("io"):
         candidates = read_parquet_dir(plan.round.candidates).to_pylist()
-    rewards = score_candidates(candidates, config.reward, config.worker_retries)
+    rewards = score_candidates(candidates, config.reward, config.worker_retries, layout_of(plan).reward_actor)
     scored = [{**row, "reward": reward} for row, reward in zip(candidates, rewards, strict=True)]
     valid, invalid = screen_rewards(scored, config.reward.on_invalid)
     prompt_ids = {row["prompt_id"] for row in candidates}

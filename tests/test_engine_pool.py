@@ -4,7 +4,8 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
-from pools.vllm_engines import KEPT_ENGINE_GPU_SHARE, check_gpu_sharing, engine_args, keeps_engines, worker_options
+from pipeline.gpu_layout import KEPT_ENGINE_SHARE, plan_gpu_layout
+from pools.vllm_engines import engine_args, keeps_engines, worker_options
 from tests.conftest import REPO_ROOT
 
 
@@ -29,23 +30,15 @@ def test_keep_engines_reads_on_and_off_as_words():
 
 def test_a_kept_cpu_engine_holds_no_ray_cpu_the_other_stages_would_wait_for():
     config = smoke()
-    assert worker_options(config, use_gpu=False, keep=False)["num_cpus"] == 1
-    assert worker_options(config, use_gpu=False, keep=True)["num_cpus"] == 0
+    on_cpus = plan_gpu_layout(config, 0, keep_engines=True)
+    assert worker_options(config, on_cpus, keep=False)["num_cpus"] == 1
+    assert worker_options(config, on_cpus, keep=True)["num_cpus"] == 0
     assert "enable_sleep_mode" not in engine_args(config, 3, use_gpu=False, keep=True)
 
 
-def test_a_kept_gpu_engine_takes_a_share_of_its_gpu_and_may_sleep():
-    config = smoke()
-    assert worker_options(config, use_gpu=True, keep=False)["num_gpus"] == 1
-    assert worker_options(config, use_gpu=True, keep=True)["num_gpus"] == KEPT_ENGINE_GPU_SHARE
+def test_a_kept_gpu_engine_takes_more_than_half_its_gpu_and_may_sleep():
+    config = smoke("generate.num_actors=2")
+    assert worker_options(config, plan_gpu_layout(config, 2, False), keep=False)["num_gpus"] == 1
+    assert worker_options(config, plan_gpu_layout(config, 2, True), keep=True)["num_gpus"] == KEPT_ENGINE_SHARE
     assert engine_args(config, 3, use_gpu=True, keep=True)["enable_sleep_mode"] is True
     assert engine_args(config, 3, use_gpu=True, keep=False)["enable_sleep_mode"] is False
-
-
-@pytest.mark.parametrize("overrides, words", [
-    (["generate.tensor_parallel_size=2"], "generate.tensor_parallel_size"),
-    (["reward.num_gpus_per_actor=1"], "reward.num_gpus_per_actor")])
-def test_kept_gpu_engines_refuse_what_the_gpu_shares_cannot_hold(overrides, words):
-    with pytest.raises(PipelineError, match=words):
-        check_gpu_sharing(smoke(*overrides))
-    check_gpu_sharing(smoke())  # the default layout fits

@@ -160,7 +160,7 @@ def config():
 
 def fake_respond(calls: list):
     """Stands in for vLLM: answers 'word' * (round + 1), so later rounds answer longer."""
-    def respond(heldout, policy, round_number, config, out_dir, engines=None):
+    def respond(heldout, policy, round_number, config, out_dir, engines=None, reward_gpus=0.0):
         calls.append((policy, round_number))
         outputs = [[{"text": " ".join(["word"] * (round_number + 1)), "num_tokens": round_number + 1,
                      "finish_reason": "stop", "token_ids": [7] * round_number + [2]}]

@@ -13,7 +13,7 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from pipeline import timing
-from pipeline.hardware import cluster_has_gpus
+from pipeline.gpu_layout import cluster_gpu_count, layout_of
 from pipeline.layout import shard_name
 from pipeline.seeds import derive_seed
 from pools.reference_lists import reference_inputs
@@ -23,12 +23,10 @@ from stages.train.reference_in_workers import ReferenceJob
 log = logging.getLogger("pipeline")
 
 
-def scaling_config(num_workers: int, gpu_share: float = 1.0) -> ScalingConfig:
-    """`gpu_share`: the share of a GPU each worker asks for (less than 1 beside kept vLLM engines)."""
-    if cluster_has_gpus():
-        if gpu_share < 1:
-            return ScalingConfig(num_workers=num_workers, use_gpu=True, resources_per_worker={"GPU": gpu_share})
-        return ScalingConfig(num_workers=num_workers, use_gpu=True)
+def scaling_config(num_workers: int, gpus_per_worker: float) -> ScalingConfig:
+    """`gpus_per_worker`: the round's GpuLayout.train_worker (pipeline/gpu_layout.py); 0 on CPUs."""
+    if gpus_per_worker:
+        return ScalingConfig(num_workers=num_workers, use_gpu=True, resources_per_worker={"GPU": gpus_per_worker})
     # Ray counts CPUs only to schedule; the loop sets its own thread count.
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // num_workers)
     return ScalingConfig(num_workers=num_workers, use_gpu=False, resources_per_worker={"CPU": cpus})
@@ -48,16 +46,19 @@ def worker_env() -> dict[str, str]:
 
 
 def fit(loop_config: LoopConfig, num_workers: int, storage_path: Path, name: str, retries: int = 0,
-        gpu_share: float = 1.0) -> None:
+        gpus_per_worker: float | None = None) -> None:
     """Run the training loop on `num_workers` Ray Train workers.
 
     A worker that dies makes Ray Train start the group again, up to `retries` times;
     the loop then resumes from its last in-training checkpoint (stages/train/checkpoint.py).
+    `gpus_per_worker` None: one GPU each on a GPU cluster, none on CPUs.
     """
+    if gpus_per_worker is None:
+        gpus_per_worker = 1.0 if cluster_gpu_count() else 0.0
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"loop": loop_config},
-        scaling_config=scaling_config(num_workers, gpu_share),
+        scaling_config=scaling_config(num_workers, gpus_per_worker),
         run_config=RunConfig(name=name, storage_path=os.fspath(storage_path),
                              failure_config=FailureConfig(max_failures=retries),
                              worker_runtime_env={"env_vars": worker_env()}),
@@ -83,7 +84,7 @@ def run_stage(plan, out_dir: Path) -> dict[str, Any]:
                              train_shard=str(plan.round.train / shard_name(0)), output_dir=str(out_dir),
                              reference=reference)
     fit(loop_config, config.train.num_workers, plan.run.dir / ".ray_train", f"round_{plan.round.number:03d}",
-        config.worker_retries, plan.engines.gpu_share_left() if plan.engines else 1.0)
+        config.worker_retries, layout_of(plan).train_worker)
     if not (out_dir / "config.json").is_file():
         raise RuntimeError(f"training finished without writing a checkpoint to {out_dir}")
     if reference and not plan.round.is_done("reference"):
