@@ -3,20 +3,21 @@
 The reference log-probs are only valid if they are computed exactly as the
 trainer computes the policy's, so both load the model, tokenize items and
 batch them through these functions (pools/logprobs.py holds the batch
-layouts and the log-prob math). `score_items` runs the reference scoring as
+layouts and the log-prob math). The reference stage runs `score_items` as
 one Ray task, so the model's memory is released when scoring ends.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
-import ray
 import torch
 
 from pipeline import timing
 from pipeline.console import worker_bar
 from pipeline.errors import PipelineError
+from pipeline.gpu_layout import where_this_runs
 from pipeline.hardware import native_bf16
 from pools.logprobs import Response, list_batch, sequence_logprobs, tokenize_example
 
@@ -109,11 +110,15 @@ def check_logprob_path(model, tokenizer, path: str) -> None:
                             "family computes after its last hidden state; it is not trained on")
 
 
+def autocast_enabled(setting: str) -> bool:
+    """Whether `train.autocast` = `setting` computes in bf16 here: on, or auto where bf16 is native."""
+    return setting == "on" or (setting == "auto" and native_bf16())
+
+
 def autocast(setting: str):
     """The bf16 autocast context the trainer and the reference stage both run under."""
     device = pick_device()
-    enabled = setting == "on" or (setting == "auto" and native_bf16())
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast_enabled(setting))
 
 
 def pad_token_id(tokenizer) -> int:
@@ -146,12 +151,15 @@ def reference_logprobs(model_path: str, lists: list[tuple[list[dict], list[Respo
 
 def score_lists(model, tokenizer, lists: list[tuple[list[dict], list[Response]]], max_length: int, batch_size: int,
                 chunk_size: int, autocast_setting: str = "off", share_prompt: bool = True,
-                part: tuple[int, int] = (0, 1)) -> list[list[float] | None]:
+                part: tuple[int, int] = (0, 1), collective: bool = False) -> list[list[float] | None]:
     """reference_logprobs on a loaded model (left in eval mode): the train workers' reference scoring.
 
     `part` = (rank, world) scores every world-th batch from the rank-th on and leaves None for
     the lists of the other parts (merge_parts joins them): the batches are the ones a single
     scorer would form, so the log-probs do not depend on how many workers share them.
+    `collective`: every forward is a collective (an FSDP-sharded model), so a part with fewer
+    batches than another runs the first (shortest) list again, its result dropped, until all
+    parts have run as many forwards.
     """
     model.eval()
     rank, world = part
@@ -163,10 +171,13 @@ def score_lists(model, tokenizer, lists: list[tuple[list[dict], list[Response]]]
         # A list without items has nothing to score: part 0 answers for it.
         results: list[list[float] | None] = [None if items or rank else [] for items in tokens]
         pad = pad_token_id(tokenizer)
-        for index in worker_bar(batches[rank::world], desc="reference log-probs", unit="batch"):
-            batch = list_batch([tokens[i] for i in index], pad, share_prompt)
+        mine: list[list[int] | None] = list(batches[rank::world])
+        if collective:
+            mine += [None] * (-(-len(batches) // world) - len(mine))
+        for index in worker_bar(mine, desc="reference log-probs", unit="batch"):
+            batch = list_batch([tokens[i] for i in (index or batches[0][:1])], pad, share_prompt)
             values = iter(sequence_logprobs(model, {k: v.to(model.device) for k, v in batch.items()}, chunk_size).tolist())
-            for i in index:
+            for i in index or ():
                 results[i] = [next(values) for _ in tokens[i]]
     return results
 
@@ -182,10 +193,14 @@ def merge_parts(parts: list[list[list[float] | None]]) -> list[list[float]]:
     return merged
 
 
-@ray.remote
 def score_items(*args, **kwargs) -> tuple[list[float], dict[str, float]]:
-    """reference_logprobs as a Ray task, so the model's memory is released when scoring ends;
-    returns the log-probs and the task's own timings."""
+    """reference_logprobs with its own timings, for the reference stage to run as a Ray task (so
+    that the model's memory is released when scoring ends); the log-probs and the timings.
+
+    Not a Ray task itself: this module imports no Ray, so that `make gpu-check` (a machine
+    without Ray) imports it as it is."""
+    # Into the stage's log (stderr is captured there), not onto the terminal.
+    print(f"reference scorer runs on {where_this_runs()}", file=sys.stderr, flush=True)
     timings = timing.Timings()
     with timings.active():
         return reference_logprobs(*args, **kwargs), timings.seconds

@@ -5,6 +5,15 @@ share of every global batch, weights its per-example losses by
 1 / global batch size, and the gradients are summed across workers before the
 step. That gives the same update for any number of workers and lets the
 forward pass call into the model however the log-prob code needs.
+
+Under FSDP (`train.sharding: fsdp`) the workers run FSDP2 as GPU users do:
+each decoder layer's weights are gathered in bf16 where the forward passes
+compute in bf16 (`mixed_precision`), gradients are reduced in fp32 into fp32
+master weights (train.dtype), and only after a step's last micro-batch: the
+others accumulate each worker's unsharded fp32 gradients (a full model's worth
+per worker, the price of reducing once a step instead of once a micro-batch).
+Checkpoints are sharded (stages/train/checkpoint.py), and a reference scored
+here is scored by the sharded model.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import dataclasses
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +33,10 @@ import torch.distributed as dist
 
 from pipeline.config import TrainConfig
 from pipeline.console import worker_bar
+from pipeline.gpu_layout import where_this_runs
 from pipeline.objectives import OBJECTIVES, REFERENCE_FREE, mean_margin, objective_options, ranking_accuracy
 from pipeline.timing import Timings
-from pools.logprob_scorer import DTYPES, autocast, load_policy, pad_token_id, use_all_cpu_threads
+from pools.logprob_scorer import DTYPES, autocast, autocast_enabled, load_policy, pad_token_id, use_all_cpu_threads
 from pools.logprobs import list_batch, sequence_logprobs
 from stages.train.checkpoint import TrainingCheckpoint, fingerprint
 from stages.train.data import ListExample, add_lora, build_examples, use_sparse_embedding_grad
@@ -80,16 +91,29 @@ def global_batches(num_examples: int, batch_size: int, epochs: int, seed: int) -
     return batches
 
 
-def shard_model(model) -> None:
-    """FSDP2: each decoder layer, then the whole model, holds 1/world of its weights,
-    gradients and optimizer state; layers gather their weights only while they run."""
-    from torch.distributed.fsdp import fully_shard
+def mixed_precision(train: TrainConfig):
+    """FSDP2's precision: the weights a layer gathers to run are bf16 where the forward passes
+    compute in bf16 (train.autocast on, or auto on hardware with native bf16; half the bytes to
+    gather), train.dtype otherwise; gradients are reduced in fp32, and the sharded weights the
+    optimizer updates (the master weights) stay in train.dtype."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
+    param_dtype = torch.bfloat16 if autocast_enabled(train.autocast) else DTYPES[train.dtype]
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+
+
+def shard_model(model, policy=None) -> None:
+    """FSDP2: each decoder layer, then the whole model, holds 1/world of its weights,
+    gradients and optimizer state; layers gather their weights only while they run,
+    in `policy`'s precision (a MixedPrecisionPolicy; None: FSDP's default, all in the weights' dtype)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = policy or MixedPrecisionPolicy()
     layer_classes = set(getattr(model, "_no_split_modules", None) or ())
     for module in model.modules():
         if type(module).__name__ in layer_classes:
-            fully_shard(module)
-    fully_shard(model)
+            fully_shard(module, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
 
 
 def micro_batches(mine: list[int], micro_batch_size: int, count: int) -> list[tuple[list[int], float]]:
@@ -135,13 +159,20 @@ class Trainer:
     history: list[dict[str, float]]
 
 
-def set_up(cfg: LoopConfig, clock: Timings) -> Trainer:
-    """Model, data, optimizer and any in-training checkpoint, with their time on `clock`."""
-    import pyarrow.parquet as pq
-    import ray.train
+def set_up(cfg: LoopConfig, clock: Timings, rank: int | None = None, world: int | None = None) -> Trainer:
+    """Model, data, optimizer and any in-training checkpoint, with their time on `clock`.
 
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    `rank` and `world` are Ray Train's unless given (a process group of one's own, as in tests).
+    """
+    import pyarrow.parquet as pq
+
+    if rank is None or world is None:
+        import ray.train
+
+        context = ray.train.get_context()
+        rank, world = context.get_world_rank(), context.get_world_size()
+        # Into the stage's log (stderr is captured there), not onto the terminal.
+        print(f"train worker {rank} of {world} runs on {where_this_runs()}", file=sys.stderr, flush=True)
     train = cfg.train
     sharded = train.sharding == "fsdp" and world > 1
     # Scoring the reference here, the model load is the reference stage's start-up.
@@ -153,17 +184,22 @@ def set_up(cfg: LoopConfig, clock: Timings) -> Trainer:
             torch.set_num_threads(max(1, torch.get_num_threads() // world))
         torch.manual_seed(cfg.seed)
         model, tokenizer = load_policy(cfg.policy_in, train.dtype, cfg.trust_remote_code)
-    if scores_reference:
+    if scores_reference and not sharded:
         score_reference(cfg.reference, model, tokenizer, train, rank, world, load_clock, started)
-    with clock("startup"):
+    # Under FSDP the reference is scored once the model is sharded, so no worker holds all of it
+    # longer than loading takes; sharding is then part of the reference stage's start-up.
+    with (load_clock if scores_reference and sharded else clock)("startup"):
         if train.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if train.lora_rank:
             model = add_lora(model, train.lora_rank, train.lora_alpha, train.lora_dropout, train.lora_target_modules)
         if sharded:
-            shard_model(model)
+            shard_model(model, mixed_precision(train))
         elif not train.lora_rank:
             use_sparse_embedding_grad(model)
+    if scores_reference and sharded:
+        score_reference(cfg.reference, model, tokenizer, train, rank, world, load_clock, started, sharded=True)
+    with clock("startup"):
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
     with clock("io"):
@@ -176,7 +212,7 @@ def set_up(cfg: LoopConfig, clock: Timings) -> Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(int(train.warmup_ratio * len(steps)), len(steps)))
         checkpoints = TrainingCheckpoint(Path(cfg.output_dir) / "checkpoint",
-                                         fingerprint(dataclasses.asdict(cfg), len(examples)))
+                                         fingerprint(dataclasses.asdict(cfg), len(examples)), sharded, rank, world)
         history = checkpoints.restore(model, optimizer, scheduler)
     return Trainer(cfg, rank, world, sharded, model, tokenizer, params, examples, steps, optimizer, scheduler,
                    checkpoints, history)
@@ -195,7 +231,12 @@ def train_step(trainer: Trainer, indices: list[int]) -> dict[str, float]:
     device = trainer.params[0].device
     loss = accuracy = margin = torch.zeros((), dtype=torch.float64, device=device)
     examples = tokens = 0.0
-    for micro_indices, weight in micro_batches(mine, train.micro_batch_size, count):
+    batches = micro_batches(mine, train.micro_batch_size, count)
+    for index, (micro_indices, weight) in enumerate(batches):
+        if trainer.sharded:
+            # FSDP reduce-scatters the gradients once a step, in the last micro-batch's backward;
+            # the backward passes before it add to each worker's unsharded gradients.
+            trainer.model.set_requires_gradient_sync(index == len(batches) - 1)
         micro = [trainer.examples[i] for i in micro_indices]
         with autocast(train.autocast):
             scores, mask, rewards = list_scores(trainer.model, micro, trainer.tokenizer, train.objective, train.beta,
@@ -235,10 +276,15 @@ def train_loop_per_worker(config: dict[str, LoopConfig]) -> None:
     """Ray Train's entry point on every worker: `config["loop"]` is the round's LoopConfig."""
     import ray.train
 
-    cfg = config["loop"]
+    ray.train.report({"steps": train_and_save(config["loop"])})
+
+
+def train_and_save(cfg: LoopConfig, rank: int | None = None, world: int | None = None) -> int:
+    """One worker's training, from any in-training checkpoint to the saved policy; the steps done.
+    `rank` and `world`: as for `set_up`."""
     # Rank 0's clock: the workers wait for each other at every collective, so one speaks for all.
     clock = Timings()
-    trainer = set_up(cfg, clock)
+    trainer = set_up(cfg, clock, rank, world)
     history, steps = trainer.history, trainer.steps
     progress = worker_bar(steps, desc="train", unit="step", disable=trainer.rank != 0, initial=len(history))
     for step in range(len(history), len(steps)):
@@ -253,7 +299,7 @@ def train_loop_per_worker(config: dict[str, LoopConfig]) -> None:
         every = cfg.train.checkpoint_every
         if every and (step + 1) % every == 0 and step + 1 < len(steps):
             with clock("save"):
-                trainer.checkpoints.save(trainer.model, trainer.optimizer, trainer.scheduler, history, trainer.rank)
+                trainer.checkpoints.save(trainer.model, trainer.optimizer, trainer.scheduler, history)
     progress.close()
     output_dir = Path(cfg.output_dir)
     with clock("save"):
@@ -265,7 +311,7 @@ def train_loop_per_worker(config: dict[str, LoopConfig]) -> None:
         trainer.checkpoints.remove()
         # Ray Train V2 keeps reported metrics only beside a checkpoint: the driver reads this file instead.
         (output_dir / TIMINGS_FILE).write_text(json.dumps(clock.seconds))
-    ray.train.report({"steps": len(history)})
+    return len(history)
 
 
 def save_policy(model, tokenizer, train: TrainConfig, output_dir: Path, rank: int, sharded: bool) -> None:

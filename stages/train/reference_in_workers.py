@@ -9,6 +9,15 @@ their log-probs; it writes `train/part-00000.parquet` and the
 reference stage's done marker before any worker reads the shard to train, so
 resume and `inspect` see what a separate reference stage leaves; a restarted
 worker group finds the marker and goes straight to training.
+
+Under FSDP (`train.sharding: fsdp`) the workers score once the model is
+sharded, so that no worker holds the whole model (stages/train/loop.py,
+`set_up`); every forward is then a collective, and a worker with fewer batches
+runs a short one again, unscored, until all have run as many. The sharded model
+computes in FSDP's mixed precision (`mixed_precision`): with bf16 autocast its
+weights are bf16 copies, so the log-probs are the ones the workers' policy
+computes at step 0 rather than, to the last bf16 rounding, a separate
+reference stage's.
 """
 
 from __future__ import annotations
@@ -42,13 +51,14 @@ class ReferenceJob:
 
 
 def score_reference(job: ReferenceJob, model, tokenizer, train, rank: int, world: int, clock: Timings,
-                    started: float) -> None:
-    """Score `job` with the freshly loaded `model`; rank 0 finishes the reference stage.
+                    started: float, sharded: bool = False) -> None:
+    """Score `job` with the freshly loaded `model` (`sharded`: by FSDP across the workers); rank 0
+    finishes the reference stage.
 
     `clock` already holds the model load (the stage's start-up) and `started` is when it began.
     """
     with clock.active():
-        logps = score_part(job, model, tokenizer, train, rank, world)
+        logps = score_part(job, model, tokenizer, train, rank, world, sharded)
         if rank == 0:
             write_train_shard(with_reference(job.rows, logps, job.reference), Path(job.out_dir))
     if rank == 0:
@@ -63,12 +73,14 @@ def score_reference(job: ReferenceJob, model, tokenizer, train, rank: int, world
         dist.barrier()  # the others read the shard rank 0 has just written
 
 
-def score_part(job: ReferenceJob, model, tokenizer, train, rank: int, world: int) -> list[list[float]]:
+def score_part(job: ReferenceJob, model, tokenizer, train, rank: int, world: int,
+               sharded: bool = False) -> list[list[float]]:
     """Every rank scores its share of the batches; rank 0 gets all the log-probs, the others []."""
     if not job.rows:
         return []
     mine = score_lists(model, tokenizer, items_to_score(job.rows), train.max_length, job.batch_size,
-                       train.logprob_chunk_size, train.autocast, train.share_prompt, part=(rank, world))
+                       train.logprob_chunk_size, train.autocast, train.share_prompt, part=(rank, world),
+                       collective=sharded)
     if world == 1:
         return merge_parts([mine])
     parts = [None] * world if rank == 0 else None
