@@ -12,17 +12,25 @@ in the configured order, as evenly as possible: the first K mod T temperatures
 take one sample more (K=5 over [0.6, 1.0] gives samples 0-2 at 0.6 and 3-4 at
 1.0). Each block is one vLLM request with `n` samples and its own
 SamplingParams, and every candidate row records its temperature.
+
+An engine whose actor dies, or whose vLLM engine core dies inside a live actor (on GPU
+the core is a child process of the actor), is replaced and its shard redone, up to
+`worker_retries` times; any other error from an engine fails the call. Engines are shut
+down through vLLM before their actors are killed (docs/engine-reuse.md, "Engine faults").
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import pyarrow as pa
 import ray
@@ -30,7 +38,8 @@ import ray
 from pipeline import timing
 from pipeline.console import engine_bar
 from pipeline.errors import PipelineError
-from pipeline.hardware import cluster_has_gpus, native_bf16
+from pipeline.gpu_layout import GpuLayout, cluster_gpu_count, plan_gpu_layout, where_this_runs
+from pipeline.hardware import native_bf16
 from pipeline.layout import atomic_write_json, shard_name, write_parquet
 from pipeline.prompts import Prompt
 
@@ -73,33 +82,65 @@ def group_samples(outputs: list[Any], blocks: list[tuple[float, int]]) -> list[l
     return grouped
 
 
+class EngineDied(RuntimeError):
+    """A GenerationWorker's vLLM engine core died while its actor lives (vLLM's EngineDeadError).
+
+    The actor is of no more use, as if it had died: the pool replaces it. Defined here, not
+    taken from vLLM, so that the driver can tell it apart without importing vllm.
+    """
+
+
+# How long vLLM may take to stop an engine's processes when it is closed (SIGTERM, then SIGKILL),
+# and how long the pool waits for its engines to close before it kills their actors regardless.
+ENGINE_SHUTDOWN_TIMEOUT_S = 5.0
+ENGINE_CLOSE_TIMEOUT_S = 15.0
+
+
 @ray.remote
 class GenerationWorker:
     """One vLLM engine. Only this actor imports vllm, so the driver stays light."""
 
     def __init__(self, model_path: str, engine_args: dict[str, Any], sleeps: bool = False):
         self.clock = timing.Timings()
-        self.model_path = model_path
+        self.model_path: str | None = model_path
         # GPU engines kept between stages sleep while the trainer needs the memory.
         self.sleeps, self.asleep = sleeps, False
+        # Set by close() (the core's exit is then expected) and by the watch on the core process.
+        self.closing, self.core_died = False, threading.Event()
         with self.clock("startup"):
             from vllm import LLM
 
             if engine_args["dtype"] == "auto":
                 engine_args = {**engine_args, "dtype": "bfloat16" if native_bf16() else "float32"}
             self.llm = LLM(model=model_path, worker_extension_cls=EXTENSION, **engine_args)
+        self.core_pids = watch_engine_core(self)
+        self.placement = where_this_runs()
+
+    @contextlib.contextmanager
+    def engine_faults(self):
+        """Raise EngineDied for an error that comes from the engine core's death; others as they are."""
+        try:
+            yield
+        except Exception as exc:
+            from vllm.v1.engine.exceptions import EngineDeadError
+
+            if isinstance(exc, EngineDeadError) or self.core_died.is_set():
+                raise EngineDied(f"the vLLM engine core died ({type(exc).__name__}: {exc})") from exc
+            raise
 
     def load(self, model_path: str, seed: int) -> None:
         """Sample `model_path` from here on, as a fresh engine on it with engine seed `seed` would."""
         with self.clock("startup"):
             if self.asleep:
-                self.llm.wake_up()
+                # Level 2 dropped the weights: wake their memory up and fill it from the checkpoint
+                # (the same policy's too) before the KV cache takes its memory back.
+                self.llm.wake_up(tags=["weights"])
+                self.reload(model_path)
+                if not self.llm.wake_up(tags=["kv_cache"]):
+                    raise RuntimeError("vLLM is still asleep after waking its weights and KV cache")
                 self.asleep = False
-            if model_path != self.model_path:
-                # Read from the checkpoint's safetensors into the live model, layer by layer.
-                self.llm.collective_rpc("reload_weights", kwargs={"weights_path": model_path})
-                self.llm.collective_rpc("retie_lm_head")
-                self.model_path = model_path
+            elif model_path != self.model_path:
+                self.reload(model_path)
             # Block hashes ignore the weights: a cached prefix from another policy, or from the
             # previous call, would be reused silently (and a fresh engine starts with none).
             if not self.llm.reset_prefix_cache():
@@ -107,28 +148,49 @@ class GenerationWorker:
                                    "was not reset")
             self.llm.collective_rpc("reseed", args=(seed,))
 
+    def reload(self, model_path: str) -> None:
+        """Read `model_path`'s safetensors into the live model, layer by layer."""
+        self.model_path = None  # half loaded until both calls return
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": model_path})
+        self.llm.collective_rpc("retie_lm_head")
+        self.model_path = model_path
+
     def generate(self, conversations: list[list[dict[str, str]]], spec: SamplingSpec, model_path: str,
                  seed: int) -> list[list[dict]]:
         from vllm import SamplingParams
 
-        self.load(model_path, seed)
-        # Per-request seeds fail on CPU (vLLM's CPU generator has no offset);
-        # the engine-level seed makes sampling reproducible instead.
-        blocks = spec.blocks()
-        params = [SamplingParams(n=count, temperature=temperature, top_p=spec.top_p, max_tokens=spec.max_tokens)
-                  for temperature, count in blocks]
-        # One request per (prompt, temperature block); chat() takes one SamplingParams per request.
-        requests = [conversation for conversation in conversations for _ in blocks]
-        with self.clock("work"):
-            outputs = self.llm.chat(requests, params * len(conversations), use_tqdm=engine_bar)
+        with self.engine_faults():
+            self.load(model_path, seed)
+            # Per-request seeds fail on CPU (vLLM's CPU generator has no offset);
+            # the engine-level seed makes sampling reproducible instead.
+            blocks = spec.blocks()
+            params = [SamplingParams(n=count, temperature=temperature, top_p=spec.top_p,
+                                     max_tokens=spec.max_tokens) for temperature, count in blocks]
+            # One request per (prompt, temperature block); chat() takes one SamplingParams per request.
+            requests = [conversation for conversation in conversations for _ in blocks]
+            with self.clock("work"):
+                outputs = self.llm.chat(requests, params * len(conversations), use_tqdm=engine_bar)
         return group_samples(outputs, blocks)
 
     def sleep(self) -> None:
-        """Give the GPU memory back until the next call (vLLM sleep level 1: weights to CPU RAM,
-        KV cache dropped); nothing on CPU, where vLLM has no sleep mode."""
+        """Give the GPU memory back until the next call (vLLM sleep level 2: weights and KV cache
+        dropped, as the next call reloads the weights anyway); nothing on CPU, where vLLM has no
+        sleep mode."""
         if self.sleeps and not self.asleep:
-            self.llm.sleep(level=1)
+            with self.engine_faults():
+                self.llm.sleep(level=2)
             self.asleep = True
+
+    def close(self) -> None:
+        """Shut the engine down: stop its core process (on GPU), which frees its GPU memory. An
+        in-process engine (the CPU default) holds nothing its actor's death does not free: it is
+        left to that (its shutdown took 1.3 s)."""
+        self.closing = True
+        if self.core_pids:
+            self.llm.llm_engine.engine_core.shutdown(timeout=ENGINE_SHUTDOWN_TIMEOUT_S)
+
+    def where(self) -> str:
+        return self.placement
 
     def take_timings(self) -> dict[str, float]:
         """The time spent since the last call of this, by part."""
@@ -136,11 +198,76 @@ class GenerationWorker:
         return seconds
 
 
+def watch_engine_core(worker) -> list[int]:
+    """With vLLM's multiprocessing on (the default on GPU), the engine core runs in a child process
+    of the actor. If it dies without a word (SIGKILL, the kernel's OOM killer), vLLM 0.32's `LLM`
+    waits for its outputs forever: its own monitor marks the client dead and shuts it down, but
+    nothing wakes a `chat` or utility call already waiting. A thread of ours does, with vLLM's
+    EngineDeadError, which `engine_faults` turns into EngineDied. The core processes' ids; none
+    for an in-process engine (the CPU default), whose faults are the actor's own."""
+    client = worker.llm.llm_engine.engine_core
+    resources = getattr(client, "resources", None)
+    processes = list(getattr(getattr(resources, "engine_manager", None), "processes", None) or [])
+    if not processes or not hasattr(client, "outputs_queue"):
+        return []
+
+    def watch() -> None:
+        from multiprocessing.connection import wait
+
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            wait([process.sentinel for process in processes])
+        except (OSError, ValueError):
+            return
+        if worker.closing:
+            return
+        worker.core_died.set()
+        resources.engine_dead = True
+        client.outputs_queue.put_nowait(EngineDeadError())
+        with contextlib.suppress(Exception):
+            for future in list(client.utility_results.values()):
+                with contextlib.suppress(Exception):
+                    future.set_exception(EngineDeadError())
+
+    threading.Thread(target=watch, name="EngineCoreWatch", daemon=True).start()
+    if os.getpgid(0) != os.getpid():
+        # Ray (2.60 by default) kills a dead worker's process group, which holds the engine core;
+        # without that, a core can outlive an actor killed by a signal (docs/engine-reuse.md).
+        log.warning("this engine's actor leads no process group of its own: its vLLM engine core may "
+                    "outlive it if it is killed")
+    return [process.pid for process in processes]
+
+
+def engine_died(exc: BaseException) -> bool:
+    """Whether a failed engine call lost the engine (its actor, or its engine core), so that
+    another engine may redo the work; any other error would recur."""
+    if isinstance(exc, ray.exceptions.RayActorError):
+        return True
+    return isinstance(exc, ray.exceptions.RayTaskError) and isinstance(exc.cause, EngineDied)
+
+
+def stop_engines(workers: list[Any], timeout: float = ENGINE_CLOSE_TIMEOUT_S) -> None:
+    """Close the engines through vLLM, in parallel, then kill their actors: a dead engine, or one
+    still busy after `timeout` seconds, is killed without its own shutdown."""
+    refs = [worker.close.remote() for worker in workers]
+    if refs:
+        ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    for worker in workers:
+        ray.kill(worker)
+
+
+def with_env(options: dict[str, Any], env_vars: dict[str, str]) -> dict[str, Any]:
+    """Actor `options` with `env_vars` added to their runtime environment."""
+    if not env_vars:
+        return options
+    runtime_env = dict(options.get("runtime_env") or {})
+    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env_vars}
+    return {**options, "runtime_env": runtime_env}
+
+
 # The engines' extra collective_rpc methods (reseed, retie_lm_head), by qualified name: vLLM imports it in its workers.
 EXTENSION = "pools.engine_extension.EngineExtension"
-# With engines kept on GPUs, each takes this share of its GPU in Ray's accounting, and the
-# reference task and the train workers the rest, so that both fit on one GPU while the engine sleeps.
-KEPT_ENGINE_GPU_SHARE = 0.5
 
 
 def engine_args(config, seed: int, use_gpu: bool, keep: bool = False) -> dict[str, Any]:
@@ -155,10 +282,11 @@ def engine_args(config, seed: int, use_gpu: bool, keep: bool = False) -> dict[st
     return args
 
 
-def worker_options(config, use_gpu: bool, keep: bool = False) -> dict[str, Any]:
+def worker_options(config, layout: GpuLayout, keep: bool = False) -> dict[str, Any]:
+    """What an engine actor asks of Ray: on a GPU cluster its GpuLayout.engine share (pipeline/gpu_layout.py)."""
     gen = config.generate
-    if use_gpu:
-        return {"num_gpus": gen.tensor_parallel_size * (KEPT_ENGINE_GPU_SHARE if keep else 1), "num_cpus": 1}
+    if layout.cluster_gpus:
+        return {"num_gpus": layout.engine, "num_cpus": 1}
     # On CPU the engine's threads are what matter; the Ray CPU count only schedules. A kept
     # engine idles through the other stages, so it holds no CPU that they would wait for.
     threads = max(1, (os.cpu_count() or 1) // gen.num_actors)
@@ -178,77 +306,85 @@ class EnginePool:
     and kills them when it ends.
     """
 
-    def __init__(self, config, keep: bool | None = None):
+    def __init__(self, config, keep: bool | None = None, env_vars: dict[str, str] | None = None):
         self.config = config
         self._keep = keep
-        self._use_gpu: bool | None = None
+        # Added to each engine actor's environment (tests/test_engine_core_kill.py turns vLLM's
+        # multiprocessing on with it, as on GPU).
+        self._env_vars = dict(env_vars or {})
+        self.layout: GpuLayout | None = None
         self.workers: dict[int, Any] = {}
 
     def _decide(self) -> None:
-        # Asked of the cluster, so only once Ray is up: at the first call.
-        if self._use_gpu is None:
-            self._use_gpu = cluster_has_gpus()
+        # Asked of the cluster, so only once Ray is up: at the first call. A layout kept engines
+        # cannot have on this cluster is refused here (pipeline/gpu_layout.py).
+        if self.layout is None:
+            gpus = cluster_gpu_count()
             if self._keep is None:
-                self._keep = keeps_engines(self.config.generate.keep_engines, self._use_gpu)
-            if self._keep and self._use_gpu:
-                check_gpu_sharing(self.config)
+                self._keep = keeps_engines(self.config.generate.keep_engines, gpus > 0)
+            self.layout = plan_gpu_layout(self.config, gpus, self._keep)
 
     @property
     def keep(self) -> bool:
         self._decide()
         return bool(self._keep)
 
-    def gpu_share_left(self) -> float:
-        """The share of a GPU the other GPU stages may ask for beside these engines."""
-        self._decide()
-        return 1 - KEPT_ENGINE_GPU_SHARE if self._keep and self._use_gpu else 1.0
-
     def engine(self, index: int, model_path: str, seed: int) -> Any:
         """Engine `index`, started on `model_path` with engine seed `seed` if there is none."""
         self._decide()
         if index not in self.workers:
-            keep, gpu = self.keep, bool(self._use_gpu)
-            self.workers[index] = GenerationWorker.options(**worker_options(self.config, gpu, keep)).remote(
+            keep, gpu = self.keep, bool(self.layout.cluster_gpus)
+            options = with_env(worker_options(self.config, self.layout, keep), self._env_vars)
+            self.workers[index] = GenerationWorker.options(**options).remote(
                 model_path, engine_args(self.config, seed, gpu, keep), keep and gpu)
         return self.workers[index]
 
     def discard(self, index: int) -> None:
-        """Forget engine `index` (it died); the next `engine(index, ...)` starts a new one."""
+        """Stop and forget engine `index` (it died); the next `engine(index, ...)` starts a new one."""
         worker = self.workers.pop(index, None)
         if worker is not None:
-            ray.kill(worker)
+            stop_engines([worker])
+
+    def placements(self, indices: list[int]) -> dict[int, str]:
+        """Where each of these engines runs (pipeline/gpu_layout.py, where_this_runs)."""
+        live = [i for i in indices if i in self.workers]
+        return dict(zip(live, ray.get([self.workers[i].where.remote() for i in live])))
 
     def timings(self, indices: list[int]) -> list[dict[str, float]]:
         return ray.get([self.workers[i].take_timings.remote() for i in indices if i in self.workers])
 
     def call_finished(self) -> None:
-        """After a generate or evaluate call: kept engines sleep (GPU), others are killed."""
+        """After a generate or evaluate call: kept engines sleep (GPU), others are closed. A kept
+        engine found dead is dropped; the next call starts another."""
         if self.keep:
-            ray.get([worker.sleep.remote() for worker in self.workers.values()])
+            sleeps = {index: worker.sleep.remote() for index, worker in self.workers.items()}
+            for index, ref in sleeps.items():
+                try:
+                    ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+                    if not engine_died(exc):
+                        raise
+                    log.warning("the kept vLLM engine %d died after its call; the next call starts another",
+                                index)
+                    self.discard(index)
         else:
             self.close()
 
-    def close(self) -> None:
+    def close(self, busy: Collection[int] = ()) -> None:
+        """Close every engine (stop_engines). Those in `busy` are still running a call, which their
+        close would wait behind: they are killed at once."""
         if ray.is_initialized():  # after ray.shutdown the engines are gone already
-            for worker in self.workers.values():
-                ray.kill(worker)
+            for index in busy:
+                worker = self.workers.pop(index, None)
+                if worker is not None:
+                    ray.kill(worker)
+            stop_engines(list(self.workers.values()))
         self.workers.clear()
 
 
 def keeps_engines(setting: str, use_gpu: bool) -> bool:
     """`generate.keep_engines`: auto keeps them on CPU, where it was measured (docs/engine-reuse.md)."""
     return setting == "on" or (setting == "auto" and not use_gpu)
-
-
-def check_gpu_sharing(config) -> None:
-    """Refuse kept GPU engines with a layout the GPU shares cannot express."""
-    if config.generate.tensor_parallel_size > 1:
-        raise PipelineError("generate.keep_engines=on on GPUs needs generate.tensor_parallel_size 1 (a kept engine "
-                            "takes half of one GPU); set generate.keep_engines=off")
-    if config.reward.num_gpus_per_actor > 1 - KEPT_ENGINE_GPU_SHARE:
-        raise PipelineError(f"reward.num_gpus_per_actor is {config.reward.num_gpus_per_actor}, but kept engines "
-                            f"(generate.keep_engines) hold {KEPT_ENGINE_GPU_SHARE} of a GPU each: at most "
-                            f"{1 - KEPT_ENGINE_GPU_SHARE}, or set generate.keep_engines=off")
 
 
 def generate_shards(prompts: list[Prompt], model_path: str, spec: SamplingSpec, config, out_dir: Path,
@@ -265,20 +401,24 @@ def generate_shards(prompts: list[Prompt], model_path: str, spec: SamplingSpec, 
     todo = [i for i in range(num_shards) if not (out_dir / shard_name(i)).exists()]
     start = time.perf_counter()
     retries = {i: 0 for i in todo}
+    pending: dict[Any, int] = {}
 
     def submit(i: int) -> Any:
-        # The same engine seed for a replacement: a redone shard samples what the lost one would have.
+        # The same engine seed for a replacement: a redone shard samples what the lost one would have
+        # (with the engine core in-process, as on CPU; not with vLLM's multiprocessing: docs/engine-reuse.md).
         worker = engines.engine(i, model_path, seed + i)
         return worker.generate.remote([p.messages for p in chunks[i]], spec, model_path, seed + i)
 
     try:
-        pending = {submit(i): i for i in todo}
+        pending.update((submit(i), i) for i in todo)
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             index = pending.pop(ready[0])
             try:
                 outputs = ray.get(ready[0])
-            except ray.exceptions.RayActorError as exc:
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+                if not engine_died(exc):
+                    raise  # a bad request or a bug: another engine would fail alike
                 retries[index] += 1
                 engines.discard(index)
                 if retries[index] > config.worker_retries:
@@ -292,10 +432,14 @@ def generate_shards(prompts: list[Prompt], model_path: str, spec: SamplingSpec, 
             with timing.timed("io"):
                 write_parquet(make_table(chunks[index], outputs), out_dir / shard_name(index))
         timing.add_slowest(engines.timings(todo))
+        for index, where in engines.placements(todo).items():
+            # Into the stage's log (stderr is captured there), not onto the terminal.
+            print(f"vLLM engine {index} ran on {where}", file=sys.stderr, flush=True)
         engines.call_finished()
     except BaseException:
-        # A failed call leaves no engine behind, kept or not: the command is ending.
-        engines.close()
+        # A failed call leaves no engine behind, kept or not: the command is ending. The engines
+        # still sampling (Ctrl-C, another shard's error) are killed without waiting for them.
+        engines.close(busy=set(pending.values()))
         raise
     seconds = time.perf_counter() - start
     return {"shards_generated": len(todo), "generate_seconds": round(seconds, 2),
