@@ -9,7 +9,7 @@ ARGS    ?=
 
 round_args = --config $(CONFIG) --run $(RUN) $(if $(OUTPUT),--output $(OUTPUT)) $(ARGS)
 
-.PHONY: setup round rounds test bench bench-train bench-reward bench-generate bench-round experiment experiment-replay check-venv
+.PHONY: setup round rounds test bench bench-train bench-reward bench-generate bench-round gpu-check experiment experiment-replay check-venv
 
 setup:
 	bash scripts/setup.sh
@@ -45,6 +45,13 @@ bench-reward: check-venv
 ## (docs/bench/generate.json, the Speed section of docs/results.md)
 bench-generate: check-venv
 	$(PY) bench/generate_bench.py $(ARGS)
+
+## make gpu-check [ARGS="--quick --device cpu --out FILE --parts ... --trl-wheel WHL|DIR"]: on a lent GPU, without
+## Ray or vLLM, in minutes: bf16 log-prob parity of the tiny families, a ~1B training step (tokens/s, MFU), FSDP2 on
+## one rank, reward batch invariance, TRL's DPOTrainer side by side (docs/bench/gpu-check.json on cuda). A machine
+## without the venv: make gpu-check PY=$(command -v python3)
+gpu-check: check-venv
+	$(PY) bench/gpu_check.py $(ARGS)
 
 ## where a round's wall time goes, per stage: start-up, Ray, Parquet I/O and the work itself
 ## (docs/bench/round.json, the `round` section of docs/results.md). Runs rounds 1-3 of CONFIG on the
