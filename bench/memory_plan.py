@@ -27,6 +27,7 @@ published Hugging Face config.json numbers of each model.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,15 +266,23 @@ def reward_plan(config, arch: Arch) -> tuple[Lines, dict]:
 
 
 def reference_plan(config, arch: Arch) -> tuple[Lines, dict]:
-    """The reference log-probs: the policy in train.dtype on one GPU, whole (the train workers
-    score before sharding; the reference scorer's own task likewise), with autocast's bf16
-    copies of its weights, no gradient, reference.batch_size list items a forward pass, one
+    """The reference log-probs: the policy in train.dtype on one GPU, whole with autocast's bf16
+    copies of its weights (the reference scorer's own task, or unsharded train workers), or
+    sharded with its layers gathered in bf16 (train workers under FSDP2, which score after
+    sharding), no gradient, reference.batch_size list items a forward pass, one
     layer at a time; the vocabulary projection chunk (no backward)."""
     train = config.train
     wbytes = 4 if train.dtype == "float32" else 2
     autocasting = train.autocast != "off" and wbytes == 4
-    weights = wbytes * param_count(arch)
-    cache = 2 * param_count(arch) if autocasting else 0
+    if train.sharding == "fsdp" and config.reference.in_train_workers:
+        # Scored by the train workers after sharding: 1/W of the weights, layers gathered in bf16
+        # under autocast (FSDP2's mixed-precision policy), so no autocast copies.
+        weights = wbytes * param_count(arch) / train.num_workers + \
+            (2 * layer_params(arch) + outer_params(arch)) * (2 if autocasting else wbytes)
+        cache = 0
+    else:
+        weights = wbytes * param_count(arch)
+        cache = 2 * param_count(arch) if autocasting else 0
     layout = train_layout(config, items_per_pass=config.reference.batch_size)
     residual = 4 if wbytes == 4 else 2
     tokens = layout.rows * layout.row_len
@@ -308,12 +317,13 @@ def train_plan(config, arch: Arch) -> tuple[Lines, dict]:
     backward (then the optimizer step, with the activations gone, is lower; its peak is
     returned too).
 
-    Counted: the states (train_state_bytes); under FSDP2, the layers it gathers in fp32 (no
-    mixed-precision policy: the one running and the one prefetched, and one layer's unsharded
-    gradient before reduce-scatter) and the root group (embedding, head), gathered for the whole
-    pass with its gradient; autocast's bf16 copies of every weight (torch caches the casts of fp32
-    leaf weights until the autocast region ends: the whole unsharded model, taken in full here,
-    though FSDP2's gathered parameters may escape the cache); with gradient checkpointing, every
+    Counted: the states (train_state_bytes); under FSDP2, the layers it gathers (bf16 under
+    autocast, the mixed-precision policy: the one running and the one prefetched, and one
+    layer's unsharded gradient before reduce-scatter) and the root group (embedding, head),
+    gathered for the whole pass with its gradient, and the unsharded fp32 gradients accumulated
+    between a step's micro-batches (reduced once, after the last); without FSDP2, autocast's
+    bf16 copies of every weight (torch caches the casts of fp32 leaf weights until the autocast
+    region ends: the whole model); with gradient checkpointing, every
     layer's input (the residual stream, fp32), the final hidden states, and one layer's recompute
     working set doubled for its gradients; eager attention's score matrices; the packed mask;
     the logits chunk with its gradient; the allowance.
@@ -325,8 +335,16 @@ def train_plan(config, arch: Arch) -> tuple[Lines, dict]:
     states = train_state_bytes(config, arch)
     layout = train_layout(config)
     fsdp = train.sharding == "fsdp"
-    gathered = (3 * layer_params(arch) + 2 * outer_params(arch)) * wbytes if fsdp else 0
-    cache = 2 * param_count(arch) if autocasting else 0
+    # FSDP2's mixed-precision policy gathers bf16 weights under autocast (stages/train/loop.py).
+    gather_bytes = 2 if autocasting else wbytes
+    gathered = (3 * layer_params(arch) + 2 * outer_params(arch)) * gather_bytes if fsdp else 0
+    # Gathered bf16 weights need no autocast copies; unsharded fp32 weights get them, whole.
+    cache = 2 * param_count(arch) if autocasting and not fsdp else 0
+    # Gradients are reduced once a step: until its last micro-batch each worker accumulates the
+    # unsharded gradients, in fp32 (the policy's reduce dtype).
+    per_worker = math.ceil(train.batch_size / train.num_workers)
+    accumulating = fsdp and math.ceil(per_worker / train.micro_batch_size) > 1
+    unsharded_grads = 4 * param_count(arch) if accumulating else 0
     if train.gradient_checkpointing:
         saved = arch.layers * layout.tokens * arch.hidden * residual
         working = 2 * layout.tokens * layer_forward_bytes_per_token(arch, residual, 2)
@@ -342,6 +360,7 @@ def train_plan(config, arch: Arch) -> tuple[Lines, dict]:
              (f"gradients, {train.dtype}{sharded}", states["gradients"]),
              (f"{train.optimizer} moments{sharded}", states["moments"]),
              ("FSDP2 gathered layers (2 layers + 1 layer's gradient, root group + its gradient)", gathered),
+             ("unsharded fp32 gradients accumulated until the step's last micro-batch", unsharded_grads),
              ("autocast's bf16 weight copies (whole model)", cache),
              (f"layer inputs kept by checkpointing ({layout.tokens} tokens x {arch.layers} layers)", saved),
              ("one layer's recompute working set, with its gradients", working),
@@ -440,10 +459,11 @@ Formulas, per GPU (P = parameters, L = layers, h = hidden size, V = vocabulary, 
   {VLLM_MAX_NUM_BATCHED_TOKENS} tokens, the sampler's fp32 logits ({VLLM_MAX_NUM_SEQS} sequences x V x 4 B x 3),
   {gb(VLLM_CUDA_GRAPH_BYTES)} GB of CUDA graphs and the allowance.
 - reward: the reward model's weights 2P, one micro batch's forward one layer at a time, its causal mask.
-- reference: the policy whole in train.dtype (4P) and autocast's bf16 copies (2P), reference.batch_size
-  items a pass, no gradient.
+- reference: the policy whole in train.dtype (4P) and autocast's bf16 copies (2P), or under FSDP2 in
+  the train workers 4P / W and bf16 gathered layers; reference.batch_size items a pass, no gradient.
 - train: 4P + 4P + 8P (fp32 weights, gradients, AdamW moments), / W under FSDP2; FSDP2's gathered
-  layers in fp32; autocast's bf16 copies (2P, the whole model); gradient checkpointing's layer
+  layers in bf16 and the unsharded fp32 gradients accumulated until a step's last micro-batch (4P);
+  without FSDP2, autocast's bf16 copies (2P, the whole model); gradient checkpointing's layer
   inputs (micro_batch_size x list size x max_length tokens x L x h x 4 B); one layer's recompute
   working set x 2; eager attention's scores (Gemma-2); the packed mask; the logits chunk
   (logprob_chunk_size x V x 4 B x 3).
