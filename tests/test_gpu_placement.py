@@ -110,7 +110,10 @@ def round_placement(config, keep: bool, tmp_path: Path) -> dict[str, list[list[i
     placed["reference"] = [ray.get(probe_task.options(num_gpus=layout.reference).remote())]
     placed["train"] = train_worker_gpus(config.train.num_workers, layout.train_worker, tmp_path / "train")
     if not keep:
+        # Evaluate samples, then its engines are gone before the reward actors score (EnginePool.call_finished).
         engines, placed["eval engines"] = start_engines()
+        for engine in engines:
+            ray.kill(engine)
     placed["eval reward"] = reward_actors()
     for engine in engines:
         ray.kill(engine)
