@@ -110,10 +110,11 @@ def where_this_runs() -> str:
 
 
 def cluster_gpu_count() -> int:
-    """GPUs of the Ray cluster this driver is connected to."""
+    """GPUs of the Ray cluster this driver is connected to; 0 when it is connected to none (a stage
+    run on its own, whose work is all in-process)."""
     import ray
 
-    return int(ray.cluster_resources().get("GPU", 0))
+    return int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0
 
 
 def layout_of(plan) -> GpuLayout:

@@ -159,6 +159,9 @@ class FakePool:
     def timings(self, indices):
         return []
 
+    def placements(self, indices):
+        return {}
+
     def call_finished(self):
         self.close()
 

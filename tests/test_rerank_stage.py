@@ -52,7 +52,7 @@ def run_rerank(plan, monkeypatch, rewards: dict[str, float]) -> tuple[dict, list
     """Run the stage as the driver does, with rewards looked up by response; returns (stats, rows scored)."""
     scored_rows: list[dict] = []
 
-    def fake_score(rows, reward_config, retries=0):
+    def fake_score(rows, reward_config, retries=0, num_gpus=0.0):
         scored_rows.extend(rows)
         return [rewards[row["response"]] for row in rows]
 
