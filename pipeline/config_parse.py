@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Iterator
@@ -79,6 +80,13 @@ def _describe(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
+def finite(value: float, dotted: str, source: str) -> float:
+    """No knob takes an infinite or NaN number: `train.beta=inf` would train on NaN losses."""
+    if not math.isfinite(value):
+        raise ConfigError(f"config key '{dotted}' ({source}) must be a finite number; got {value}")
+    return value
+
+
 def coerce(value: Any, hint: Any, dotted: str, source: str) -> Any:
     origin = typing.get_origin(hint)
     if origin is Literal:
@@ -131,13 +139,15 @@ def coerce(value: Any, hint: Any, dotted: str, source: str) -> Any:
         raise ConfigError(f"config key '{dotted}' ({source}) must be {words}; got {value!r}") from None
     # bool is an int in Python; a `true` given for a number is a mistake.
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        return finite(float(value), dotted, source)
     # YAML 1.1 reads `1e-5` (no dot) as a string; it is a float to any reader.
     if hint is float and isinstance(value, str):
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             pass
+        else:
+            return finite(number, dotted, source)
     if hint in (int, str, bool) and type(value) is hint:
         return value
     raise ConfigError(f"config key '{dotted}' ({source}) must be {hint.__name__}; "

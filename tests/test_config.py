@@ -521,8 +521,10 @@ def test_run_identity_keys_come_from_the_fields():
     ("generate.temperatures=0.6,0.6", "config key 'generate.temperatures' must be zero or more each, without "
                                       "repeats; got [0.6, 0.6]"),
     ("generate.top_p=0", "config key 'generate.top_p' must be in (0, 1]; got 0.0"),
-    ("reward.components=ifeval:.nan", "config key 'reward.components' must be finite weights; got {'ifeval': nan}"),
-    ("lists.min_margin=.inf", "config key 'lists.min_margin' must be zero or more; got inf"),
+    # Refused as numbers before any range is asked (config_parse.finite).
+    ("reward.components=ifeval:.nan", "config key 'reward.components.ifeval' (command line) must be a finite number; "
+                                      "got nan"),
+    ("lists.min_margin=.inf", "config key 'lists.min_margin' (command line) must be a finite number; got inf"),
     ("train.checkpoint_every=-1", "config key 'train.checkpoint_every' must be zero (never) or more; got -1"),
     ("train.lora_dropout=1", "config key 'train.lora_dropout' must be in [0, 1); got 1.0"),
     ("evaluate.max_tokens=0", "config key 'evaluate.max_tokens' must be positive; got 0"),
@@ -566,3 +568,18 @@ def test_objective_options_for_the_chosen_objective_load():
     # At their defaults they may be written for any objective; beta is common to all.
     load_config(None, ["train.objective=dpo", "train.simpo_gamma=0.5", "train.lambdarank_ndcg=false",
                        "train.beta=0.3"])
+
+
+@pytest.mark.parametrize("override", ["train.beta=inf", "train.learning_rate=nan", "train.beta=-.inf",
+                                      "lists.min_margin=1e400"])
+def test_infinite_or_nan_numbers_are_refused_at_load_naming_the_key(override):
+    key = override.split("=")[0]
+    with pytest.raises(PipelineError, match=rf"config key '{re.escape(key)}' \(command line\) must be a finite number"):
+        load_config(REPO_ROOT / "configs" / "default.yaml", [override])
+
+
+def test_an_infinite_number_in_a_yaml_file_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  beta: .inf\n")
+    with pytest.raises(PipelineError, match=rf"'train.beta' \({re.escape(str(path))}\) must be a finite number"):
+        load_config(path)
