@@ -80,7 +80,7 @@ def test_components_and_penalty_from_yaml_and_overrides(tmp_path):
     (["reward.components=judge:1.0"], "'reward.components' names unknown reward 'judge'"),
     ([], "'reward.components' must name at least one reward"),
     (["reward.components=ifeval:1.0", "reward.length_penalty=-0.1"], "'reward.length_penalty' must be zero or more"),
-    (["reward.components=ifeval:.nan"], "'reward.components' must be finite weights"),
+    (["reward.components=ifeval:.nan"], "'reward.components.ifeval' .command line. must be a finite number"),
 ])
 def test_bad_composite_config_is_caught_at_load(overrides, message):
     with pytest.raises(ConfigError, match=message):
