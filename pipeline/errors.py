@@ -24,3 +24,11 @@ class Terminated(KeyboardInterrupt):
     def __init__(self, signum: int):
         super().__init__(f"signal {signum}")
         self.signum = signum
+
+
+class TrainingDiverged(PipelineError):
+    """Training produced a non-finite loss, gradient or weight.
+
+    A retry would only repeat it (same data, same seed, same settings), so a
+    worker raising it stops the train stage at once instead of being restarted.
+    """
