@@ -17,7 +17,9 @@ from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, NamedTuple
 
-from pipeline.config_parse import apply_override, build, leaf_fields, read_yaml
+import yaml
+
+from pipeline.config_parse import apply_override, build, leaf_fields, yaml_problem
 from pipeline.errors import ConfigError
 
 
@@ -31,6 +33,24 @@ ZERO_OR_MORE = Check(lambda v: v >= 0, "zero or more")
 MORE_THAN_1 = Check(lambda v: v > 1, "more than 1")
 UP_TO_1 = Check(lambda v: 0 < v <= 1, "in (0, 1]")
 BELOW_1 = Check(lambda v: 0 <= v < 1, "in [0, 1)")
+
+# What vLLM's SamplingParams refuses (vllm/sampling_params.py, _verify_args), checked here at
+# load rather than by the first engine asked, minutes into a round.
+# Most samples of one request (SamplingParams.n): the default of vLLM's VLLM_MAX_N_SEQUENCES
+# (vllm/envs.py). The engines run in Ray actors, which need not share this process's
+# environment, so only the default is sure to hold there.
+VLLM_MAX_N = 16384
+# SamplingParams takes temperatures in [0, 2].
+VLLM_MAX_TEMPERATURE = 2.0
+# Below this temperature (vLLM's _SAMPLING_EPS) vLLM decodes greedily, and refuses a request
+# for more than one sample then (SamplingParams._verify_greedy_sampling).
+VLLM_GREEDY_BELOW = 1e-5
+# vLLM seeds numpy with its engine seed, and numpy takes seeds in [0, 2**32). A round's engine
+# seed is the run's seed + 1000 * round + engine index (pipeline/seeds.py): a run's seed up to
+# 2**31 - 1 leaves the other half of that range to the rounds.
+MAX_SEED = 2**31 - 1
+
+TEMPERATURE = Check(lambda v: 0 <= v <= VLLM_MAX_TEMPERATURE, "from 0 to 2 (vLLM's range)")
 
 
 def knob(default: Any = MISSING, help: str = "", check: Check | None = None, *, identity: bool = False,
@@ -56,7 +76,8 @@ AnyDtype = Literal["auto", "bfloat16", "float16", "float32"]
 class ModelConfig:
     name: str = knob("embedded:smollm2-135m-instruct", "`embedded:<name>` (prepared by `make setup`), a local HF "
                      "checkpoint directory, or a hub id already in the local HF cache.", identity=True)
-    max_model_len: int = knob(2048, "Context length given to vLLM; prompt tokens + generate.max_tokens must fit.",
+    max_model_len: int = knob(2048, "Context length given to vLLM; prompt tokens + generate.max_tokens must fit. "
+                              "vLLM refuses more than the model's config.json allows when the engine starts.",
                               POSITIVE)
     trust_remote_code: bool = knob(False, "Run the model's own code from its checkpoint (off: only transformers' "
                                    "and vLLM's classes).")
@@ -92,17 +113,21 @@ class PromptsConfig:
 
 @dataclass
 class GenerateConfig:
-    num_samples: int = knob(4, "K: responses sampled per prompt.",
-                            Check(lambda v: v >= 2, "at least 2 (a list needs a positive and a negative)"))
-    temperature: float = knob(0.8, "Sampling temperature (when `temperatures` is empty).", ZERO_OR_MORE)
+    num_samples: int = knob(4, f"K: responses sampled per prompt (vLLM takes up to {VLLM_MAX_N} in one request).",
+                            Check(lambda v: 2 <= v <= VLLM_MAX_N, "at least 2 (a list needs a positive and a "
+                                  f"negative) and at most {VLLM_MAX_N} (vLLM's VLLM_MAX_N_SEQUENCES)"))
+    temperature: float = knob(0.8, "Sampling temperature (when `temperatures` is empty), 0 to 2; below 1e-5 vLLM "
+                              "decodes greedily, one answer per prompt, so it cannot give K of them.", TEMPERATURE)
     temperatures: list[float] = knob(
         help="Several temperatures in one round: the K samples of each prompt are split into consecutive blocks, "
         "one per temperature in this order, as evenly as possible (the first K mod T temperatures take one more), "
         "e.g. K=4 and [0.6, 1.0] give samples 0-1 at 0.6 and 2-3 at 1.0. Empty: all at `temperature`.",
-        check=Check(lambda v: all(t >= 0 for t in v) and len(set(v)) == len(v), "zero or more each, without repeats"),
+        check=Check(lambda v: all(0 <= t <= VLLM_MAX_TEMPERATURE for t in v) and len(set(v)) == len(v),
+                    "from 0 to 2 each (vLLM's range), without repeats"),
         default_factory=list)
     top_p: float = knob(1.0, "Nucleus sampling: the smallest set of tokens holding this much probability.", UP_TO_1)
-    max_tokens: int = knob(128, "Longest response, in tokens.", POSITIVE)
+    max_tokens: int = knob(128, "Longest response, in tokens; less than model.max_model_len, which holds the prompt "
+                           "too.", POSITIVE)
     num_actors: int = knob(1, "vLLM engines (Ray actors) that share the prompts.", POSITIVE)
     tensor_parallel_size: int = knob(1, "GPUs each vLLM engine spreads the model over.", POSITIVE)
     dtype: AnyDtype = knob("auto", "auto: bfloat16 on GPUs and on CPUs with native bf16 (AVX512_BF16 / AMX); float32 "
@@ -255,14 +280,16 @@ class EvaluateConfig:
     temperature: float = knob(0.0, "Decoding of the one answer per held-out prompt (0: greedy). Round 0's answers "
                               "(the base model, round_000/), every win rate's baseline, are made with these, and a "
                               "later round with other values is refused: its win rate would compare unlike "
-                              "answers.", ZERO_OR_MORE, identity=True)
-    max_tokens: int = knob(128, "Longest held-out answer, in tokens; part of round 0's baseline, like temperature.",
-                           POSITIVE, identity=True)
+                              "answers.", TEMPERATURE, identity=True)
+    max_tokens: int = knob(128, "Longest held-out answer, in tokens; part of round 0's baseline, like temperature. "
+                           "Less than model.max_model_len, which holds the prompt too.", POSITIVE, identity=True)
 
 
 @dataclass
 class Config:
-    seed: int = knob(0, "Seeds sampling, list drawing and the training order.", identity=True)
+    seed: int = knob(0, "Seeds sampling, list drawing and the training order.",
+                     Check(lambda v: 0 <= v <= MAX_SEED, "from 0 to 2**31 - 1 (vLLM seeds numpy with it, plus 1000 "
+                           "per round)"), identity=True)
     output: str = knob("runs", "Root of run directories (a local path or a shared mount on clusters).")
     worker_retries: int = knob(2, "A worker that dies mid-stage (a generation engine, a reward actor, the reference "
                                "task, a Ray Train worker: a preempted node, an out-of-memory kill) is replaced this "
@@ -342,6 +369,50 @@ def set_key(config: Config, dotted: str, value: Any) -> None:
     setattr(section, leaf, value)
 
 
+# How a config file's top level is named when it is not the mapping it must be.
+_YAML_KINDS = {list: "a list", str: "a plain string", int: "a number", float: "a number", bool: "a boolean"}
+
+
+def read_yaml_file(path: str | Path) -> dict[str, Any]:
+    """The mapping a config file holds ({} for an empty file): every config YAML read from disk
+    (`--config`, a run's own config.yaml) goes through here, so that any fault in one is a
+    ConfigError on one line naming the file, and for bad YAML the line and column."""
+    path = Path(path)
+    text = _read_config_text(path)
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        line, column, problem = yaml_problem(exc, text)
+        raise ConfigError(f"config file {path} is not valid YAML: line {line}, column {column}: {problem}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        kind = _YAML_KINDS.get(type(raw), type(raw).__name__)
+        raise ConfigError(f"config file {path} holds {kind} at its top level; it must be a mapping of keys "
+                          "(such as `seed: 0`)")
+    return raw
+
+
+def _read_config_text(path: Path) -> str:
+    if path.is_dir():
+        examples = sorted(path.glob("*.yaml"))
+        such_as = f" such as {examples[0]}" if examples else ""
+        raise ConfigError(f"config file {path} is a directory; give a YAML file{such_as}")
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError(f"config file {path}, line {line}, column {column}: not UTF-8 text "
+                          f"(byte {data[exc.start:exc.start + 1]!r})") from None
+
+
 def in_file(raw: dict[str, Any], dotted: str) -> bool:
     section: Any = raw
     for part in dotted.split("."):
@@ -359,7 +430,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     from the current directory, where the person typing it is. So `larpo` runs from anywhere.
     """
     path = Path(path) if path is not None else None
-    raw = read_yaml(path) if path is not None else {}
+    raw = read_yaml_file(path) if path is not None else {}
     config = build(Config, raw, source=str(path) if path is not None else "defaults")
     for key in PATH_KEYS:
         base = config_dir(path) if in_file(raw, key) else PROJECT_DIR
@@ -429,6 +500,7 @@ def _check_ranges(config: Config) -> None:
     if len(config.generate.temperatures) > config.generate.num_samples:
         raise ConfigError(f"config key 'generate.temperatures' has {len(config.generate.temperatures)} values but "
                           f"generate.num_samples is {config.generate.num_samples}: each temperature needs a sample")
+    _check_engine_requests(config)
     reserved = {"prompt_id", config.prompts.messages_field} & set(config.prompts.metadata_fields or ())
     if reserved:
         raise ConfigError(f"config key 'prompts.metadata_fields' must not name '{min(reserved)}': the prompt "
@@ -439,6 +511,30 @@ def _check_ranges(config: Config) -> None:
     if config.train.batch_size % config.train.micro_batch_size:
         raise ConfigError("config key 'train.micro_batch_size' must divide train.batch_size; "
                           f"got {config.train.micro_batch_size} and {config.train.batch_size}")
+
+
+def _check_engine_requests(config: Config) -> None:
+    """What vLLM refuses in a request only when an engine is asked, minutes into a round."""
+    context = config.model.max_model_len
+    for key in ("generate.max_tokens", "evaluate.max_tokens"):
+        # The budget of a prompt is max_model_len - max_tokens (pipeline/driver.py): none would fit.
+        if get_key(config, key) >= context:
+            raise ConfigError(f"config key '{key}' must be less than model.max_model_len ({context}), which holds "
+                              f"the prompt too; got {get_key(config, key)}")
+    gen = config.generate
+    key = "generate.temperatures" if gen.temperatures else "generate.temperature"
+    for temperature, count in _sample_blocks(gen.num_samples, gen.temperatures or [gen.temperature]):
+        if temperature < VLLM_GREEDY_BELOW and count > 1:
+            raise ConfigError(f"config key '{key}' asks temperature {temperature} for {count} samples per prompt, "
+                              "but below 1e-5 vLLM decodes greedily and takes one: raise it, or give it one sample "
+                              "(more temperatures)")
+
+
+def _sample_blocks(num_samples: int, temperatures: list[float]) -> list[tuple[float, int]]:
+    # pools/vllm_engines.py's split_samples (one request per block), not imported: that
+    # module's imports are not for a config load.
+    base, extra = divmod(num_samples, len(temperatures))
+    return [(temperature, base + (i < extra)) for i, temperature in enumerate(temperatures)]
 
 
 def _check_registries(config: Config) -> None:

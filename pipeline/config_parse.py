@@ -12,7 +12,6 @@ import math
 import types
 import typing
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -20,18 +19,36 @@ import yaml
 from pipeline.errors import ConfigError
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
-    """The mapping a config file holds ({} for an empty file)."""
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+def yaml_problem(exc: yaml.YAMLError, text: str) -> tuple[int, int, str]:
+    """(line, column, problem) of a YAML error in `text`: 1-based, as editors count, and the
+    problem on one line, so that a ConfigError built from it stays one line."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        problem = exc.problem or exc.context or "invalid YAML"
+        opened = exc.context_mark
+        # An unclosed bracket is reported where the text ends; where it opened is what to fix.
+        if exc.problem and exc.context and opened is not None and mark is not None and opened.line != mark.line:
+            problem += f" ({exc.context} opened at line {opened.line + 1}, column {opened.column + 1})"
+        line, column = (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
+        return line, column, " ".join(problem.split())
+    if isinstance(exc, yaml.reader.ReaderError):
+        # A character YAML refuses (a NUL, a control character): a position, not a mark.
+        position = min(max(exc.position, 0), len(text))
+        line = text.count("\n", 0, position) + 1
+        column = position - (text.rfind("\n", 0, position) + 1) + 1
+        character = exc.character if isinstance(exc.character, int) else ord(exc.character[:1] or b"\0")
+        return line, column, f"character #x{character:04x}: {exc.reason}"
+    return 1, 1, " ".join(str(exc).split()) or type(exc).__name__
+
+
+def parse_yaml_value(text: str, dotted: str, source: str) -> Any:
+    """One value written in YAML (an override, or one part of a comma-separated one)."""
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        first_line = str(exc).splitlines()[0]
-        raise ConfigError(f"config file {path} is not valid YAML: {first_line}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(raw).__name__}")
-    return raw
+        _, column, problem = yaml_problem(exc, text)
+        raise ConfigError(f"config key '{dotted}' ({source}): {text.strip()!r} is not valid YAML "
+                          f"(column {column}: {problem})") from None
 
 
 def leaf_fields(cls: type, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field]]:
@@ -87,6 +104,33 @@ def finite(value: float, dotted: str, source: str) -> float:
     return value
 
 
+def _number(value: float | str) -> float | None:
+    """`value` as a float, or None for a string that is no number (a word)."""
+    if isinstance(value, float):
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+# Past 2**53 floats skip whole numbers (1e23 is read as 99999999999999991611392), so a
+# number written in float notation beyond it may not be the one the person typed.
+EXACT_FLOAT_INTS = 2**53
+
+
+def whole_number(number: float, written: float | str, dotted: str, source: str) -> int:
+    """An int knob given in float notation (`4.0`, or `1e3`, which YAML 1.1 reads as a string):
+    taken only when it is a whole number that a float holds exactly, so nothing is rounded."""
+    finite(number, dotted, source)
+    if not number.is_integer():
+        raise ConfigError(f"config key '{dotted}' ({source}) must be a whole number (int); got {written!r}")
+    if abs(number) > EXACT_FLOAT_INTS:
+        raise ConfigError(f"config key '{dotted}' ({source}) must be int; got {written!r}, in float notation beyond "
+                          "2**53, where floats no longer hold every whole number: write it in digits")
+    return int(number)
+
+
 def coerce(value: Any, hint: Any, dotted: str, source: str) -> Any:
     origin = typing.get_origin(hint)
     if origin is Literal:
@@ -103,7 +147,7 @@ def coerce(value: Any, hint: Any, dotted: str, source: str) -> Any:
         (item_hint,) = typing.get_args(hint)
         if isinstance(value, str):
             # Names stay strings as written (a column may be called `1` or `true`).
-            value = [part.strip() if item_hint is str else yaml.safe_load(part)
+            value = [part.strip() if item_hint is str else parse_yaml_value(part, dotted, source)
                      for part in value.split(",") if part.strip()]
         if not isinstance(value, list):
             raise ConfigError(f"config key '{dotted}' ({source}) must be a list; got {type(value).__name__} {value!r}")
@@ -114,7 +158,7 @@ def coerce(value: Any, hint: Any, dotted: str, source: str) -> Any:
             pairs = [part.split(":", 1) for part in value.split(",") if part.strip()]
             if any(len(pair) != 2 for pair in pairs):
                 raise ConfigError(f"config key '{dotted}' ({source}) must look like name:value,name:value; got {value!r}")
-            value = {k.strip(): yaml.safe_load(v) for k, v in pairs}
+            value = {k.strip(): parse_yaml_value(v, f"{dotted}.{k.strip()}", source) for k, v in pairs}
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{dotted}' ({source}) must be a mapping; got {type(value).__name__} {value!r}")
         key_hint, value_hint = typing.get_args(hint)
@@ -141,13 +185,11 @@ def coerce(value: Any, hint: Any, dotted: str, source: str) -> Any:
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return finite(float(value), dotted, source)
     # YAML 1.1 reads `1e-5` (no dot) as a string; it is a float to any reader.
-    if hint is float and isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
-            pass
-        else:
-            return finite(number, dotted, source)
+    number = _number(value) if isinstance(value, (float, str)) else None
+    if hint is float and number is not None:
+        return finite(number, dotted, source)
+    if hint is int and number is not None:
+        return whole_number(number, value, dotted, source)
     if hint in (int, str, bool) and type(value) is hint:
         return value
     raise ConfigError(f"config key '{dotted}' ({source}) must be {hint.__name__}; "
@@ -163,15 +205,12 @@ def apply_override(config: Any, item: str) -> None:
     source = "command line"
     if key not in all_keys(type(config)):
         raise ConfigError(unknown_key_message(type(config), key, source))
-    try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        value = text
     *parents, leaf = key.split(".")
     section: Any = config
     for part in parents:
         section = getattr(section, part)
     hint = typing.get_type_hints(type(section))[leaf]
+    value = _override_value(item, text, hint)
     if hint is str and not isinstance(value, str):
         value = text  # `run=123` or `name=true` are strings when a string is expected
     if typing.get_origin(hint) in (types.UnionType, typing.Union) and value is not None:
@@ -181,3 +220,25 @@ def apply_override(config: Any, item: str) -> None:
     if typing.get_origin(hint) in (list, dict) and not isinstance(value, (list, dict)):
         value = text  # `temperatures=0.6,1.0` reads as a string; coerce splits it
     setattr(section, leaf, coerce(value, hint, key, source))
+
+
+def _takes_text(hint: Any) -> bool:
+    """Whether a knob of type `hint` reads an override's text when it is not valid YAML: a
+    string knob (`model.name=@org/x`), or a list or mapping, whose comma-separated parts
+    coerce parses one by one."""
+    options = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) in (
+        types.UnionType, typing.Union) else [hint]
+    return any(option is str or typing.get_origin(option) in (list, dict) for option in options)
+
+
+def _override_value(item: str, text: str, hint: Any) -> Any:
+    if not text.strip():
+        return ""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        if _takes_text(hint):
+            return text
+        _, column, problem = yaml_problem(exc, text)
+        raise ConfigError(f"override '{item.strip()}' is not valid YAML: column {column} of its value: "
+                          f"{problem}") from None

@@ -443,7 +443,7 @@ def test_config_from_dict_after_yaml_dump_round_trips():
     # What the run directory stores (driver: yaml.safe_dump of to_dict()).
     import yaml
 
-    config = load_config(None, ["train.learning_rate=0.0001", "generate.temperature=0"])
+    config = load_config(None, ["train.learning_rate=0.0001", "generate.temperature=1"])
     text = yaml.safe_dump(config.to_dict(), sort_keys=False)
     assert config_from_dict(yaml.safe_load(text)) == config
 
@@ -518,8 +518,8 @@ def test_run_identity_keys_come_from_the_fields():
     ("worker_retries=-1", "config key 'worker_retries' must be zero (no retry) or more; got -1"),
     ("tracking=wandb,wandb", "config key 'tracking' must be a list of tensorboard, mlflow, wandb, without repeats; "
                              "got ['wandb', 'wandb']"),
-    ("generate.temperatures=0.6,0.6", "config key 'generate.temperatures' must be zero or more each, without "
-                                      "repeats; got [0.6, 0.6]"),
+    ("generate.temperatures=0.6,0.6", "config key 'generate.temperatures' must be from 0 to 2 each (vLLM's range), "
+                                      "without repeats; got [0.6, 0.6]"),
     ("generate.top_p=0", "config key 'generate.top_p' must be in (0, 1]; got 0.0"),
     # Refused as numbers before any range is asked (config_parse.finite).
     ("reward.components=ifeval:.nan", "config key 'reward.components.ifeval' (command line) must be a finite number; "
