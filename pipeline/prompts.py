@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from pipeline.chat_tokens import ChatRenderError, chat_token_ids
 from pipeline.errors import PipelineError
 
 ROLES = {"system", "user", "assistant"}
@@ -88,9 +89,8 @@ def round_slice(prompts: list[Prompt], round_number: int, per_round: int, seed: 
 
 
 def prompt_token_count(tokenizer: Any, messages: list[dict[str, str]]) -> int:
-    """Tokens of the chat-formatted prompt, as the generation engine will see it."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    """Tokens of the chat-formatted prompt: the ids the generation engine is given (chat_token_ids)."""
+    return len(chat_token_ids(tokenizer, messages))
 
 
 def fit_to_context(prompts: Iterable[Prompt], tokenizer: Any, max_prompt_tokens: int,
@@ -98,7 +98,10 @@ def fit_to_context(prompts: Iterable[Prompt], tokenizer: Any, max_prompt_tokens:
     """Keep the prompts that leave room for the answer; drop or refuse the others."""
     kept, dropped = [], []
     for prompt in prompts:
-        n = prompt_token_count(tokenizer, prompt.messages)
+        try:
+            n = prompt_token_count(tokenizer, prompt.messages)
+        except ChatRenderError as exc:
+            raise PipelineError(f"prompt '{prompt.prompt_id}': {exc}") from None
         if n <= max_prompt_tokens:
             kept.append(prompt)
         elif too_long == "error":

@@ -10,11 +10,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import yaml
-
-from pipeline.config import config_from_dict
+from pipeline.config import config_from_dict, read_yaml_file
 from pipeline.errors import PipelineError
 from pipeline.inspect_round import ROUND_NAME
+
 
 def policy_of(round_dir: Path) -> Path:
     """The finished policy of a round; round 0's is the run's base model."""
@@ -37,15 +36,24 @@ def main(args) -> int:
     if args.temperature == 0 and args.samples > 1:
         raise PipelineError("greedy answers (--temperature 0) are all the same: draw several with --temperature > 0")
     config_path = round_dir.parent / "config.yaml"
-    config = config_from_dict(yaml.safe_load(config_path.read_text()), source=str(config_path))
+    config = config_from_dict(read_yaml_file(config_path), source=str(config_path))
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.generate.cpu_kv_cache_gib))
     # The engine core in this process: nothing to spawn or to leave behind.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     # The answer is what this command prints; vLLM's start-up chatter is not.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
+    from pipeline.chat_tokens import ChatRenderError, chat_token_ids
     from pipeline.hardware import native_bf16
+
+    # The prompt's ids as the generate stage makes them (pools/vllm_engines.py): its text stays text.
+    tokenizer = AutoTokenizer.from_pretrained(str(policy), trust_remote_code=config.model.trust_remote_code)
+    try:
+        prompt = {"prompt_token_ids": chat_token_ids(tokenizer, [{"role": "user", "content": args.prompt}])}
+    except ChatRenderError as exc:
+        raise PipelineError(f"the prompt: {exc}") from None
 
     dtype = config.generate.dtype
     if dtype == "auto":
@@ -53,7 +61,7 @@ def main(args) -> int:
     llm = LLM(model=str(policy), dtype=dtype, seed=config.seed, max_model_len=config.model.max_model_len,
               enforce_eager=config.generate.enforce_eager, trust_remote_code=config.model.trust_remote_code)
     params = SamplingParams(n=args.samples, temperature=args.temperature, max_tokens=args.max_tokens)
-    [output] = llm.chat([[{"role": "user", "content": args.prompt}]], params, use_tqdm=False)
+    [output] = llm.generate([prompt], params, use_tqdm=False)
     for index, completion in enumerate(output.outputs):
         cut = "  [cut at --max-tokens]" if completion.finish_reason == "length" else ""
         print(f"--- {policy} answer {index + 1} of {args.samples}{cut}\n{completion.text}")

@@ -23,6 +23,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from pipeline.chat_tokens import chat_token_ids, text_ids
+
 Item = tuple[list[int], int]  # prompt + response token ids, number of prompt tokens
 # What is scored of a response: the ids the engine sampled, or (lists made before those were
 # stored) its text.
@@ -38,25 +40,22 @@ def response_to_score(item: dict[str, Any]) -> Response:
 def tokenize_example(tokenizer: Any, messages: list[dict], response: Response, max_length: int) -> Item:
     """Token ids of chat prompt + response, and the number of prompt tokens.
 
-    The prompt is the chat template with the generation prompt, tokenized as vLLM's chat()
-    does. A response given as ids is what the engine sampled, scored as it is: a finished answer
-    ends with the stop token the engine emitted, a truncated one (max_tokens) with nothing added,
-    so no end-of-answer is taught where the answer did not end. A response given as text (rows
-    made before the ids were stored) is tokenized and ends with eos, as it always was. Over
-    ``max_length`` the response loses its tail; the prompt is never cut, because a cut prompt
-    would score the response against a different question.
+    The prompt is the chat template with the generation prompt, tokenized by chat_token_ids
+    (pipeline/chat_tokens.py): exactly the ids the vLLM engines sampled after, each message's
+    content as plain text. A response given as ids is what the engine sampled, scored as it is: a
+    finished answer ends with the stop token the engine emitted, a truncated one (max_tokens) with
+    nothing added, so no end-of-answer is taught where the answer did not end. A response given as
+    text (rows made before the ids were stored) is tokenized as plain text (a special-token string
+    in it stays text) and ends with eos, as it always did. Over ``max_length`` the response loses
+    its tail; the prompt is never cut, because a cut prompt would score the response against a
+    different question.
     """
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    if not isinstance(prompt, str):
-        raise TypeError(f"apply_chat_template(tokenize=False) returned {type(prompt).__name__}, expected str")
-    # The template already wrote the special tokens (e.g. <|im_start|>); adding BOS etc. again
-    # would shift the prompt away from what the sampler saw.
-    prompt_ids = list(tokenizer.encode(prompt, add_special_tokens=False))
+    prompt_ids = chat_token_ids(tokenizer, messages)
     if isinstance(response, str):
         eos = tokenizer.eos_token_id
         if eos is None:
             raise ValueError("the tokenizer has no eos_token_id")
-        response_ids = list(tokenizer.encode(response, add_special_tokens=False)) + [eos]
+        response_ids = text_ids(tokenizer, response) + [eos]
     else:
         response_ids = [int(token) for token in response]
     if len(prompt_ids) > max_length - 1:

@@ -36,6 +36,7 @@ import pyarrow as pa
 import ray
 
 from pipeline import timing
+from pipeline.chat_tokens import chat_token_ids
 from pipeline.console import engine_bar
 from pipeline.errors import PipelineError
 from pipeline.gpu_layout import GpuLayout, cluster_gpu_count, plan_gpu_layout, where_this_runs
@@ -82,6 +83,14 @@ def group_samples(outputs: list[Any], blocks: list[tuple[float, int]]) -> list[l
     return grouped
 
 
+def token_prompts(tokenizer: Any, conversations: list[list[dict[str, str]]], repeats: int) -> list[dict]:
+    """vLLM TokensPrompts (plain dicts, as that TypedDict is) of the conversations, each `repeats`
+    times in a row: the chat template's rendering with each content as plain text
+    (pipeline/chat_tokens.py), the ids the trainer and the reference score."""
+    prompts = [{"prompt_token_ids": chat_token_ids(tokenizer, conversation)} for conversation in conversations]
+    return [prompt for prompt in prompts for _ in range(repeats)]
+
+
 class EngineDied(RuntimeError):
     """A GenerationWorker's vLLM engine core died while its actor lives (vLLM's EngineDeadError).
 
@@ -107,6 +116,8 @@ class GenerationWorker:
         self.sleeps, self.asleep = sleeps, False
         # Set by close() (the core's exit is then expected) and by the watch on the core process.
         self.closing, self.core_died = False, threading.Event()
+        self.trust_remote_code = bool(engine_args.get("trust_remote_code", False))
+        self.tokenizer, self.tokenizer_path = None, None  # chat_tokenizer's, for the policy last sampled
         with self.clock("startup"):
             from vllm import LLM
 
@@ -166,11 +177,21 @@ class GenerationWorker:
             blocks = spec.blocks()
             params = [SamplingParams(n=count, temperature=temperature, top_p=spec.top_p,
                                      max_tokens=spec.max_tokens) for temperature, count in blocks]
-            # One request per (prompt, temperature block); chat() takes one SamplingParams per request.
-            requests = [conversation for conversation in conversations for _ in blocks]
+            # One request per (prompt, temperature block); generate() takes one SamplingParams per request.
             with self.clock("work"):
-                outputs = self.llm.chat(requests, params * len(conversations), use_tqdm=engine_bar)
+                requests = token_prompts(self.chat_tokenizer(model_path), conversations, len(blocks))
+                outputs = self.llm.generate(requests, params * len(conversations), use_tqdm=engine_bar)
         return group_samples(outputs, blocks)
+
+    def chat_tokenizer(self, model_path: str) -> Any:
+        """The tokenizer the trainer and the reference load from `model_path` (not vLLM's own,
+        which may be another class): the prompt ids are theirs exactly."""
+        if self.tokenizer_path != model_path:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=self.trust_remote_code)
+            self.tokenizer_path = model_path
+        return self.tokenizer
 
     def sleep(self) -> None:
         """Give the GPU memory back until the next call (vLLM sleep level 2: weights and KV cache
@@ -202,7 +223,7 @@ def watch_engine_core(worker) -> list[int]:
     """With vLLM's multiprocessing on (the default on GPU), the engine core runs in a child process
     of the actor. If it dies without a word (SIGKILL, the kernel's OOM killer), vLLM 0.32's `LLM`
     waits for its outputs forever: its own monitor marks the client dead and shuts it down, but
-    nothing wakes a `chat` or utility call already waiting. A thread of ours does, with vLLM's
+    nothing wakes a `generate` or utility call already waiting. A thread of ours does, with vLLM's
     EngineDeadError, which `engine_faults` turns into EngineDied. The core processes' ids; none
     for an in-process engine (the CPU default), whose faults are the actor's own."""
     client = worker.llm.llm_engine.engine_core

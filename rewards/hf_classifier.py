@@ -23,6 +23,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from pipeline.chat_tokens import chat_token_ids
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.models import resolve_model
 from rewards.base import Sample, register_reward
@@ -120,13 +121,12 @@ class HFClassifierReward:
         if self.text_pairs:
             question = "\n\n".join(m["content"] for m in sample.prompt)
             # The score is read at [CLS]; a pair too long loses the start of the question first.
-            return self.tokenizer(question, sample.response, truncation="only_first",
-                                  max_length=self.max_length)["input_ids"]
+            # A "[SEP]" written in the text stays text: only the tokenizer's own marks the pair's parts.
+            return self.tokenizer(question, sample.response, truncation="only_first", max_length=self.max_length,
+                                  split_special_tokens=True)["input_ids"]
         messages = [{"role": m["role"], "content": m["content"]} for m in sample.prompt]
-        messages.append({"role": "assistant", "content": sample.response})
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False)
-        # The template writes any BOS token itself; the tokenizer must not add a second.
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        # Each content is plain text, so that a prompt or answer cannot write turns of its own.
+        ids = chat_token_ids(self.tokenizer, messages, answer=sample.response)
         # The score is read at the last token, so a chat that is too long keeps its end.
         return ids[-self.max_length:]
 
