@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
+import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from pipeline import console
@@ -160,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+# Whether this process was connected to Ray before the command began (a notebook's, a test's): then
+# that Ray is not the command's to shut down.
+_ray_was_up: list[bool] = []
+
+
 # The SIGTERM received, if one was: Ray's blocking calls (ray.get, ray.wait) turn any
 # KeyboardInterrupt raised inside them into a plain one, so the exception may not carry it.
 _terminated: list[int] = []
@@ -170,27 +178,50 @@ def _terminate(signum, frame) -> None:
     raise Terminated(signum)
 
 
-def stop_ray() -> None:
-    """Shut down the Ray this command started or joined: its actors and Ray Train workers end with it."""
+def stop_ray(log_file: Path | None = None) -> None:
+    """Shut down the Ray this command started or joined, then end any process the command started
+    that is still running: actors, Ray Train workers, and Ray's agents orphaned by a lost raylet.
+
+    Ray's last words (the workers' output it forwards while stopping) go to `log_file`, not the terminal.
+    """
     import ray
 
-    if ray.is_initialized():
-        ray.shutdown()
+    from pipeline import ray_session
+
+    ray_session.stop_watching()
+    if ray.is_initialized() and not _ray_was_up:
+        with console.capture(log_file) if log_file else nullcontext():
+            ray.shutdown()
+    ray_session.stop_descendants()
 
 
-def interrupted(signum: int) -> int:
-    from pipeline import driver
+def ray_lost(run_dir: Path):
+    """What the command does when its Ray loses its GCS or raylet: one line, nothing left running, exit 2.
 
-    stop_ray()
-    name = signal.Signals(signum).name
-    print(f"error: interrupted ({name}) during {driver.activity}; run the same command to resume", file=sys.stderr)
-    return 128 + signum
+    Called from the watching thread, while the main thread may be stuck in a Ray call that
+    would only return (or end the process with status 1, saying nothing) a minute later."""
+    def end_command(lost) -> None:
+        from pipeline import driver, ray_session
+
+        line = (f"error: Ray's {lost.name} (pid {lost.pid}) died during {driver.activity}; its logs are in "
+                f"{lost.logs}; run the same command to resume")
+        try:
+            with (run_dir / "pipeline.log").open("a") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} ERROR pipeline: {line[len('error: '):]}\n")
+        except OSError:
+            pass
+        print(line, file=console.TERMINAL, flush=True)
+        ray_session.stop_descendants()
+        os._exit(2)
+
+    return end_command
 
 
 def run_rounds(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from pipeline.driver import plan_round, run_round
     from pipeline.layout import RunLayout
+    from pipeline import ray_session
     from pipeline.lock import run_lock
     from pipeline.plan_view import summary_line
     from pipeline.tracking import Tracking
@@ -206,9 +237,19 @@ def run_rounds(args: argparse.Namespace) -> int:
     run = RunLayout.at(config.output, args.run)
     run.ensure_writable()
     signal.signal(signal.SIGTERM, _terminate)
+    # Ray's processes, and what Ray Train and vLLM start, are this command's to stop (stop_ray).
+    import ray
+
+    if ray.is_initialized():
+        _ray_was_up.append(True)
+    ray_session.adopt_orphans()
+    ray_session.watch_ray(ray_lost(run.dir))
+    # Log-file writes that fail (a full disk) must not print tracebacks over the one-line error.
+    logging.raiseExceptions = False
     tracking = Tracking(run, config.tracking, config.to_dict()) if config.tracking else None
     # One set of vLLM engines for every round of the command (generate.keep_engines).
     engines = EnginePool(config)
+    shutdown_log = run.dir / "logs" / "ray-shutdown.log"
     try:
         with run_lock(run.dir):
             for number in range(first, args.number + 1):
@@ -216,10 +257,12 @@ def run_rounds(args: argparse.Namespace) -> int:
                 metrics = run_round(plan, tracking)
                 print(summary_line(metrics, plan.round.dir))
     except KeyboardInterrupt:  # Terminated (SIGTERM) included
-        return interrupted(_terminated[0] if _terminated else signal.SIGINT)
+        return interrupted(_terminated[0] if _terminated else signal.SIGINT, shutdown_log)
     finally:
-        engines.close()
+        with console.capture(shutdown_log) if ray.is_initialized() else nullcontext():
+            engines.close()
         if tracking:
             with console.capture(run.dir / "logs" / "tracking.log"):
                 tracking.close()
+        stop_ray(shutdown_log)
     return 0

@@ -24,9 +24,10 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import RUN_IDENTITY_KEYS, Config, config_from_dict, get_key, portable_dict, same_setting
+from pipeline.config import (RUN_IDENTITY_KEYS, Config, config_from_dict, get_key, portable_dict, read_yaml_file,
+                             same_setting)
 from pipeline.errors import PipelineError
-from pipeline import console, timing
+from pipeline import console, failures, ray_session, timing
 from pipeline.gpu_layout import GpuLayout, cluster_gpu_count, plan_gpu_layout
 from pipeline.layout import (EARLIER_ROUNDS, STAGE_BY_NAME, STAGE_REGISTRY, STAGES, RoundLayout, RunLayout,
                              atomic_write_json, atomic_write_text)
@@ -78,6 +79,9 @@ def plan_round(config: Config, run_name: str, number: int, engines: EnginePool |
         missing = next(s for s in STAGES if not previous.is_done(s))
         raise PipelineError(f"round {number - 1} of run '{run_name}' is not finished "
                             f"({previous.done_marker(missing)} is missing): run round {number - 1} first")
+    if number > 1 and not this_round.is_done("generate"):
+        # Before anything of this round is written: a refused round leaves no trace.
+        run.round(number - 1).check_output("train", then=f"run `{command_for_round(number - 1)}`, then this command")
     check_compatible(run, config)
     for earlier in EARLIER_ROUNDS[config.train.replay](number):
         check_replayed_lists(run, config, earlier)
@@ -127,7 +131,7 @@ def check_compatible(run: RunLayout, config: Config) -> None:
     """A run's rounds must agree on the keys that define the run."""
     if not run.config.is_file():
         return
-    stored = config_from_dict(yaml.safe_load(run.config.read_text()), source=str(run.config))
+    stored = config_from_dict(read_yaml_file(run.config), source=str(run.config))
     for key in RUN_IDENTITY_KEYS:
         if not same_setting(key, get_key(stored, key), get_key(config, key)):
             raise PipelineError(f"config key '{key}' is {get_key(config, key)!r} but run {run.dir} was started "
@@ -150,6 +154,10 @@ def run_round(plan: RoundPlan, tracking: Tracking | None = None) -> dict[str, An
                 with console.capture(log_path(plan.round, "tracking")):
                     tracking.round_finished(number)
             return read_metrics(plan.round)
+        if plan.dropped_too_long:
+            log.warning("round %d: %d of %d prompts dropped: longer than fits with room for the answer "
+                        "(prompts.too_long=drop): %s", number, len(plan.dropped_too_long),
+                        len(plan.dropped_too_long) + len(plan.prompts), ids_text(plan.dropped_too_long))
         start = time.perf_counter()
         with console.capture(log_path(plan.round, "ray")):
             ray_init_seconds = ensure_ray()
@@ -269,7 +277,22 @@ def check_input(plan: RoundPlan, stage: str) -> None:
         for earlier in EARLIER_ROUNDS[plan.config.train.replay](number):
             check_replayed_lists(plan.run, plan.config, earlier)
     elif stage == "generate" and number > 1:
-        plan.run.round(number - 1).check_output("train")
+        plan.run.round(number - 1).check_output("train", then=f"run `{command_for_round(number - 1)}`, "
+                                                              "then this command")
+
+
+def command_for_round(number: int) -> str:
+    """The command line that ran this round, for round `number` instead: what an error tells the user to run.
+
+    Outside the command line (a notebook, a test) there is none to rewrite: "larpo round N"."""
+    import shlex
+    import sys
+
+    argv = sys.argv[1:]
+    for i, word in enumerate(argv[:-1]):
+        if word in ("round", "rounds") and argv[i + 1].isdigit():
+            return shlex.join(["larpo", *argv[:i], "round", str(number), *argv[i + 2:]])
+    return f"larpo round {number}"
 
 
 # What the command is doing, for the line an interrupt prints ("generate of round 2").
@@ -293,27 +316,47 @@ def run_one_stage(plan: RoundPlan, stage: str, file_only) -> None:
             # The terminal gets the CLI's one-line error; the log keeps the stage and the time lost.
             file_only("round %d: %s failed after %.1f s: %s: %s", number, stage,
                       time.perf_counter() - start, type(exc).__name__, exc)
-            with stage_log.open("a") as f:
-                traceback.print_exception(exc, file=f)
+            try:
+                with stage_log.open("a") as f:
+                    traceback.print_exception(exc, file=f)
+            except OSError:
+                pass  # a full disk: the one line on the terminal still names the cause
             if isinstance(exc, Exception):
                 raise StageFailed(stage, number, exc, stage_log) from exc
             raise
         stats["wall_seconds"] = round(time.perf_counter() - start, 2)
     stats.update(timings.stats())
     stats["peak_memory_gib"] = memory.peak_gib
+    if stage == "generate" and plan.dropped_too_long:
+        # Dropped at planning, before this stage: `inspect` reads them from here.
+        stats["too_long_dropped"] = len(plan.dropped_too_long)
+        stats["too_long_dropped_ids"] = plan.dropped_too_long[:DROPPED_IDS_SHOWN]
     plan.round.finish_stage(stage, stats)
     activity = f"round {number}, between stages"
     log.info("round %d: %s finished in %.1f s (peak memory %.2f GiB)", number, stage,
              stats["wall_seconds"], memory.peak_gib)
 
 
+# How many ids of dropped prompts the log and `inspect` name.
+DROPPED_IDS_SHOWN = 5
+
+
+def ids_text(ids: list[str]) -> str:
+    shown = ", ".join(ids[:DROPPED_IDS_SHOWN])
+    return shown + (f" and {len(ids) - DROPPED_IDS_SHOWN} more" if len(ids) > DROPPED_IDS_SHOWN else "")
+
+
 class StageFailed(PipelineError):
-    """A stage's error as one line: what failed, and the log that holds the details."""
+    """A stage's error as one line: what failed, at its root under Ray's wrappers, and the log with the details."""
 
     def __init__(self, stage: str, number: int, exc: Exception, stage_log: Path):
-        first = (str(exc).splitlines() or [""])[0]
-        what = first if isinstance(exc, PipelineError) else f"{stage} of round {number} failed: " \
-                                                            f"{type(exc).__name__}: {first}"
+        cause = failures.root_cause(exc)
+        if isinstance(cause, PipelineError):
+            what = failures.first_line(str(cause))
+        else:
+            what = f"{stage} of round {number} failed: {failures.describe(exc)}"
+            if failures.is_disk_full(cause):
+                what += "; free space there and run the same command to resume"
         super().__init__(f"{what} (details: {stage_log})")
 
 
@@ -376,7 +419,8 @@ def read_metrics(round_layout: RoundLayout) -> dict[str, Any]:
 
 
 def ensure_ray() -> float:
-    """Start or join Ray unless this process already has; the seconds `ray.init` took (0 if not called)."""
+    """Start this command's own Ray, or join the cluster RAY_ADDRESS names, unless this process
+    already has; the seconds it took (0 if nothing was started). See pipeline/ray_session.py."""
     import ray
 
     if ray.is_initialized():
@@ -385,16 +429,23 @@ def ensure_ray() -> float:
     # which ends the round with one line and shuts Ray down (pipeline/cli.py).
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     start = time.perf_counter()
-    if os.environ.get("RAY_ADDRESS"):
-        # A cluster or `ray job submit`: the job's runtime env already ships the code.
-        ray.init()
-    else:
-        env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-               # Ray Train's controller checks on its workers every 2 s by default, and a
-               # train stage waits for that poll to see its workers start and finish.
-               "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")}
-        ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
-    for signum, handler in handlers.items():
-        if handler is not None:
-            signal.signal(signum, handler)
+    try:
+        if os.environ.get("RAY_ADDRESS"):
+            # A cluster or `ray job submit`: the job's runtime env already ships the code.
+            ray.init()
+        else:
+            env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+                   # Ray Train's controller checks on its workers every 2 s by default, and a
+                   # train stage waits for that poll to see its workers start and finish.
+                   "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")}
+            ray_session.start_own_ray(env)
+    except Exception as exc:
+        where = os.environ.get("RAY_ADDRESS")
+        what = f"could not join the Ray cluster at RAY_ADDRESS={where}" if where else "Ray could not start"
+        raise PipelineError(f"{what}: {failures.describe(exc)}") from exc
+    finally:
+        for signum, handler in handlers.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+    ray_session.start_watching()
     return time.perf_counter() - start

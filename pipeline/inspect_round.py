@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 
+from pipeline.config import read_yaml_file
 from pipeline.errors import PipelineError
 from pipeline.layout import RoundLayout, read_parquet_dir
 
@@ -68,7 +68,7 @@ def load_round(layout: RoundLayout) -> RoundView:
     else:
         rewards = [{"prompt_id": row["prompt_id"], "reward": item["reward"]}
                    for row in lists for item in row["positives"] + row["negatives"]]
-    config = yaml.safe_load(layout.config.read_text()) if layout.config.is_file() else {}
+    config = read_yaml_file(layout.config) if layout.config.is_file() else {}
     return RoundView(layout, layout.stage_stats("rerank"), candidates, rewards, lists, (config or {}).get("lists", {}))
 
 
@@ -101,6 +101,7 @@ def summary_lines(view: RoundView) -> list[str]:
         f"  lists            {len(view.lists)} of {stats.get('prompts', prompts)} prompts"
         + (f"  ({settings})" if settings else ""),
         "  prompts dropped  " + (", ".join(f"{reason} {n}" for reason, n in drops.items()) or "none"),
+        *too_long_lines(view.layout),
         (f"  invalid rewards  {stats.get('invalid_rewards_dropped', 0)} dropped"
          f"   duplicates {stats.get('duplicates_dropped', 0)} dropped"
          f"   from earlier rounds {stats.get('memory_candidates', 0)} in pools, "
@@ -108,6 +109,17 @@ def summary_lines(view: RoundView) -> list[str]:
         *truncation_lines(view),
         *training_lines(view.layout),
     ]
+
+
+def too_long_lines(layout: RoundLayout) -> list[str]:
+    """The prompts dropped at planning for being too long (prompts.too_long=drop), with the first ids."""
+    generated = layout.stage_stats("generate") if layout.is_done("generate") else {}
+    count = generated.get("too_long_dropped", 0)
+    if not count:
+        return []
+    ids = generated.get("too_long_dropped_ids", [])
+    more = f" and {count - len(ids)} more" if count > len(ids) else ""
+    return [f"  too long         {count} prompts dropped before generation: {', '.join(ids)}{more}"]
 
 
 def truncation_lines(view: RoundView) -> list[str]:

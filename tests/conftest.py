@@ -43,7 +43,7 @@ def local_ray():
     """A Ray of the test's own for tests that call the worker pools directly; its workers import this checkout."""
     import ray
 
-    ray.init(num_cpus=2, runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
+    ray.init(address="local", num_cpus=2, runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
     yield
     ray.shutdown()
 

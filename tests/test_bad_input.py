@@ -265,3 +265,74 @@ def test_infeasible_resource_request_stops_before_any_stage(output, tiny_model):
     assert_no_run_dir(output)
     assert not (output / "r" / "config.yaml").exists()
     assert not survivors(family)
+
+def finished_round_with_a_damaged_policy(output: Path, run: str) -> Path:
+    """Round 1 of `run` as its done markers record it, with a policy file cut short since."""
+    from pipeline.layout import STAGE_OUTPUTS, STAGES
+
+    round_dir = output / run / "round_001"
+    for stage in STAGES:
+        files = {"model.safetensors": {"bytes": 1000}} if stage == "train" else {}
+        (round_dir / "_done").mkdir(parents=True, exist_ok=True)
+        (round_dir / "_done" / stage).write_text(json.dumps({"wall_seconds": 1.0, "files": files}))
+    (round_dir / STAGE_OUTPUTS["train"]).mkdir(parents=True)
+    (round_dir / STAGE_OUTPUTS["train"] / "model.safetensors").write_bytes(b"x" * 400)
+    (output / run / ".lock").touch()  # left by round 1's command, as every run has one
+    return round_dir
+
+
+def test_a_refused_round_writes_nothing_and_names_the_command_that_works(output):
+    damaged = finished_round_with_a_damaged_policy(output, "r")
+    before = sorted(p.relative_to(output) for p in output.rglob("*"))
+    result = run_cli("round", "2", "--config", "configs/smoke.yaml", "--run", "r", "--output", str(output),
+                     "train.beta=0.2")
+    line = assert_one_line_error(result, str(damaged / "policy" / "model.safetensors"), "400 bytes",
+                                 str(damaged / "_done" / "train"))
+    # The command that will work: round 1 again with the same options, then this one.
+    assert (f"run `larpo round 1 --config configs/smoke.yaml --run r --output {output} train.beta=0.2`, "
+            "then this command") in line
+    assert sorted(p.relative_to(output) for p in output.rglob("*")) == before
+    assert not (output / "r" / "round_002").exists()
+
+
+def test_prompts_dropped_for_length_are_named_in_the_log(tmp_path, output, tiny_model, monkeypatch):
+    from pipeline import driver
+
+    long_text = "Describe the sea. " * 400
+    prompts = write_prompts(tmp_path / "prompts.jsonl", [good_row("short"), good_row("too-long", long_text)])
+    config = load_config("configs/smoke.yaml", [f"prompts.train={prompts}", "prompts.too_long=drop",
+                                                "prompts.eval_size=0", f"output={output}"])
+    plan = plan_round(config, "r", 1)
+
+    def no_ray():
+        raise RuntimeError("stopped before Ray: the drop is logged when the round starts")
+
+    monkeypatch.setattr(driver, "ensure_ray", no_ray)
+    with pytest.raises(RuntimeError, match="stopped before Ray"):
+        driver.run_round(plan)
+    log = (output / "r" / "pipeline.log").read_text()
+    assert "round 1: 1 of 2 prompts dropped: longer than fits with room for the answer " \
+           "(prompts.too_long=drop): too-long" in log
+
+
+def test_inspect_names_the_prompts_dropped_for_length(tmp_path):
+    from pipeline.inspect_round import too_long_lines
+    from pipeline.layout import RoundLayout
+
+    layout = RoundLayout(tmp_path / "round_001", 1)
+    assert too_long_lines(layout) == []
+    layout.done_marker("generate").parent.mkdir(parents=True)
+    layout.done_marker("generate").write_text(json.dumps({"too_long_dropped": 7,
+                                                          "too_long_dropped_ids": ["a", "b", "c", "d", "e"]}))
+    assert too_long_lines(layout) == ["  too long         7 prompts dropped before generation: a, b, c, d, e "
+                                      "and 2 more"]
+
+
+@pytest.mark.parametrize("text, line", [("seed: 0\n\tname: x\n", "line 2"), ("seed: [1\n", "line 2")])
+def test_a_run_config_edited_into_invalid_yaml_is_one_line(output, text, line):
+    stored = output / "r" / "config.yaml"
+    stored.parent.mkdir(parents=True)
+    stored.write_text(text)
+    result = run_cli("round", "1", "--config", "configs/smoke.yaml", "--run", "r", "--output", str(output))
+    assert_one_line_error(result, str(stored), "not valid YAML", line)
+    assert_no_run_dir(output)

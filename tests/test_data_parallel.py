@@ -19,7 +19,7 @@ from tests.test_reference_numerics import lists_rows, with_reference
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
+    ray.init(address="local", num_cpus=2, runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
     yield
     ray.shutdown()
 

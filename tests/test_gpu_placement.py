@@ -37,7 +37,7 @@ def gpu_cluster():
     # Eight train workers starting torch at once on a 2-core machine outlast Ray Train's 60 s.
     saved = os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S")
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "600"
-    ray.init(num_cpus=32, num_gpus=CLUSTER_GPUS, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=32, num_gpus=CLUSTER_GPUS, include_dashboard=False, log_to_driver=False,
              # tests/ too: Ray Train's workers import this module's report_gpu_ids by name.
              runtime_env={"env_vars": {"PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{REPO_ROOT / 'tests'}"}})
     yield

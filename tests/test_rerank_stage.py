@@ -238,7 +238,7 @@ def test_score_candidates_shares_batches_across_actors_and_keeps_order():
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
     try:
         texts = ["one two", "one two three four five", "a", "word " * 9, "x y z", "", "fits here", "too many words now"]

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train import FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
 
-from pipeline import timing
+from pipeline import failures, timing
 from pipeline.gpu_layout import cluster_gpu_count, layout_of
 from pipeline.layout import shard_name
 from pipeline.seeds import derive_seed
@@ -45,6 +45,26 @@ def worker_env() -> dict[str, str]:
     return {"THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "0")}
 
 
+class StopTraining(Exception):
+    """A worker's error that a retry would only meet again; it ends the run instead of a restart."""
+
+    def __init__(self, worker_error: BaseException):
+        super().__init__(worker_error)
+        self.cause = worker_error  # where pipeline/failures.py looks for what is inside
+
+
+class NoPointlessRetries(UserCallback):
+    """Ray Train restarts the workers on any error, up to FailureConfig.max_failures. A full disk,
+    diverged training or a bad input would fail the same way again, after the start-up and the
+    steps since the last checkpoint: an error raised here ends the run at once (Ray Train does
+    not retry errors of its controller's callbacks)."""
+
+    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
+        for rank in sorted(worker_exceptions):
+            if failures.is_retry_pointless(worker_exceptions[rank]):
+                raise StopTraining(failures.root_cause(worker_exceptions[rank]))
+
+
 def fit(loop_config: LoopConfig, num_workers: int, storage_path: Path, name: str, retries: int = 0,
         gpus_per_worker: float | None = None) -> None:
     """Run the training loop on `num_workers` Ray Train workers.
@@ -61,6 +81,7 @@ def fit(loop_config: LoopConfig, num_workers: int, storage_path: Path, name: str
         scaling_config=scaling_config(num_workers, gpus_per_worker),
         run_config=RunConfig(name=name, storage_path=os.fspath(storage_path),
                              failure_config=FailureConfig(max_failures=retries),
+                             callbacks=[NoPointlessRetries()],
                              worker_runtime_env={"env_vars": worker_env()}),
     )
     trainer.fit()
