@@ -168,9 +168,9 @@ def main(args) -> int:
     default_name = f"preferences-{args.pairs}" + (".parquet" if args.format == "trl" else "")
     out = Path(args.out) if args.out else source / "export" / default_name
     check_out(out, source, args.format, getattr(args, "overwrite", False), default=not args.out)
-    if not args.out:
-        out.parent.mkdir(exist_ok=True)
     try:
+        if not args.out:
+            out.parent.mkdir(exist_ok=True)
         write_export(table, out, args.format, args.pairs)
     except OSError as exc:
         raise PipelineError(f"cannot write {out}: {exc.strerror or exc}") from None

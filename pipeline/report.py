@@ -12,6 +12,7 @@ rather than shown half-done.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import math
@@ -266,13 +267,19 @@ def write_report(run_dir: Path) -> str:
     return table
 
 
+# A run directory the report cannot be written into: no permission, a read-only mount, a full disk.
+WRITE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+
 def main(args) -> int:
     run_dir = Path(args.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise PipelineError(f"{run_dir} is a file; give a run directory, e.g. runs/default")
     try:
         table = write_report(run_dir)
-    except PermissionError as exc:
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRNOS:
+            raise
         raise PipelineError(f"cannot write the report into {run_dir}: {exc.strerror} ({exc.filename})") from None
     print(table, end="")
     unfinished = sorted(p.name for p in run_dir.glob("round_[0-9][0-9][0-9]*")
