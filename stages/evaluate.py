@@ -208,6 +208,16 @@ def respond(prompts: list[Prompt], policy: str, round_number: int, config, out_d
     return rows, {**stats, "policy": policy, **{key: getattr(config.evaluate, key) for key in SETTINGS}}
 
 
+def check_not_collapsed(rows: list[dict], round_number: int, training_log: Path) -> None:
+    """Stop a round whose policy answers every held-out prompt with nothing: a policy that training
+    broke without a NaN (huge but finite weights), which the next round would otherwise sample from.
+    Some empty answers are a policy's own business and pass."""
+    if rows and not any(row["response"].strip() for row in rows):
+        raise PipelineError(f"round {round_number}: training collapsed the policy: every one of the {len(rows)} "
+                            f"held-out answers is empty; see {training_log} (and the trackers) for its loss and "
+                            "ranking accuracy, and start a new run with a lower train.learning_rate")
+
+
 def check_baseline(run: RunLayout, heldout: list[Prompt], config) -> None:
     """Refuse, before a round runs, a round 0 that this round's win rate could not be measured against."""
     baseline = run.round(0)
@@ -244,6 +254,7 @@ def run_stage(plan, out_dir: Path) -> dict[str, Any]:
                           reward_gpus=layout_of(plan).reward_actor)
     if number == 0:
         return {**eval_metrics(rows, rows), **stats}
+    check_not_collapsed(rows, number, plan.round.policy / "training_log.jsonl")
     with timing.timed("io"):
         baseline = read_parquet_dir(plan.run.round(0).eval).to_pylist()
     return {**eval_metrics(rows, baseline), **stats}

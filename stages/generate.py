@@ -13,6 +13,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline import schema, timing
+from pipeline.errors import PipelineError
 from pipeline.layout import read_parquet_dir
 from pipeline.prompts import Prompt
 from pipeline.seeds import derive_seed
@@ -35,6 +36,21 @@ def candidate_rows(prompts: list[Prompt], outputs: list[list[dict]], round_numbe
     return rows
 
 
+def check_not_all_empty(responses: list[str], round_number: int, policy: str) -> None:
+    """Stop before rerank when every candidate of the round is empty: nothing could be ranked, the
+    round would train no step and pass its policy on unchanged. Round 1 samples the base model; a
+    later round the policy the round before trained (collapsed, when its evaluation was off)."""
+    if not responses or any(response.strip() for response in responses):
+        return
+    if round_number == 1:
+        what = f"the starting model {policy} answers nothing; check model.name, its chat template and generate.*"
+    else:
+        what = (f"training collapsed round {round_number - 1}'s policy {policy}; see its training_log.jsonl (and "
+                "the trackers) for the loss and ranking accuracy, and start a new run with a lower "
+                "train.learning_rate")
+    raise PipelineError(f"round {round_number}: every one of the {len(responses)} candidates is empty: {what}")
+
+
 def run_stage(plan, out_dir: Path) -> dict[str, Any]:
     config = plan.config
     spec = SamplingSpec(config.generate.num_samples, config.generate.temperature, config.generate.top_p,
@@ -47,6 +63,7 @@ def run_stage(plan, out_dir: Path) -> dict[str, Any]:
     stats = generate_shards(plan.prompts, plan.policy_in, spec, config, out_dir, seed, make_table, plan.engines)
     with timing.timed("io"):
         table = read_parquet_dir(out_dir)
+    check_not_all_empty(table.column("response").to_pylist(), plan.round.number, plan.policy_in)
     tokens = sum(table.column("num_tokens").to_pylist())
     reasons = table.column("finish_reason").to_pylist()
     return {

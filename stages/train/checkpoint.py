@@ -69,6 +69,17 @@ def fingerprint(cfg: dict[str, Any], num_examples: int) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def first_non_finite(named_tensors) -> tuple[str, int] | None:
+    """The name of the first tensor holding a NaN or an infinity, and how many it holds; None when all
+    are finite. An FSDP (DTensor) tensor is checked in this worker's shard."""
+    for name, tensor in named_tensors:
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        # One reduction and one read a tensor; the count is taken only for the bad one.
+        if local.is_floating_point() and not bool(torch.isfinite(local).all()):
+            return name, int((~torch.isfinite(local)).sum())
+    return None
+
+
 def _rng_state(optimizer) -> dict[str, torch.Tensor]:
     state = {"torch": torch.get_rng_state()}
     if isinstance(getattr(optimizer, "generator", None), torch.Generator):

@@ -33,12 +33,14 @@ import torch.distributed as dist
 
 from pipeline.config import TrainConfig
 from pipeline.console import worker_bar
+from pipeline.errors import PipelineError, TrainingDiverged
 from pipeline.gpu_layout import where_this_runs
 from pipeline.objectives import OBJECTIVES, REFERENCE_FREE, mean_margin, objective_options, ranking_accuracy
 from pipeline.timing import Timings
-from pools.logprob_scorer import DTYPES, autocast, autocast_enabled, load_policy, pad_token_id, use_all_cpu_threads
+from pools.logprob_scorer import (DTYPES, autocast, autocast_enabled, check_logprob_path, load_policy, pad_token_id,
+                                  use_all_cpu_threads)
 from pools.logprobs import list_batch, sequence_logprobs
-from stages.train.checkpoint import TrainingCheckpoint, fingerprint
+from stages.train.checkpoint import TrainingCheckpoint, fingerprint, first_non_finite
 from stages.train.data import ListExample, add_lora, build_examples, use_sparse_embedding_grad
 from stages.train.optim import build_optimizer
 from stages.train.reference_in_workers import ReferenceJob, score_reference
@@ -183,7 +185,10 @@ def set_up(cfg: LoopConfig, clock: Timings, rank: int | None = None, world: int 
         if world > 1 and not torch.cuda.is_available():
             torch.set_num_threads(max(1, torch.get_num_threads() // world))
         torch.manual_seed(cfg.seed)
-        model, tokenizer = load_policy(cfg.policy_in, train.dtype, cfg.trust_remote_code)
+        # Weights first: the log-prob check on a model with NaN weights would blame its family.
+        model, tokenizer = load_policy(cfg.policy_in, train.dtype, cfg.trust_remote_code, check=False)
+        check_starting_weights(model, cfg.policy_in)
+        check_logprob_path(model, tokenizer, cfg.policy_in)
     if scores_reference and not sharded:
         score_reference(cfg.reference, model, tokenizer, train, rank, world, load_clock, started)
     # Under FSDP the reference is scored once the model is sharded, so no worker holds all of it
@@ -218,8 +223,42 @@ def set_up(cfg: LoopConfig, clock: Timings, rank: int | None = None, world: int 
                    checkpoints, history)
 
 
+def check_starting_weights(model, policy_in: str) -> None:
+    """Refuse a starting policy with a NaN or infinite weight: every step from it would diverge.
+    Every worker loads the whole model, so all of them reach the same answer without a collective."""
+    bad = first_non_finite(model.named_parameters())
+    if bad:
+        name, count = bad
+        raise PipelineError(f"policy {policy_in}: weight {name} holds {count} NaN or infinite values, so it cannot "
+                            "be trained; check model.name, or start a new run if it is a diverged round's policy")
+
+
+def lower_the_rate(train: TrainConfig) -> str:
+    """What to change after a divergence, for the end of a one-line error."""
+    return (f"train.learning_rate={train.learning_rate} is likely too high; lower it or train.beta and run the "
+            "round again (a diverged train stage keeps nothing)")
+
+
+def divergence(step: int, total: int, loss: float, grad_norm: float, train: TrainConfig) -> str | None:
+    """Why training must stop at `step` (1-based, of `total`), in one line naming the value that is not
+    finite and the key to change; None when the step's loss and gradient norm are finite."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return None
+    what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm} (loss {loss:.4g})"
+    # Before the first update the weights are the starting policy's, checked finite at load: the scores
+    # themselves overflow, which the learning rate cannot have caused.
+    cause = (f"no update was applied yet, so train.beta={train.beta} is likely too high for "
+             f"train.dtype={train.dtype}; lower it" if step == 1 else lower_the_rate(train))
+    return f"training diverged at step {step} of {total}: {what}; {cause}"
+
+
 def train_step(trainer: Trainer, indices: list[int]) -> dict[str, float]:
-    """One optimizer step over a global batch; its metrics, read from the device once."""
+    """One optimizer step over a global batch; its metrics, read from the device once.
+
+    A step whose loss or gradient norm is not finite raises TrainingDiverged before the optimizer
+    applies it. It stops at the first such step rather than skipping a few: a skipped step hides a
+    learning rate or beta that is too high, the steps after one diverge as well, and a retry would
+    repeat it (same data, seed and settings)."""
     train, world = trainer.cfg.train, trainer.world
     objective, options = OBJECTIVES[train.objective], objective_options(train)
     mine = indices[trainer.rank::world]
@@ -263,11 +302,16 @@ def train_step(trainer: Trainer, indices: list[int]) -> dict[str, float]:
     grad_norm = torch.nn.utils.clip_grad_norm_(trainer.params, train.max_grad_norm)
     if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
         grad_norm = grad_norm.full_tensor()
+    # Read before the update rather than after it, so a non-finite value never reaches the weights.
+    # The totals and the norm are the all-reduced ones: every worker reads the same and stops alike.
+    loss, accuracy, margin, examples, tokens, norm = \
+        torch.cat([totals, grad_norm.detach().double().to(device).reshape(1)]).tolist()
+    problem = divergence(len(trainer.history) + 1, len(trainer.steps), loss / examples, norm, train)
+    if problem:
+        raise TrainingDiverged(problem)
     trainer.optimizer.step()
     trainer.scheduler.step()
     trainer.optimizer.zero_grad(set_to_none=True)
-    loss, accuracy, margin, examples, tokens, norm = \
-        torch.cat([totals, grad_norm.detach().double().to(device).reshape(1)]).tolist()
     return {"loss": loss / examples, "ranking_accuracy": accuracy / examples, "margin": margin / examples,
             "grad_norm": norm, "learning_rate": trainer.scheduler.get_last_lr()[0], "tokens": tokens}
 
@@ -314,9 +358,19 @@ def train_and_save(cfg: LoopConfig, rank: int | None = None, world: int | None =
     return len(history)
 
 
+def check_saved_weights(state: dict[str, torch.Tensor], train: TrainConfig, output_dir: Path) -> None:
+    """Refuse to write a policy with a NaN or infinite weight: the next round would sample from it."""
+    bad = first_non_finite(state.items())
+    if bad:
+        name, count = bad
+        raise TrainingDiverged(f"policy not saved to {output_dir}: weight {name} holds {count} NaN or infinite "
+                               f"values after training; {lower_the_rate(train)}")
+
+
 def save_policy(model, tokenizer, train: TrainConfig, output_dir: Path, rank: int, sharded: bool) -> None:
     """Rank 0 writes the HF checkpoint (LoRA merged, in train.save_dtype); under FSDP
-    every worker takes part in gathering the full weights first."""
+    every worker takes part in gathering the full weights first. Weights that are not finite
+    are refused (TrainingDiverged) before anything is written."""
     save_dtype = DTYPES[train.save_dtype]
     if sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -327,11 +381,15 @@ def save_policy(model, tokenizer, train: TrainConfig, output_dir: Path, rank: in
             # as save_pretrained does for an unsharded model.
             tied = set(getattr(model, "all_tied_weights_keys", None) or {})
             state = {name: tensor.to(save_dtype) for name, tensor in state.items() if name not in tied}
+            # The gathered copy, as written: only rank 0 raises, and no collective follows the save.
+            check_saved_weights(state, train, output_dir)
             model.save_pretrained(output_dir, state_dict=state, safe_serialization=True)
     elif rank == 0:
         if train.lora_rank:
             model = model.merge_and_unload()
-        model.to(save_dtype).save_pretrained(output_dir, safe_serialization=True)
+        model = model.to(save_dtype)
+        check_saved_weights(model.state_dict(), train, output_dir)
+        model.save_pretrained(output_dir, safe_serialization=True)
     if rank == 0:
         tokenizer.save_pretrained(output_dir)
 
