@@ -206,13 +206,14 @@ def ray_lost(run_dir: Path):
         line = (f"error: Ray's {lost.name} (pid {lost.pid}) died during {driver.activity}; its logs are in "
                 f"{lost.logs}; run the same command to resume")
         try:
-            with (run_dir / "pipeline.log").open("a") as f:
-                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} ERROR pipeline: {line[len('error: '):]}\n")
-        except OSError:
-            pass
-        print(line, file=console.TERMINAL, flush=True)
-        ray_session.stop_descendants()
-        os._exit(2)
+            try:
+                with (run_dir / "pipeline.log").open("a") as f:
+                    f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} ERROR pipeline: {line[len('error: '):]}\n")
+                print(line, file=console.TERMINAL, flush=True)
+            finally:  # a closed terminal or a full disk must not keep the command from ending
+                ray_session.stop_descendants()
+        finally:
+            os._exit(2)
 
     return end_command
 

@@ -36,6 +36,22 @@ def wait_for_stage(process: subprocess.Popen, log: Path, stage: str, timeout: fl
         time.sleep(0.2)
 
 
+RAY_PROCESS = re.compile(r"^ray::|^(gcs_server|raylet)$|/ray/(_private|dashboard|autoscaler)/")
+
+
+def ray_orphans_since(start: float, keep: set[int] = frozenset()) -> list[psutil.Process]:
+    """Ray processes created since `start` that lost their parent (re-parented to init): what a command
+    that ended would leave behind. The tests run one at a time, so none of these is another test's."""
+    found = []
+    for process in psutil.process_iter(["ppid", "create_time", "name", "cmdline"]):
+        info = process.info
+        if info["ppid"] != 1 or info["create_time"] < start or process.pid in keep:
+            continue
+        if RAY_PROCESS.search(info["name"] or "") or RAY_PROCESS.search(" ".join(info["cmdline"] or ())):
+            found.append(process)
+    return found
+
+
 def ray_process(process: subprocess.Popen, name: str) -> psutil.Process:
     found = [p for p in psutil.Process(process.pid).children(recursive=True) if p.name() == name]
     assert len(found) == 1, f"expected one {name} under the command, found {found}"
@@ -68,6 +84,7 @@ def test_a_lost_gcs_or_raylet_is_one_line_and_leaves_nothing(tmp_path, tiny_mode
 
 def test_a_ray_that_cannot_start_is_one_line(tmp_path, tiny_model):
     output = tmp_path / "runs"
+    start = time.time() - 1
     # Ray keeps its sessions under RAY_TMPDIR: a path no one can create makes ray.init fail.
     process = start_round(output, "nostart", env={"RAY_TMPDIR": "/proc/no-such-dir/ray"})
     _, stderr = process.communicate(timeout=300)
@@ -76,6 +93,8 @@ def test_a_ray_that_cannot_start_is_one_line(tmp_path, tiny_model):
     assert len(lines) == 1 and lines[0].startswith("error: Ray could not start: "), stderr[-3000:]
     assert "/proc/no-such-dir" in lines[0]
     assert not ANSI.search(stderr)
+    leftover = survivors(ray_orphans_since(start), timeout=10)
+    assert not leftover, f"still running after the command ended: {leftover}"
 
 
 @pytest.fixture
@@ -110,11 +129,15 @@ def third_ray(tmp_path):
 
 def test_two_runs_beside_a_third_ray_both_finish(tmp_path, tiny_model, third_ray):
     output = tmp_path / "runs"
+    start = time.time() - 1
     runs = {name: start_round(output, name) for name in ("first", "second")}
     results = {name: process.communicate(timeout=1200) for name, process in runs.items()}
     for name, process in runs.items():
         assert process.returncode == 0, f"{name}: {results[name][1][-3000:]}"
         assert (output / name / "round_001" / "_done" / "evaluate").is_file()
+    other_ray = {p.pid for p in psutil.Process(third_ray.pid).children(recursive=True)}
+    leftover = survivors(ray_orphans_since(start, keep=other_ray), timeout=10)
+    assert not leftover, f"still running after the commands ended: {leftover}"
     head = psutil.Process(third_ray.pid)
     raylets = [p for p in head.children(recursive=True) if p.name() == "raylet"]
     assert raylets and all(p.status() != psutil.STATUS_ZOMBIE for p in raylets), "a run stopped the other Ray"
