@@ -1,6 +1,7 @@
 """Shared fixtures: the repository root and the prepared embedded models."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,22 @@ def survivors(processes, timeout: float = 60) -> list[psutil.Process]:
     left = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     kill_processes(left)
     return left
+
+
+RAY_PROCESS = re.compile(r"^ray::|^(gcs_server|raylet)$|/ray/(_private|dashboard|autoscaler)/")
+
+
+def ray_orphans_since(start: float, keep: set[int] = frozenset()) -> list[psutil.Process]:
+    """Ray processes created since `start` that lost their parent (re-parented to init): what a command
+    that ended would leave behind. The tests run one at a time, so none of these is another test's."""
+    found = []
+    for process in psutil.process_iter(["ppid", "create_time", "name", "cmdline"]):
+        info = process.info
+        if info["ppid"] != 1 or info["create_time"] < start or process.pid in keep:
+            continue
+        if RAY_PROCESS.search(info["name"] or "") or RAY_PROCESS.search(" ".join(info["cmdline"] or ())):
+            found.append(process)
+    return found
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import REPO_ROOT, survivors
+from tests.conftest import REPO_ROOT, ray_orphans_since, survivors
 
 pytestmark = pytest.mark.e2e
 
@@ -34,22 +34,6 @@ def wait_for_stage(process: subprocess.Popen, log: Path, stage: str, timeout: fl
         assert process.poll() is None, process.stderr.read()[-3000:]
         assert time.monotonic() < deadline, f"{stage} never started"
         time.sleep(0.2)
-
-
-RAY_PROCESS = re.compile(r"^ray::|^(gcs_server|raylet)$|/ray/(_private|dashboard|autoscaler)/")
-
-
-def ray_orphans_since(start: float, keep: set[int] = frozenset()) -> list[psutil.Process]:
-    """Ray processes created since `start` that lost their parent (re-parented to init): what a command
-    that ended would leave behind. The tests run one at a time, so none of these is another test's."""
-    found = []
-    for process in psutil.process_iter(["ppid", "create_time", "name", "cmdline"]):
-        info = process.info
-        if info["ppid"] != 1 or info["create_time"] < start or process.pid in keep:
-            continue
-        if RAY_PROCESS.search(info["name"] or "") or RAY_PROCESS.search(" ".join(info["cmdline"] or ())):
-            found.append(process)
-    return found
 
 
 def ray_process(process: subprocess.Popen, name: str) -> psutil.Process:

@@ -11,6 +11,7 @@ exit status 2 and the step and key on its error line, leaving no policy.
 import json
 import os
 import re
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from pools.logprob_scorer import load_policy
 from stages import evaluate, generate
 from stages.train.checkpoint import first_non_finite
 from stages.train.loop import LoopConfig, divergence, save_policy, set_up, train_and_save, train_step
-from tests.conftest import run_cli
+from tests.conftest import ray_orphans_since, run_cli, survivors
 from tests.test_evaluate import evaluate_round, plan_for, prompts
 from tests.test_fsdp2 import MODEL, free_port
 
@@ -249,6 +250,7 @@ def test_a_round_with_some_empty_candidates_is_kept(tmp_path, config, monkeypatc
 
 @pytest.mark.e2e
 def test_a_diverging_round_ends_in_one_line_and_leaves_no_policy(tmp_path, tiny_model):
+    start = time.time() - 1
     result = run_cli("round", "1", "--config", "configs/smoke.yaml", "--run", "nan", "--output", str(tmp_path),
                      "prompts.eval_size=0", "train.learning_rate=1e30", timeout=900)
     assert result.returncode == 2, result.stderr[-5000:]
@@ -262,3 +264,5 @@ def test_a_diverging_round_ends_in_one_line_and_leaves_no_policy(tmp_path, tiny_
     for path in weights:  # none expected; were one there, it would have to be finite
         assert first_non_finite(load_file(path).items()) is None, path
     assert not weights
+    leftover = survivors(ray_orphans_since(start), timeout=10)
+    assert not leftover, f"still running after the command ended: {leftover}"
