@@ -48,7 +48,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from pipeline.errors import PipelineError  # noqa: E402
+from core.errors import PipelineError  # noqa: E402
 
 RESULTS_MD = REPO_ROOT / "docs" / "results.md"
 RESULTS_TITLE = "# Results\n"
@@ -146,7 +146,7 @@ def store_run(run_dir: Path, target: Path, rounds: int) -> None:
     rounds says which CPU (or GPU) ran them, so wall times are read with it.
     """
     from bench.generate_bench import machine
-    from pipeline.layout import atomic_write_json, atomic_write_text
+    from core.layout import atomic_write_json, atomic_write_text
 
     atomic_write_json(target / "machine.json", machine())
     atomic_write_text(target / "config.yaml", (run_dir / "config.yaml").read_text())
@@ -176,8 +176,9 @@ def check_stored_settings(method: str, seed: int, args: argparse.Namespace, over
     """Refuse to reuse or extend a stored (method, seed) that ran with other settings than this call's."""
     import yaml
 
-    from pipeline.config import config_from_dict, get_key, load_config, same_setting
-    from pipeline.config_parse import leaf_fields
+    from core.config import config_from_dict, get_key, same_setting
+    from pipeline.settings import load_config
+    from core.config_parse import leaf_fields
 
     stored_path = seed_dir(args.store, method, seed) / "config.yaml"
     if not stored_path.is_file():  # stored before the settings were kept beside the runs
@@ -200,7 +201,7 @@ def link_shared_rounds(method: str, seed: int, args: argparse.Namespace, root: P
     rounds that the run resumes from. A run that has any shared round of its own
     already is left as it is.
     """
-    from pipeline.layout import RunLayout
+    from core.layout import RunLayout
 
     target = RunLayout.at(root, run_name(args.prefix, method, seed))
     for other, shared in METHODS[method].same_as:
@@ -267,7 +268,7 @@ def output_root(args: argparse.Namespace) -> Path:
     if args.output:
         root = Path(args.output)
     else:
-        from pipeline.config import load_config
+        from pipeline.settings import load_config
 
         root = Path(load_config(args.config, list(args.overrides)).output)
     return root if root.is_absolute() else REPO_ROOT / root
@@ -285,7 +286,7 @@ def repo_relative(path: Path) -> str:
 
 def replace_section(path: Path, name: str, body: str) -> None:
     """Put `body` between the `<!-- name:start/end -->` markers of `path`, keeping the rest of the file."""
-    from pipeline.layout import atomic_write_text
+    from core.layout import atomic_write_text
 
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     text = path.read_text() if path.is_file() else RESULTS_TITLE

@@ -16,9 +16,9 @@ from bench.experiment import DEFAULT_METHOD, DEFAULT_SEEDS, LARPO, METHODS, RESU
 from bench.experiment_tables import Results, against_round_0, between_methods, interval_text, load, \
     results_table, seeds_text, verdict_word
 from bench.replay_summary import replay_section
-from pipeline.errors import PipelineError
-from pipeline.stats import BOOTSTRAP_RESAMPLES
-from pipeline.timing import round_wall_seconds
+from core.errors import PipelineError
+from core.stats import BOOTSTRAP_RESAMPLES
+from core.timing import round_wall_seconds
 
 # The default config's goal (issue 12): +15 points of strict pass rate by the last round,
 # mean over seeds, with the pooled interval's lower end at +5 points or more.
@@ -203,7 +203,7 @@ def settings_text(results: Results) -> str:
 
 def summarize(store: Path, methods: list[str], seeds: list[int], results_md: Path = RESULTS_MD) -> bool | None:
     """Write the experiment section of results_md and its plots beside it; return the verdict."""
-    from pipeline.layout import atomic_write_bytes
+    from core.layout import atomic_write_bytes
 
     results = load(store, methods, seeds)
     if not results:
@@ -218,7 +218,7 @@ def summarize(store: Path, methods: list[str], seeds: list[int], results_md: Pat
         "(each round's metrics.json and held-out answers, committed; `--summarize-only` rebuilds this from them). "
         + settings_text(results)
         + "Round 0 is the base model. Every interval is a 95% paired bootstrap over the held-out prompts, each "
-          "prompt's answers averaged over the seeds first (pipeline/stats.py); a change is against round 0 "
+          "prompt's answers averaged over the seeds first (core/stats.py); a change is against round 0 "
           "of the same runs. The intervals hold the trained checkpoints fixed: they say how sure the held-out "
           "prompts make a comparison of these runs, not where another seed would land (each seed's own "
           "interval, for the default config, is below). " + wall_time(results, store) + " " + code_text(results), "",

@@ -1,7 +1,7 @@
 """The experiment's per-prompt comparisons and its main table, from the stored runs (docs/experiments/).
 
 Every number with an interval is a paired bootstrap over the held-out prompts
-(pipeline/stats.py): a method's change against round 0 pairs each prompt's
+(core/stats.py): a method's change against round 0 pairs each prompt's
 answer with round 0's answer to it; a comparison of two methods pairs their
 answers to the same prompt, seed by seed. Over several seeds, each prompt's
 differences are averaged over the seeds first ("pooled"), so the interval is
@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.experiment import METHODS, seed_dir, stored_rounds
-from pipeline.errors import PipelineError
-from pipeline.stats import Interval, paired_bootstrap
+from core.errors import PipelineError
+from core.stats import Interval, paired_bootstrap
 from stages.evaluate import win_score
 
 
@@ -37,7 +37,7 @@ Results = dict[str, dict[int, dict[int, RoundResult]]]
 
 
 def read_round(round_dir: Path) -> RoundResult:
-    from pipeline.layout import read_parquet_dir
+    from core.layout import read_parquet_dir
     from pipeline.report import read_json
     from stages.evaluate import strict_pass
 

@@ -47,9 +47,9 @@ OVERHEAD_TARGET_PERCENT = 5.0
 
 def load_setup(args):
     """(config, model path, prompts, SamplingSpec) shared by every case."""
-    from pipeline.config import load_config
-    from pipeline.models import resolve_model
-    from pipeline.prompts import load_prompts
+    from pipeline.settings import load_config
+    from core.models import resolve_model
+    from core.prompts import load_prompts
     from pools.vllm_engines import SamplingSpec
 
     config = load_config(args.config, [f"generate.num_samples={args.samples}",
@@ -65,7 +65,7 @@ def case_env(args) -> dict[str, str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)  # `ours` starts a Ray of its own, as `make round` on this machine does
     if args.case_for_env == "vllm":
-        from pipeline.config import load_config
+        from pipeline.settings import load_config
         from pools.vllm_engines import worker_options
 
         config = load_config(args.config, ["generate.num_actors=1"])
@@ -77,8 +77,8 @@ def run_ours(args) -> dict:
     import pyarrow as pa
     import ray
 
-    from pipeline import schema
-    from pipeline.layout import read_parquet_dir
+    from core import schema
+    from core.layout import read_parquet_dir
     from pools.vllm_engines import generate_shards
     from stages.generate import candidate_rows
 
@@ -148,7 +148,7 @@ def run_vllm(args) -> dict:
     from vllm import LLM, SamplingParams
     import_seconds = time.perf_counter() - begin_import
 
-    from pipeline.hardware import native_bf16
+    from core.hardware import native_bf16
     from pools.vllm_engines import engine_args
 
     config, model_path, prompts, spec = load_setup(args)
@@ -178,7 +178,7 @@ def run_transformers(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     import_seconds = time.perf_counter() - begin_import
 
-    from pipeline.hardware import native_bf16
+    from core.hardware import native_bf16
 
     config, model_path, prompts, spec = load_setup(args)
     if len(spec.blocks()) != 1:
@@ -391,7 +391,7 @@ def main() -> None:
                   + f", load average {r['load_average_before']:.1f}", flush=True)
 
     config, model_path, _, spec = load_setup(args)
-    from pipeline.hardware import native_bf16
+    from core.hardware import native_bf16
 
     results: dict = {case: fastest_case(case_runs) for case, case_runs in runs.items()}
     if results.get("ours"):

@@ -126,7 +126,7 @@ FORBIDDEN = ("ray", "vllm")
 
 def our_code() -> types.SimpleNamespace:
     """The pipeline's functions this check runs, none of them importing Ray or vLLM."""
-    from pipeline.objectives import OBJECTIVES
+    from core.objectives import OBJECTIVES
     from pools.logprobs import list_batch, sequence_logprobs, tokenize_example
     from stages.train.data import ListExample
     from stages.train.optim import build_optimizer

@@ -383,7 +383,7 @@ def gb(value: float) -> str:
 
 def plan_recipe(path: Path) -> dict:
     """Every stage's lines and totals for one recipe file."""
-    from pipeline.config import load_config
+    from pipeline.settings import load_config
 
     config = load_config(path)
     policy, reward = ARCHS[config.model.name], ARCHS[config.reward.model]

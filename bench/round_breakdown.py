@@ -10,7 +10,7 @@ runs the same rounds on the old path, `<run>-old` (engines started by every
 sampling stage, the reference as its own stage: OLD_PATH), so that both are
 measured side by side on the same machine. Each stage's
 wall time is split with the timings the driver records in the stage's stats
-(round_NNN/metrics.json, `stages.<stage>`; see pipeline/timing.py), each
+(round_NNN/metrics.json, `stages.<stage>`; see core/timing.py), each
 measured where it happens:
 
   start-up     imports and model or engine load inside the Ray actor, task or
@@ -52,8 +52,8 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from bench.experiment import RESULTS_MD, output_root, replace_section, repo_relative
 from bench.generate_bench import machine, machine_line, versions
-from pipeline.errors import PipelineError
-from pipeline.layout import STAGES
+from core.errors import PipelineError
+from core.layout import STAGES
 
 ROUND_JSON = REPO_ROOT / "docs" / "bench" / "round.json"
 # (key, column header), in the table's order; "ray" is the remainder.
@@ -206,7 +206,7 @@ def round_section(results: dict[str, Any]) -> str:
         "",
         breakdown_table(results["rows"]),
         "",
-        ("Measured inside the process that does each part (`pipeline/timing.py`): start-up is imports and model "
+        ("Measured inside the process that does each part (`core/timing.py`): start-up is imports and model "
          "or engine load in the Ray actor, task or Ray Train worker; Parquet I/O the stage's shard reads and "
          "writes; work the sampling, scoring, reference log-probs and training steps; checkpoint save the trained "
          "policy's. Ray & orchestration is the rest of each stage's wall time (actor and worker processes, their "

@@ -70,7 +70,7 @@ def run_ours(args, items: int, objective: str, checkpointing: bool = False, opti
     from pools.logprobs import tokenize_example
     from stages.train.data import ListExample, use_sparse_embedding_grad
     from stages.train.loop import list_scores
-    from pipeline.objectives import OBJECTIVES
+    from core.objectives import OBJECTIVES
     from stages.train.optim import build_optimizer
 
     use_all_cpu_threads()

@@ -12,8 +12,8 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from pipeline import console
-from pipeline.config import DEFAULT_CONFIG
-from pipeline.errors import PipelineError, Terminated
+from core.config import DEFAULT_CONFIG
+from core.errors import PipelineError, Terminated
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_command(args: argparse.Namespace) -> int:
     # Imported when used, so that `inspect` or `report` does not pay for Ray and vLLM.
     if args.command == "prepare-models":
-        from pipeline.models import prepare_embedded_models
+        from core.models import prepare_embedded_models
 
         prepare_embedded_models()
         return 0
@@ -195,6 +195,15 @@ def stop_ray(log_file: Path | None = None) -> None:
     ray_session.stop_descendants()
 
 
+def interrupted(signum: int, log_file: Path) -> int:
+    from pipeline import driver
+
+    stop_ray(log_file)
+    name = signal.Signals(signum).name
+    print(f"error: interrupted ({name}) during {driver.activity}; run the same command to resume", file=sys.stderr)
+    return 128 + signum
+
+
 def ray_lost(run_dir: Path):
     """What the command does when its Ray loses its GCS or raylet: one line, nothing left running, exit 2.
 
@@ -219,9 +228,9 @@ def ray_lost(run_dir: Path):
 
 
 def run_rounds(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
+    from pipeline.settings import load_config
     from pipeline.driver import plan_round, run_round
-    from pipeline.layout import RunLayout
+    from core.layout import RunLayout
     from pipeline import ray_session
     from pipeline.lock import run_lock
     from pipeline.plan_view import summary_line

@@ -12,9 +12,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import PipelineError
+from core.errors import PipelineError
 from pipeline.inspect_round import ROUND_NAME, shorten
-from pipeline.layout import read_parquet_dir
+from core.layout import read_parquet_dir
 from rewards.constraints import check_all
 
 def eval_rows(round_dir: Path) -> dict[str, dict[str, Any]]:

@@ -10,7 +10,6 @@ marker is missing, and appends a line per stage, with its wall time, to
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import logging
 import os
@@ -24,25 +23,27 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import (RUN_IDENTITY_KEYS, Config, config_from_dict, get_key, portable_dict, read_yaml_file,
+from core.config import (RUN_IDENTITY_KEYS, Config, config_from_dict, get_key, portable_dict, read_yaml_file,
                              same_setting)
-from pipeline.errors import PipelineError
-from pipeline import console, failures, ray_session, timing
-from pipeline.gpu_layout import GpuLayout, cluster_gpu_count, plan_gpu_layout
-from pipeline.layout import (EARLIER_ROUNDS, STAGE_BY_NAME, STAGE_REGISTRY, STAGES, RoundLayout, RunLayout,
+from core.errors import PipelineError
+from core import failures, timing
+from pipeline import console, ray_session
+from core.gpu_layout import GpuLayout, cluster_gpu_count, plan_gpu_layout
+from core.layout import (EARLIER_ROUNDS, STAGE_BY_NAME, STAGES, RoundLayout, RunLayout,
                              atomic_write_json, atomic_write_text)
-from pipeline.memory import MemoryMonitor
+from core.memory import MemoryMonitor
 from pipeline.model_card import model_card
-from pipeline.models import REPO_ROOT, resolve_model
-from pipeline.prompts import Prompt, fit_to_context, load_prompts, round_slice
-from pipeline.provenance import code_version
+from core.models import REPO_ROOT, resolve_model
+from core.prompts import Prompt, fit_to_context, load_prompts, round_slice
+from core.provenance import code_version
 from pipeline.resources import wait_for_resources
-from pipeline.timing import Timings, round_time_text
+from core.timing import Timings, round_time_text
 from pipeline.tracking import Tracking
 from pools.reference_lists import scored_in_train_workers
 from pools.vllm_engines import EnginePool
 from rewards.base import metadata_problem
 from stages.evaluate import EVAL_KEYS, check_baseline
+from stages.registry import STAGE_RUNNERS
 
 log = logging.getLogger("pipeline")
 
@@ -61,7 +62,7 @@ class RoundPlan:
     # The command's vLLM engines (pools/vllm_engines.py), kept across stages and rounds when
     # generate.keep_engines says so; None: each sampling stage starts its own.
     engines: EnginePool | None = None
-    # Where each process runs on the cluster's GPUs, decided when the round starts (pipeline/gpu_layout.py).
+    # Where each process runs on the cluster's GPUs, decided when the round starts (core/gpu_layout.py).
     gpus: GpuLayout | None = None
 
 
@@ -388,9 +389,7 @@ def run_log(path: Path):
         handler.close()
 
 
-# Each stage's run_stage(plan, out_dir), from the modules the registry names (pipeline/layout.py).
-STAGE_RUNNERS = {stage.name: importlib.import_module(stage.module).run_stage for stage in STAGE_REGISTRY}
-# What a done marker holds beside the stage's own numbers (pipeline/layout.py, finish_stage).
+# What a done marker holds beside the stage's own numbers (core/layout.py, finish_stage).
 MARKER_KEYS = ("files", "extra_outputs")
 
 

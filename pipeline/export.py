@@ -24,9 +24,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import PipelineError
-from pipeline.layout import read_parquet_dir, write_parquet
-from pipeline.schema import PROMPT
+from core.errors import PipelineError
+from core.layout import read_parquet_dir, write_parquet
+from core.schema import PROMPT
 
 
 def best_worst(positives: list[dict], negatives: list[dict]) -> list[tuple[dict, dict]]:

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 
-from pipeline.config import read_yaml_file
-from pipeline.errors import PipelineError
-from pipeline.layout import RoundLayout, read_parquet_dir
+from core.config import read_yaml_file
+from core.errors import PipelineError
+from core.layout import RoundLayout, read_parquet_dir
 
 ROUND_NAME = re.compile(r"round_(\d{3,})")
 TEXT_WIDTH = 100       # characters of a prompt or response shown in an example

@@ -16,10 +16,11 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import Config, load_config
-from pipeline.config_parse import leaf_fields
-from pipeline.errors import PipelineError
-from pipeline.layout import STAGES, RunLayout
+from core.config import Config
+from pipeline.settings import load_config
+from core.config_parse import leaf_fields
+from core.errors import PipelineError
+from core.layout import STAGES, RunLayout
 
 HELP_WIDTH = 96
 
@@ -114,7 +115,7 @@ def dry_run_main(args, config: Config) -> int:
 
 def summary_line(metrics: dict[str, Any], round_dir) -> str:
     """What a person reads when a round ends; the whole record stays in metrics.json."""
-    from pipeline.timing import round_wall_seconds
+    from core.timing import round_wall_seconds
 
     evaluation = metrics.get("eval") or {}
     parts = [f"round {metrics['round']} done in {round_wall_seconds(metrics) or 0:.0f} s"]

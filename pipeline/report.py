@@ -20,9 +20,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import PipelineError
-from pipeline.layout import atomic_write_bytes, atomic_write_text
-from pipeline.timing import round_wall_seconds
+from core.errors import PipelineError
+from core.layout import atomic_write_bytes, atomic_write_text
+from core.timing import round_wall_seconds
 
 ROUND_DIR = re.compile(r"round_(\d{3})")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 
-from pipeline.errors import PipelineError
+from core.errors import PipelineError
 
 
 def resource_problems(config, resources: Mapping[str, float]) -> list[str]:
@@ -32,7 +32,7 @@ def resource_problems(config, resources: Mapping[str, float]) -> list[str]:
         problems.append(f"'generate.num_actors' is {gen.num_actors}, one CPU each, but {have}")
     if not gpus and gen.tensor_parallel_size > 1:
         problems.append(f"'generate.tensor_parallel_size' is {gen.tensor_parallel_size}, which needs GPUs, but {have}")
-    # auto asks for what the cluster has (pipeline/gpu_layout.py); only a number can ask too much.
+    # auto asks for what the cluster has (core/gpu_layout.py); only a number can ask too much.
     if reward.num_gpus_per_actor not in ("auto", 0) and reward.num_actors * reward.num_gpus_per_actor > gpus:
         problems.append(f"'reward.num_actors' x 'reward.num_gpus_per_actor' is {reward.num_actors} x "
                         f"{reward.num_gpus_per_actor:g} GPUs, but {have}")

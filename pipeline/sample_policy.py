@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline.config import config_from_dict, read_yaml_file
-from pipeline.errors import PipelineError
+from core.config import config_from_dict, read_yaml_file
+from core.errors import PipelineError
 from pipeline.inspect_round import ROUND_NAME
 
 
@@ -45,8 +45,8 @@ def main(args) -> int:
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
-    from pipeline.chat_tokens import ChatRenderError, chat_token_ids
-    from pipeline.hardware import native_bf16
+    from core.chat_tokens import ChatRenderError, chat_token_ids
+    from core.hardware import native_bf16
 
     # The prompt's ids as the generate stage makes them (pools/vllm_engines.py): its text stays text.
     tokenizer = AutoTokenizer.from_pretrained(str(policy), trust_remote_code=config.model.trust_remote_code)

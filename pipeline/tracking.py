@@ -19,9 +19,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pipeline.layout import RunLayout, atomic_write_json
+from core.layout import RunLayout, atomic_write_json
 from pipeline.report import INTERVAL_KEYS, read_training_log, write_report
-from pipeline.timing import round_wall_seconds
+from core.timing import round_wall_seconds
 
 log = logging.getLogger("pipeline.tracking")
 

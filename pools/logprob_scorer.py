@@ -14,11 +14,11 @@ import sys
 
 import torch
 
-from pipeline import timing
-from pipeline.console import worker_bar
-from pipeline.errors import PipelineError
-from pipeline.gpu_layout import where_this_runs
-from pipeline.hardware import native_bf16
+from core import timing
+from core.progress import worker_bar
+from core.errors import PipelineError
+from core.gpu_layout import where_this_runs
+from core.hardware import native_bf16
 from pools.logprobs import Response, list_batch, sequence_logprobs, tokenize_example
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.chat_tokens import chat_token_ids, text_ids
+from core.chat_tokens import chat_token_ids, text_ids
 
 Item = tuple[list[int], int]  # prompt + response token ids, number of prompt tokens
 # What is scored of a response: the ids the engine sampled, or (lists made before those were
@@ -41,7 +41,7 @@ def tokenize_example(tokenizer: Any, messages: list[dict], response: Response, m
     """Token ids of chat prompt + response, and the number of prompt tokens.
 
     The prompt is the chat template with the generation prompt, tokenized by chat_token_ids
-    (pipeline/chat_tokens.py): exactly the ids the vLLM engines sampled after, each message's
+    (core/chat_tokens.py): exactly the ids the vLLM engines sampled after, each message's
     content as plain text. A response given as ids is what the engine sampled, scored as it is: a
     finished answer ends with the stop token the engine emitted, a truncated one (max_tokens) with
     nothing added, so no end-of-answer is taught where the answer did not end. A response given as

@@ -13,8 +13,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline import schema, timing
-from pipeline.layout import EARLIER_ROUNDS, RoundLayout, RunLayout, read_parquet_dir, shard_name, write_parquet
+from core import schema, timing
+from core.layout import EARLIER_ROUNDS, RoundLayout, RunLayout, read_parquet_dir, shard_name, write_parquet
 from pools.logprobs import Response, response_to_score
 
 

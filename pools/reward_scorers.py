@@ -14,9 +14,9 @@ from typing import Any
 
 import ray
 
-from pipeline import timing
-from pipeline.errors import PipelineError
-from pipeline.gpu_layout import hide_unassigned_gpus, where_this_runs
+from core import timing
+from core.errors import PipelineError
+from core.gpu_layout import hide_unassigned_gpus, where_this_runs
 from rewards import Sample, build_reward_from_config
 
 

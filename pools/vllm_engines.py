@@ -35,14 +35,14 @@ from typing import Any, Callable, Collection
 import pyarrow as pa
 import ray
 
-from pipeline import timing
-from pipeline.chat_tokens import chat_token_ids
-from pipeline.console import engine_bar
-from pipeline.errors import PipelineError
-from pipeline.gpu_layout import GpuLayout, cluster_gpu_count, plan_gpu_layout, where_this_runs
-from pipeline.hardware import native_bf16
-from pipeline.layout import atomic_write_json, shard_name, write_parquet
-from pipeline.prompts import Prompt
+from core import timing
+from core.chat_tokens import chat_token_ids
+from core.progress import engine_bar
+from core.errors import PipelineError
+from core.gpu_layout import GpuLayout, cluster_gpu_count, plan_gpu_layout, where_this_runs
+from core.hardware import native_bf16
+from core.layout import atomic_write_json, shard_name, write_parquet
+from core.prompts import Prompt
 
 log = logging.getLogger("pipeline.generate")
 
@@ -86,7 +86,7 @@ def group_samples(outputs: list[Any], blocks: list[tuple[float, int]]) -> list[l
 def token_prompts(tokenizer: Any, conversations: list[list[dict[str, str]]], repeats: int) -> list[dict]:
     """vLLM TokensPrompts (plain dicts, as that TypedDict is) of the conversations, each `repeats`
     times in a row: the chat template's rendering with each content as plain text
-    (pipeline/chat_tokens.py), the ids the trainer and the reference score."""
+    (core/chat_tokens.py), the ids the trainer and the reference score."""
     prompts = [{"prompt_token_ids": chat_token_ids(tokenizer, conversation)} for conversation in conversations]
     return [prompt for prompt in prompts for _ in range(repeats)]
 
@@ -304,7 +304,7 @@ def engine_args(config, seed: int, use_gpu: bool, keep: bool = False) -> dict[st
 
 
 def worker_options(config, layout: GpuLayout, keep: bool = False) -> dict[str, Any]:
-    """What an engine actor asks of Ray: on a GPU cluster its GpuLayout.engine share (pipeline/gpu_layout.py)."""
+    """What an engine actor asks of Ray: on a GPU cluster its GpuLayout.engine share (core/gpu_layout.py)."""
     gen = config.generate
     if layout.cluster_gpus:
         return {"num_gpus": layout.engine, "num_cpus": 1}
@@ -338,7 +338,7 @@ class EnginePool:
 
     def _decide(self) -> None:
         # Asked of the cluster, so only once Ray is up: at the first call. A layout kept engines
-        # cannot have on this cluster is refused here (pipeline/gpu_layout.py).
+        # cannot have on this cluster is refused here (core/gpu_layout.py).
         if self.layout is None:
             gpus = cluster_gpu_count()
             if self._keep is None:
@@ -367,7 +367,7 @@ class EnginePool:
             stop_engines([worker])
 
     def placements(self, indices: list[int]) -> dict[int, str]:
-        """Where each of these engines runs (pipeline/gpu_layout.py, where_this_runs)."""
+        """Where each of these engines runs (core/gpu_layout.py, where_this_runs)."""
         live = [i for i in indices if i in self.workers]
         return dict(zip(live, ray.get([self.workers[i].where.remote() for i in live])))
 

@@ -42,7 +42,7 @@ def build_reward(name: str, **options) -> RewardModel:
 
 
 def build_reward_from_config(reward_config) -> RewardModel:
-    """The reward a `RewardConfig` (pipeline/config.py) describes: the dataclass or its dict.
+    """The reward a `RewardConfig` (core/config.py) describes: the dataclass or its dict.
 
     A factory that needs settings (a model path, weights...) has a `from_config`
     that takes the config as a dict and picks its own keys; one without it, like

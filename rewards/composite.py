@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pipeline.errors import ConfigError
+from core.errors import ConfigError
 from rewards.base import REWARDS, RewardModel, Sample, build_reward_from_config, register_reward
 
 

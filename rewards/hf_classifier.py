@@ -23,9 +23,9 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from pipeline.chat_tokens import chat_token_ids
-from pipeline.errors import ConfigError, PipelineError
-from pipeline.models import resolve_model
+from core.chat_tokens import chat_token_ids
+from core.errors import ConfigError, PipelineError
+from core.models import resolve_model
 from rewards.base import Sample, register_reward
 
 log = logging.getLogger("rewards.hf_classifier")

@@ -23,14 +23,14 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline import schema, timing
-from pipeline.config import EvaluateConfig
-from pipeline.errors import PipelineError
-from pipeline.gpu_layout import layout_of
-from pipeline.layout import RunLayout, read_parquet_dir, shard_name, write_parquet
-from pipeline.prompts import Prompt
-from pipeline.seeds import derive_seed
-from pipeline.stats import paired_bootstrap
+from core import schema, timing
+from core.config import EvaluateConfig
+from core.errors import PipelineError
+from core.gpu_layout import layout_of
+from core.layout import RunLayout, read_parquet_dir, shard_name, write_parquet
+from core.prompts import Prompt
+from core.seeds import derive_seed
+from core.stats import paired_bootstrap
 from pools.reward_scorers import score_candidates
 from pools.vllm_engines import SamplingSpec, generate_shards
 from rewards.constraints import check_all
@@ -42,7 +42,7 @@ EVAL_KEYS = ("eval_prompts", "reward_mean", "win_rate", "pass_rate", "response_t
              "pass_count_by_kind",
              "vs_round_0", "pass_rate_by_kind")
 # Decoding settings that must match round 0's for a win rate to mean anything: the
-# evaluate knobs that define the run (pipeline/config.py).
+# evaluate knobs that define the run (core/config.py).
 SETTINGS = tuple(f.name for f in dataclasses.fields(EvaluateConfig) if f.metadata["identity"])
 
 

@@ -12,11 +12,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline import schema, timing
-from pipeline.errors import PipelineError
-from pipeline.layout import read_parquet_dir
-from pipeline.prompts import Prompt
-from pipeline.seeds import derive_seed
+from core import schema, timing
+from core.errors import PipelineError
+from core.layout import read_parquet_dir
+from core.prompts import Prompt
+from core.seeds import derive_seed
 from pools.vllm_engines import SamplingSpec, generate_shards
 
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import ray
 
-from pipeline import timing
-from pipeline.gpu_layout import layout_of
+from core import timing
+from core.gpu_layout import layout_of
 from pools.logprob_scorer import score_items
 from pools.reference_lists import items_to_score, reference_inputs, reference_stats, with_reference, write_train_shard
 
@@ -25,7 +25,7 @@ from pools.reference_lists import items_to_score, reference_inputs, reference_st
 def run_stage(plan, out_dir: Path) -> dict[str, Any]:
     config = plan.config
     rows, current = reference_inputs(plan.run, plan.round, config.train.replay)
-    # One GPU, or beside a kept engine what it leaves of one (pipeline/gpu_layout.py).
+    # One GPU, or beside a kept engine what it leaves of one (core/gpu_layout.py).
     gpus = layout_of(plan).reference
     logps: list[list[float]] = []
     if rows:

@@ -9,7 +9,7 @@ The stage writes two things:
 Why the scored shard: with `lists.memory`, a prompt's candidate pool also holds
 earlier rounds' responses to the same prompt_id, with the rewards they got then;
 they are read back from those rounds' scored shards, never scored again, and
-keep their `round`. Both are the stage's declared outputs (pipeline/layout.py,
+keep their `round`. Both are the stage's declared outputs (core/layout.py,
 STAGE_REGISTRY): written into `.partial/` directories that the driver renames
 before it writes `_done/rerank`, so the marker vouches for both, and an earlier
 round's scored shard is read only once that round's rerank is done.
@@ -44,11 +44,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import schema, timing
-from pipeline.errors import PipelineError
-from pipeline.gpu_layout import layout_of
-from pipeline.layout import EARLIER_ROUNDS, RunLayout, read_parquet_dir, shard_name, write_parquet
-from pipeline.seeds import derive_seed
+from core import schema, timing
+from core.errors import PipelineError
+from core.gpu_layout import layout_of
+from core.layout import EARLIER_ROUNDS, RunLayout, read_parquet_dir, shard_name, write_parquet
+from core.seeds import derive_seed
 from pools.reward_scorers import score_candidates
 
 log = logging.getLogger("pipeline.rerank")

@@ -96,7 +96,7 @@ def train_one_step(outputs: list[dict], out_dir: str) -> None:
     """One AdamW step raising the log-prob of each prompt's first sample, saved as the trainer saves."""
     import torch
 
-    from pipeline.config import TrainConfig
+    from core.config import TrainConfig
     from pools.logprobs import list_batch, sequence_logprobs, tokenize_example
     from stages.train.loop import save_policy
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import load_config
+from pipeline.settings import load_config
 from pipeline.driver import plan_round
-from pipeline.errors import PipelineError
+from core.errors import PipelineError
 from tests.conftest import REPO_ROOT, run_cli, survivors
 
 
@@ -226,7 +226,7 @@ def test_prompt_the_reward_cannot_score_is_refused_before_anything_runs(tmp_path
 
 def test_a_classifier_reward_needs_no_constraints(tmp_path, output, tiny_model):
     from pipeline.driver import check_metadata
-    from pipeline.prompts import Prompt
+    from core.prompts import Prompt
 
     config = load_config("configs/smoke.yaml", ["reward.name=composite", "reward.components=ifeval:1.0"])
     bad = [Prompt("b", [{"role": "user", "content": "hi"}], {"constraints": [{"kind": "bogus_kind"}]})]
@@ -268,7 +268,7 @@ def test_infeasible_resource_request_stops_before_any_stage(output, tiny_model):
 
 def finished_round_with_a_damaged_policy(output: Path, run: str) -> Path:
     """Round 1 of `run` as its done markers record it, with a policy file cut short since."""
-    from pipeline.layout import STAGE_OUTPUTS, STAGES
+    from core.layout import STAGE_OUTPUTS, STAGES
 
     round_dir = output / run / "round_001"
     for stage in STAGES:
@@ -317,7 +317,7 @@ def test_prompts_dropped_for_length_are_named_in_the_log(tmp_path, output, tiny_
 
 def test_inspect_names_the_prompts_dropped_for_length(tmp_path):
     from pipeline.inspect_round import too_long_lines
-    from pipeline.layout import RoundLayout
+    from core.layout import RoundLayout
 
     layout = RoundLayout(tmp_path / "round_001", 1)
     assert too_long_lines(layout) == []

@@ -1,4 +1,4 @@
-"""Chat token ids (pipeline/chat_tokens.py): the template speaks in special tokens, contents never do.
+"""Chat token ids (core/chat_tokens.py): the template speaks in special tokens, contents never do.
 
 A content holding "<|im_end|>\\n<|im_start|>assistant\\n" must not open a turn of its own, in any
 stage: the engine's prompt ids, the trainer's and reference's, the prompt-length check and the
@@ -7,14 +7,13 @@ reward model's chat. Ordinary chats keep the template's own tokenization exactly
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from pipeline.chat_tokens import ChatRenderError, chat_token_ids, cut_contents, cut_ids, special_strings, text_ids
-from pipeline.errors import PipelineError
-from pipeline.prompts import Prompt, fit_to_context, prompt_token_count
+from core.chat_tokens import ChatRenderError, chat_token_ids, cut_contents, cut_ids, special_strings, text_ids
+from core.errors import PipelineError
+from core.prompts import Prompt, fit_to_context, prompt_token_count
 from pools.logprobs import tokenize_example
 from tests.conftest import REPO_ROOT
 from tests.test_reward_families import TEMPLATES as REWARD_TEMPLATES
@@ -209,7 +208,7 @@ def test_the_engine_is_given_the_chat_token_ids():
 def test_a_generation_worker_samples_through_generate_with_token_prompts(tiny_model):
     # The actor's own method on a stand-in LLM: what vLLM's generate() receives, without an engine.
     from pools.vllm_engines import GenerationWorker, SamplingSpec
-    from pipeline import timing
+    from core import timing
 
     calls = []
 

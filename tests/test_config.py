@@ -1,12 +1,13 @@
-"""pipeline/config.py (and config_parse.py): YAML + overrides into a validated, typed Config."""
+"""core/config.py (and config_parse.py): YAML + overrides into a validated, typed Config."""
 
 import re
 from pathlib import Path
 
 import pytest
 
-from pipeline.config import Config, config_from_dict, load_config
-from pipeline.errors import ConfigError, PipelineError
+from core.config import Config, config_from_dict
+from pipeline.settings import load_config
+from core.errors import ConfigError, PipelineError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,7 +86,7 @@ def test_relative_paths_are_read_from_the_config_files_directory(tmp_path, monke
 
 
 def test_the_bundled_configs_name_the_projects_files_from_anywhere(monkeypatch, tmp_path):
-    from pipeline.config import DEFAULT_CONFIG, same_setting
+    from core.config import DEFAULT_CONFIG, same_setting
 
     monkeypatch.chdir(tmp_path)
     config = load_config(DEFAULT_CONFIG)
@@ -97,7 +98,7 @@ def test_the_bundled_configs_name_the_projects_files_from_anywhere(monkeypatch, 
     assert not same_setting("train.beta", 0.1, 0.2)
     # A run's config.yaml names the project's files relative to it: it reads the same from another
     # checkout (or a `ray job submit` working directory), where the absolute paths differ.
-    from pipeline.config import portable_dict
+    from core.config import portable_dict
 
     stored = portable_dict(config)
     assert stored["prompts"]["train"] == "data/prompts/train_multi.jsonl" and stored["output"] == "runs"
@@ -281,7 +282,7 @@ def test_bad_metadata_fields_name_the_key(tmp_path, text, fragment):
 
 
 def test_run_identity_has_duplicates_but_not_metadata_fields():
-    from pipeline.config import RUN_IDENTITY_KEYS
+    from core.config import RUN_IDENTITY_KEYS
 
     assert "prompts.duplicates" in RUN_IDENTITY_KEYS
     assert "prompts.metadata_fields" not in RUN_IDENTITY_KEYS
@@ -466,7 +467,7 @@ def test_config_from_dict_validates():
     ("ifeval:1, hf_classifier:0.5", dict[str, float], {"ifeval": 1.0, "hf_classifier": 0.5}),
 ])
 def test_list_and_mapping_values(value, hint, expected):
-    from pipeline.config_parse import coerce
+    from core.config_parse import coerce
 
     assert coerce(value, hint, "section.key", "test") == expected
 
@@ -479,7 +480,7 @@ def test_list_and_mapping_values(value, hint, expected):
     ([1.0], dict[str, float], "'section.key' (test) must be a mapping"),
 ])
 def test_bad_list_and_mapping_values_name_the_key(value, hint, message):
-    from pipeline.config_parse import coerce
+    from core.config_parse import coerce
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         coerce(value, hint, "section.key", "test")
@@ -497,7 +498,7 @@ def test_worker_retries_default_and_range():
 def test_every_knob_is_documented():
     import dataclasses
 
-    from pipeline.config_parse import leaf_fields
+    from core.config_parse import leaf_fields
 
     sections = [(f.name, f) for f in dataclasses.fields(Config)]
     for key, f in [*leaf_fields(Config), *sections]:
@@ -505,7 +506,7 @@ def test_every_knob_is_documented():
 
 
 def test_run_identity_keys_come_from_the_fields():
-    from pipeline.config import RUN_IDENTITY_KEYS
+    from core.config import RUN_IDENTITY_KEYS
 
     assert len(RUN_IDENTITY_KEYS) == len(set(RUN_IDENTITY_KEYS))
     assert set(RUN_IDENTITY_KEYS) == {
@@ -534,7 +535,7 @@ def test_range_messages_from_field_metadata(override, message):
 
 
 def test_train_fingerprint_leaves_out_the_same_knobs_and_hash(tmp_path):
-    from pipeline.config import TRAIN_FINGERPRINT_EXCLUDED
+    from core.config import TRAIN_FINGERPRINT_EXCLUDED
     from stages.train.checkpoint import fingerprint
 
     assert TRAIN_FINGERPRINT_EXCLUDED == {"checkpoint_every", "num_workers", "sharding"}

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
-from pipeline.config import (MAX_SEED, VLLM_GREEDY_BELOW, VLLM_MAX_N, VLLM_MAX_TEMPERATURE, config_from_dict,
-                             load_config, portable_dict, read_yaml_file)
-from pipeline.errors import ConfigError
+from core.config import MAX_SEED, VLLM_GREEDY_BELOW, VLLM_MAX_N, VLLM_MAX_TEMPERATURE, config_from_dict, portable_dict, read_yaml_file
+from pipeline.settings import load_config
+from core.errors import ConfigError
 from tests.conftest import REPO_ROOT
 
 
@@ -258,7 +258,7 @@ def _vllm_source(module: str) -> str:
 
 
 def test_the_limits_are_the_installed_vllms():
-    # The constants in pipeline/config.py copy vLLM's; a vLLM upgrade that moves one fails here.
+    # The constants in core/config.py copy vLLM's; a vLLM upgrade that moves one fails here.
     envs = _vllm_source("envs.py")
     assert re.search(rf'"VLLM_MAX_N_SEQUENCES", "{VLLM_MAX_N}"', envs)
     sampling = _vllm_source("sampling_params.py")

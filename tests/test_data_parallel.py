@@ -8,9 +8,9 @@ import ray
 import torch
 from safetensors.torch import load_file
 
-from pipeline import schema
-from pipeline.config import TrainConfig
-from pipeline.layout import write_parquet
+from core import schema
+from core.config import TrainConfig
+from core.layout import write_parquet
 from stages.train.loop import LoopConfig
 from stages.train.stage import fit
 from tests.conftest import REPO_ROOT

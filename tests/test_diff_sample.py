@@ -8,8 +8,8 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from pipeline import schema
-from pipeline.layout import write_parquet
+from core import schema
+from core.layout import write_parquet
 from tests.conftest import run_cli
 
 MAX_WORDS_3 = json.dumps({"constraints": [{"kind": "max_words", "limit": 3}, {"kind": "lowercase"}]})

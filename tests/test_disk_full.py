@@ -3,7 +3,6 @@ running, and the same command resumes once there is room."""
 
 import subprocess
 import time
-from pathlib import Path
 
 import psutil
 import pytest

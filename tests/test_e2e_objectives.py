@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.objectives import OBJECTIVES
+from core.objectives import OBJECTIVES
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.e2e

@@ -17,7 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pipeline.layout import STAGES
+from core.layout import STAGES
 from pipeline.report import read_training_log
 from tests import wandb_records
 from tests.conftest import REPO_ROOT, TRACK_ALL, run_cli
@@ -154,7 +154,7 @@ def test_eval_and_metrics(run_dir, number):
     assert metrics["round"] == number
     assert metrics["eval"]["reward_mean"] == pytest.approx(sum(r["reward"] for r in rows) / len(rows))
     assert set(metrics["stage_seconds"]) == set(STAGES)
-    # Each stage's time breakdown (pipeline/timing.py): rerank's work on the smoke config can round to 0.00 s.
+    # Each stage's time breakdown (core/timing.py): rerank's work on the smoke config can round to 0.00 s.
     assert set(metrics["stages"]) == set(STAGES)
     for stage, stats in metrics["stages"].items():
         if stage == "rerank":

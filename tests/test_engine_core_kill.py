@@ -17,9 +17,9 @@ import pyarrow as pa
 import pytest
 import ray
 
-from pipeline.config import load_config
-from pipeline.layout import read_parquet_dir
-from pipeline.prompts import load_prompts
+from pipeline.settings import load_config
+from core.layout import read_parquet_dir
+from core.prompts import load_prompts
 from pools.vllm_engines import EngineDied, EnginePool, GenerationWorker, SamplingSpec, generate_shards
 from tests.conftest import REPO_ROOT, survivors
 
@@ -214,7 +214,7 @@ class FakeLLM:
 
 def kept_gpu_engine(model_path):
     """A GenerationWorker (the class, not the actor) on a fake LLM, as a kept GPU engine."""
-    from pipeline import timing
+    from core import timing
 
     worker = GenerationWorker.__ray_actor_class__.__new__(GenerationWorker.__ray_actor_class__)
     worker.clock, worker.model_path, worker.sleeps, worker.asleep = timing.Timings(), model_path, True, False

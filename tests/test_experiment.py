@@ -15,8 +15,8 @@ from bench import experiment
 from bench.experiment import main, replace_section, store_run, stored_rounds
 from bench.experiment_summary import judge, summarize
 from bench.experiment_tables import between_methods, load, verdict_word
-from pipeline import schema
-from pipeline.layout import write_parquet
+from core import schema
+from core.layout import write_parquet
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -147,7 +147,7 @@ def test_noisy_seeds_give_intervals_and_not_distinguishable(tmp_path):
 
 
 def test_a_bound_at_zero_bar_float_residue_is_not_called_better():
-    from pipeline.stats import Interval
+    from core.stats import Interval
 
     # contrastive minus DPO on K at round 3 over 3 seeds once read "+4.2 [+0.0, +8.3], better".
     assert verdict_word(Interval(0.0417, 2.3e-18, 0.0833)) == "not distinguishable"
@@ -242,7 +242,7 @@ def test_stored_runs_are_not_run_again(tmp_path, monkeypatch, capsys):
 
 
 def write_stored_config(store: Path, method: str, seed: int, *more: str) -> None:
-    from pipeline.config import load_config
+    from pipeline.settings import load_config
 
     config = load_config(REPO_ROOT / "configs" / "default.yaml",
                          [*experiment.METHODS[method].overrides, f"seed={seed}", *more])

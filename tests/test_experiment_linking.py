@@ -10,7 +10,7 @@ from tests.test_experiment import pattern, write_round, write_seed
 
 def finished_run(run: Path, rounds: int) -> None:
     """A run directory whose rounds 0..rounds have finished: every stage's marker, metrics and eval."""
-    from pipeline.layout import RoundLayout
+    from core.layout import RoundLayout
 
     for number in range(rounds + 1):
         layout = RoundLayout(run / f"round_{number:03d}", number)

@@ -8,10 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.errors import PipelineError
+from core.errors import PipelineError
 from pipeline.export import best_worst, every_pair, preference_pairs
-from pipeline.layout import write_parquet
-from pipeline.schema import LISTS
+from core.layout import write_parquet
+from core.schema import LISTS
 from tests.conftest import run_cli
 
 

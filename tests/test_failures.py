@@ -12,8 +12,8 @@ from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
 from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
 
-from pipeline.errors import TrainingDiverged
-from pipeline.failures import describe, is_disk_full, is_retry_pointless, root_cause
+from core.errors import TrainingDiverged
+from core.failures import describe, is_disk_full, is_retry_pointless, root_cause
 from stages.train.stage import NoPointlessRetries
 
 ENGINE_REFUSAL = "Unsupported CPU attention configuration: head_dim=16 is not supported"

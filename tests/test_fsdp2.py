@@ -25,8 +25,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from pipeline.config import TrainConfig
-from pipeline.hardware import native_bf16
+from core.config import TrainConfig
+from core.hardware import native_bf16
 from stages.train.loop import LoopConfig, mixed_precision
 
 # 5 lists, 4 a step, two epochs: steps of 4, 1, 4 and 1 lists. Two workers: 2 micro-batches
@@ -305,7 +305,7 @@ def reference_worker(rank: int, world: int, port: int, cfg: LoopConfig) -> None:
     import stages.train.loop as loop
     from torch.distributed.fsdp import FSDPModule
 
-    from pipeline.timing import Timings
+    from core.timing import Timings
     from pools.logprob_scorer import score_lists
 
     seen = {}

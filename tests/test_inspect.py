@@ -11,7 +11,7 @@ import yaml
 
 from pipeline.cli import main as cli_main
 from pipeline.inspect_round import histogram, quantile, shorten
-from pipeline.layout import atomic_write_text
+from core.layout import atomic_write_text
 from tests.conftest import REPO_ROOT
 from tests.test_rerank_stage import generate, make_plan, run_rerank
 

@@ -1,4 +1,4 @@
-"""pipeline/layout.py: the run directory contract and atomic writes."""
+"""core/layout.py: the run directory contract and atomic writes."""
 
 import json
 import os
@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import layout
-from pipeline.layout import (STAGE_OUTPUTS, STAGES, RoundLayout, RunLayout, atomic_write_json,
+from core import layout
+from core.layout import (STAGE_OUTPUTS, STAGES, RoundLayout, RunLayout, atomic_write_json,
                              atomic_write_text, read_parquet_dir, shard_name, write_parquet)
 
 
@@ -313,7 +313,7 @@ def test_a_stage_checks_its_input_before_it_starts(finished_rerank, tmp_path):
 
     from pipeline.driver import check_input
 
-    from pipeline.config import load_config
+    from pipeline.settings import load_config
 
     run = RunLayout.at(tmp_path, "run")
     config = load_config("configs/smoke.yaml")

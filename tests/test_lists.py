@@ -9,10 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import schema
-from pipeline.config import ListsConfig
-from pipeline.errors import PipelineError
-from pipeline.layout import EARLIER_ROUNDS, read_parquet_dir, shard_name, write_parquet
+from core import schema
+from core.config import ListsConfig
+from core.errors import PipelineError
+from core.layout import EARLIER_ROUNDS, read_parquet_dir, shard_name, write_parquet
 from stages.rerank import (
     LIST_STRATEGIES,
     TIE_RULES,

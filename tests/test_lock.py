@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pipeline.errors import PipelineError
+from core.errors import PipelineError
 from pipeline.lock import LOCK_NAME, run_lock
 from tests.conftest import REPO_ROOT, kill_processes, run_cli
 

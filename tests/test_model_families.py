@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.errors import PipelineError
+from core.errors import PipelineError
 from pools import logprobs
 from pools.logprob_scorer import (PROBE_ANSWERS, PROBE_PROMPT, attention_for, check_logprob_path, load_policy,
                                   logprob_gap, model_logprobs)

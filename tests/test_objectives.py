@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from pipeline.config import TrainConfig
-from pipeline.objectives import OBJECTIVES, mean_margin, objective_options, ranking_accuracy
+from core.config import TrainConfig
+from core.objectives import OBJECTIVES, mean_margin, objective_options, ranking_accuracy
 
 
 def options(name: str, ndcg: bool = False) -> dict:

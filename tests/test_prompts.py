@@ -1,4 +1,4 @@
-"""pipeline/prompts.py: prompt sources, validation, round slices, context fitting."""
+"""core/prompts.py: prompt sources, validation, round slices, context fitting."""
 
 import json
 from pathlib import Path
@@ -7,8 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.errors import PipelineError
-from pipeline.prompts import Prompt, fit_to_context, load_prompts, prompt_token_count, round_slice
+from core.errors import PipelineError
+from core.prompts import Prompt, fit_to_context, load_prompts, prompt_token_count, round_slice
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER_DIR = REPO_ROOT / ".cache" / "models" / "tiny-random-llama"

@@ -3,7 +3,6 @@ and two runs on one host beside a third Ray, each on a Ray of its own."""
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline.layout import STAGES
+from core.layout import STAGES
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.e2e

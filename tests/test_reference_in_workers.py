@@ -16,9 +16,9 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipeline.config import load_config
-from pipeline.layout import RunLayout, shard_name
-from pipeline.timing import Timings
+from pipeline.settings import load_config
+from core.layout import RunLayout, shard_name
+from core.timing import Timings
 from pools.logprob_scorer import load_policy, merge_parts, score_lists
 from pools.reference_lists import reference_inputs, scored_in_train_workers
 from stages import reference

@@ -4,8 +4,8 @@ before the first update, every item's score beta * (log pi - log pi_ref) is zero
 import pytest
 import torch
 
-from pipeline.config import TrainConfig
-from pipeline.objectives import OBJECTIVES, objective_options
+from core.config import TrainConfig
+from core.objectives import OBJECTIVES, objective_options
 from pools.logprob_scorer import list_batches, load_policy, reference_logprobs
 from stages.train.data import ListExample, build_examples
 from stages.train.loop import global_batches, list_scores, lr_lambda

@@ -7,11 +7,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import schema
-from pipeline.config import load_config
+from core import schema
+from pipeline.settings import load_config
 from pipeline.driver import plan_round
-from pipeline.errors import PipelineError
-from pipeline.layout import RunLayout, shard_name, write_parquet
+from core.errors import PipelineError
+from core.layout import RunLayout, shard_name, write_parquet
 from pools.logprob_scorer import reference_logprobs
 from stages import reference
 
@@ -99,7 +99,7 @@ def test_replayed_lists_are_scored_under_this_rounds_reference(tmp_path, tiny_mo
 
 
 def test_replay_is_part_of_the_run_identity():
-    from pipeline.config import RUN_IDENTITY_KEYS
+    from core.config import RUN_IDENTITY_KEYS
 
     assert "train.replay" in RUN_IDENTITY_KEYS
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.errors import PipelineError
+from core.errors import PipelineError
 from pipeline.report import main, read_run, table_row
 from tests.conftest import run_cli
 

@@ -12,10 +12,10 @@ from types import SimpleNamespace
 import pyarrow as pa
 import pytest
 
-from pipeline import schema
-from pipeline.config import load_config
-from pipeline.errors import ConfigError, PipelineError
-from pipeline.layout import RunLayout, read_parquet_dir, shard_name, write_parquet
+from core import schema
+from pipeline.settings import load_config
+from core.errors import ConfigError, PipelineError
+from core.layout import RunLayout, read_parquet_dir, shard_name, write_parquet
 from pools import reward_scorers
 from stages import rerank
 from tests.conftest import REPO_ROOT

@@ -2,8 +2,8 @@
 
 import pytest
 
-from pipeline.config import load_config
-from pipeline.errors import PipelineError
+from pipeline.settings import load_config
+from core.errors import PipelineError
 from pipeline.resources import check_resources, resource_problems
 
 CPU_HOST = {"CPU": 2.0, "memory": 1e10}

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import RewardConfig
+from core.config import RewardConfig
 from rewards import Sample, build_reward_from_config
 
 TOLERANCE = 1e-4

@@ -2,8 +2,9 @@
 
 import pytest
 
-from pipeline.config import RewardConfig, load_config
-from pipeline.errors import ConfigError
+from core.config import RewardConfig
+from pipeline.settings import load_config
+from core.errors import ConfigError
 from rewards import REWARDS, Sample, build_reward, build_reward_from_config
 from rewards.composite import CompositeReward
 from tests.tiny_reward_model import save_tiny_classifier

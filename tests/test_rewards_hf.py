@@ -7,8 +7,9 @@ import pytest
 import torch
 import transformers
 
-from pipeline.config import RewardConfig, load_config
-from pipeline.errors import ConfigError, PipelineError
+from core.config import RewardConfig
+from pipeline.settings import load_config
+from core.errors import ConfigError, PipelineError
 from rewards import REWARDS, Sample, build_reward_from_config
 from rewards.hf_classifier import HFClassifierReward
 from tests.tiny_reward_model import save_tiny_classifier

@@ -13,7 +13,7 @@ from bench.round_breakdown import (
     round_breakdown,
     stage_breakdown,
 )
-from pipeline.errors import PipelineError
+from core.errors import PipelineError
 
 # (wall, startup, io, work, save) per stage; the Ray share is what is left of the wall time.
 STAGE_TIMES = {

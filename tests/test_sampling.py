@@ -5,10 +5,10 @@ from types import SimpleNamespace
 import pyarrow as pa
 import pytest
 
-from pipeline import schema
-from pipeline.config import load_config
-from pipeline.errors import ConfigError
-from pipeline.prompts import Prompt
+from core import schema
+from pipeline.settings import load_config
+from core.errors import ConfigError
+from core.prompts import Prompt
 from pools.vllm_engines import SamplingSpec, group_samples, split_samples
 from stages.generate import candidate_rows
 

@@ -1,11 +1,11 @@
-"""The paired bootstrap behind every held-out interval (pipeline/stats.py)."""
+"""The paired bootstrap behind every held-out interval (core/stats.py)."""
 
 import math
 
 import numpy as np
 import pytest
 
-from pipeline.stats import BOOTSTRAP_RESAMPLES, Interval, paired_bootstrap
+from core.stats import BOOTSTRAP_RESAMPLES, Interval, paired_bootstrap
 
 
 def test_enough_resamples_by_default():

@@ -1,13 +1,14 @@
-"""pipeline/timing.py on a fake clock, and the driver adding a stage's timings to its stats."""
+"""core/timing.py on a fake clock, and the driver adding a stage's timings to its stats."""
 
 import os
 from types import SimpleNamespace
 
 import pytest
 
-from pipeline import driver, timing
-from pipeline.layout import RunLayout
-from pipeline.timing import Timings
+from core import timing
+from pipeline import driver
+from core.layout import RunLayout
+from core.timing import Timings
 
 
 @pytest.fixture

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import TRACKER_NAMES, load_config
-from pipeline.layout import RunLayout
+from core.config import TRACKER_NAMES
+from pipeline.settings import load_config
+from core.layout import RunLayout
 from pipeline.tracking import TRACKERS, Tracking, flat_config, round_values, step_metrics
 from tests import wandb_records
 

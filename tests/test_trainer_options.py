@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 from pools.logprob_scorer import autocast, load_policy
 from stages.train.data import add_lora, build_examples, use_sparse_embedding_grad
 from stages.train.loop import list_scores
-from pipeline.objectives import OBJECTIVES
+from core.objectives import OBJECTIVES
 from tests.test_reference_numerics import lists_rows, with_reference
 
 

@@ -22,11 +22,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from pipeline import schema
-from pipeline.config import TrainConfig, load_config
-from pipeline.errors import PipelineError, TrainingDiverged
-from pipeline.layout import shard_name, write_parquet
-from pipeline.timing import Timings
+from core import schema
+from core.config import TrainConfig
+from pipeline.settings import load_config
+from core.errors import PipelineError, TrainingDiverged
+from core.layout import shard_name, write_parquet
+from core.timing import Timings
 from pools.logprob_scorer import load_policy
 from stages import evaluate, generate
 from stages.train.checkpoint import first_non_finite

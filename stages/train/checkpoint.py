@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from pipeline.config import TRAIN_FINGERPRINT_EXCLUDED
+from core.config import TRAIN_FINGERPRINT_EXCLUDED
 
 log = logging.getLogger(__name__)
 

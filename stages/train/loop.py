@@ -31,12 +31,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipeline.config import TrainConfig
-from pipeline.console import worker_bar
-from pipeline.errors import PipelineError, TrainingDiverged
-from pipeline.gpu_layout import where_this_runs
-from pipeline.objectives import OBJECTIVES, REFERENCE_FREE, mean_margin, objective_options, ranking_accuracy
-from pipeline.timing import Timings
+from core.config import TrainConfig
+from core.progress import worker_bar
+from core.errors import PipelineError, TrainingDiverged
+from core.gpu_layout import where_this_runs
+from core.objectives import OBJECTIVES, REFERENCE_FREE, mean_margin, objective_options, ranking_accuracy
+from core.timing import Timings
 from pools.logprob_scorer import (DTYPES, autocast, autocast_enabled, check_logprob_path, load_policy, pad_token_id,
                                   use_all_cpu_threads)
 from pools.logprobs import list_batch, sequence_logprobs

@@ -29,8 +29,8 @@ from typing import Any
 
 import torch.distributed as dist
 
-from pipeline.layout import RoundLayout
-from pipeline.timing import Timings
+from core.layout import RoundLayout
+from core.timing import Timings
 from pools.logprob_scorer import merge_parts, score_lists
 from pools.reference_lists import items_to_score, reference_stats, with_reference, write_train_shard
 

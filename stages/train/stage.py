@@ -12,10 +12,10 @@ import ray
 from ray.train import FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
 
-from pipeline import failures, timing
-from pipeline.gpu_layout import cluster_gpu_count, layout_of
-from pipeline.layout import shard_name
-from pipeline.seeds import derive_seed
+from core import failures, timing
+from core.gpu_layout import cluster_gpu_count, layout_of
+from core.layout import shard_name
+from core.seeds import derive_seed
 from pools.reference_lists import reference_inputs
 from stages.train.loop import TIMINGS_FILE, LoopConfig, summarize, train_loop_per_worker
 from stages.train.reference_in_workers import ReferenceJob
@@ -24,7 +24,7 @@ log = logging.getLogger("pipeline")
 
 
 def scaling_config(num_workers: int, gpus_per_worker: float) -> ScalingConfig:
-    """`gpus_per_worker`: the round's GpuLayout.train_worker (pipeline/gpu_layout.py); 0 on CPUs."""
+    """`gpus_per_worker`: the round's GpuLayout.train_worker (core/gpu_layout.py); 0 on CPUs."""
     if gpus_per_worker:
         return ScalingConfig(num_workers=num_workers, use_gpu=True, resources_per_worker={"GPU": gpus_per_worker})
     # Ray counts CPUs only to schedule; the loop sets its own thread count.
@@ -50,7 +50,7 @@ class StopTraining(Exception):
 
     def __init__(self, worker_error: BaseException):
         super().__init__(worker_error)
-        self.cause = worker_error  # where pipeline/failures.py looks for what is inside
+        self.cause = worker_error  # where core/failures.py looks for what is inside
 
 
 class NoPointlessRetries(UserCallback):

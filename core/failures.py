@@ -84,7 +84,7 @@ def describe(exc: BaseException) -> str:
 
 def is_retry_pointless(exc: BaseException) -> bool:
     """A failure that a new worker would meet again: a full disk, diverged training, a bad input."""
-    from pipeline.errors import PipelineError
+    from core.errors import PipelineError
 
     cause = root_cause(exc)
     return is_disk_full(cause) or isinstance(cause, PipelineError)

@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from pipeline.errors import PipelineError
+from core.errors import PipelineError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_PREFIX = "embedded:"

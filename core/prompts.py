@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from pipeline.chat_tokens import ChatRenderError, chat_token_ids
-from pipeline.errors import PipelineError
+from core.chat_tokens import ChatRenderError, chat_token_ids
+from core.errors import PipelineError
 
 ROLES = {"system", "user", "assistant"}
 

@@ -4,7 +4,7 @@ Every knob of a round lives in one of the dataclasses below, declared with `knob
 default, its help text, the range its value must lie in, whether it defines the run and
 whether it is part of a training checkpoint's fingerprint all sit with the field, as
 dataclass field metadata. `load_config` is the only way in: it rejects unknown keys and
-wrong types (pipeline/config_parse.py) and values out of range with a one-line error
+wrong types (core/config_parse.py) and values out of range with a one-line error
 naming the key, so nothing downstream has to re-check its inputs.
 """
 
@@ -19,8 +19,8 @@ from typing import Any, Callable, Literal, NamedTuple
 
 import yaml
 
-from pipeline.config_parse import apply_override, build, leaf_fields, yaml_problem
-from pipeline.errors import ConfigError
+from core.config_parse import apply_override, build, leaf_fields, yaml_problem
+from core.errors import ConfigError
 
 
 class Check(NamedTuple):
@@ -46,7 +46,7 @@ VLLM_MAX_TEMPERATURE = 2.0
 # for more than one sample then (SamplingParams._verify_greedy_sampling).
 VLLM_GREEDY_BELOW = 1e-5
 # vLLM seeds numpy with its engine seed, and numpy takes seeds in [0, 2**32). A round's engine
-# seed is the run's seed + 1000 * round + engine index (pipeline/seeds.py): a run's seed up to
+# seed is the run's seed + 1000 * round + engine index (core/seeds.py): a run's seed up to
 # 2**31 - 1 leaves the other half of that range to the rounds.
 MAX_SEED = 2**31 - 1
 
@@ -155,7 +155,7 @@ class RewardConfig:
     num_gpus_per_actor: float | Literal["auto"] = knob(
         "auto", "GPUs each reward actor holds. auto: one on a GPU cluster (what kept engines leave of a GPU, "
         "beside them), none on CPUs; 0 on a GPU cluster runs the reward model on CPU, with no GPU visible "
-        "(pipeline/gpu_layout.py).", Check(lambda v: v == "auto" or v >= 0, "auto, or zero or more"))
+        "(core/gpu_layout.py).", Check(lambda v: v == "auto" or v >= 0, "auto, or zero or more"))
     model: str = knob("", "hf_classifier: the reward model (AutoModelForSequenceClassification with one label, e.g. "
                       "Skywork-Reward): a local checkpoint directory, `embedded:<name>`, or a hub id already in the "
                       "local HF cache. Its tokenizer needs a chat template.", identity=True)
@@ -218,7 +218,7 @@ class ReferenceConfig:
 
 @dataclass
 class TrainConfig:
-    objective: str = knob("contrastive", "A name in pipeline/objectives.py: dpo, contrastive, lambdarank, listmle, "
+    objective: str = knob("contrastive", "A name in core/objectives.py: dpo, contrastive, lambdarank, listmle, "
                           "ipo, simpo.")
     beta: float = knob(0.1, "Scale of the retriever score s = beta * (log pi - log pi_ref); IPO's tau.", POSITIVE)
     lambdarank_ndcg: bool = knob(False, "lambdarank: weight each pair by |delta DCG| of swapping it (LiPO-lambda).")
@@ -422,8 +422,10 @@ def in_file(raw: dict[str, Any], dotted: str) -> bool:
     return True
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML file (or only defaults when `path` is None), apply overrides, validate.
+def read_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML file (or only defaults when `path` is None), apply overrides, validate what the
+    config says on its own. The command line's `load_config` (pipeline/settings.py) also checks the
+    objective and the rewards it names against those installed.
 
     Relative paths (PATH_KEYS) become absolute: a file's are read from its directory (the
     project's, for the bundled configs), the defaults' from the project's, and an override's
@@ -441,7 +443,6 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if key in PATH_KEYS:
             set_key(config, key, resolve_path(key, get_key(config, key), Path.cwd()))
     _check_ranges(config)
-    _check_registries(config)
     return config
 
 
@@ -535,44 +536,3 @@ def _sample_blocks(num_samples: int, temperatures: list[float]) -> list[tuple[fl
     # module's imports are not for a config load.
     base, extra = divmod(num_samples, len(temperatures))
     return [(temperature, base + (i < extra)) for i, temperature in enumerate(temperatures)]
-
-
-def _check_registries(config: Config) -> None:
-    # Imported here, not at the top: the objectives bring torch and the rewards their models'
-    # libraries, and loading a config must stay cheap for tools that only read it.
-    from pipeline.objectives import OBJECTIVES
-    from rewards import REWARDS
-
-    if config.train.objective not in OBJECTIVES:
-        raise ConfigError(f"config key 'train.objective' must be one of {', '.join(sorted(OBJECTIVES))}; "
-                          f"got {config.train.objective!r}")
-    _check_objective_options(config.train)
-    if config.reward.name not in REWARDS:
-        raise ConfigError(f"config key 'reward.name' must be one of {', '.join(sorted(REWARDS))}; "
-                          f"got {config.reward.name!r}")
-    _check_reward_components(config.reward)
-
-
-def _check_objective_options(train: TrainConfig) -> None:
-    # A knob only other objectives read would silently do nothing (lambdarank_ndcg with contrastive).
-    from pipeline.objectives import OBJECTIVE_SPECIFIC_FIELDS, readers
-
-    defaults = TrainConfig()
-    for name in OBJECTIVE_SPECIFIC_FIELDS:
-        read_by = readers(name)
-        if getattr(train, name) != getattr(defaults, name) and train.objective not in read_by:
-            raise ConfigError(f"config key 'train.{name}' has no effect with train.objective={train.objective} "
-                              f"(read by: {', '.join(read_by)})")
-
-
-def _check_reward_components(reward: RewardConfig) -> None:
-    # Caught here, at load, rather than minutes later in the rerank stage's actor.
-    from rewards.composite import check_components
-    from rewards.hf_classifier import MISSING_MODEL
-
-    used = {reward.name}
-    if reward.name == "composite":
-        check_components(reward.components)
-        used = set(reward.components)
-    if "hf_classifier" in used and not reward.model:
-        raise ConfigError(MISSING_MODEL)

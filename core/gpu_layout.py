@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from pipeline.errors import PipelineError
+from core.errors import PipelineError
 
 # A kept engine's share of its GPU in Ray's accounting: more than half, so that no two engines
 # share a GPU, and what is left (REST_BESIDE_ENGINE) fits exactly one train worker.

@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import PipelineError
+from core.errors import PipelineError
 
 # A run name is one path component: it can never point outside the output root.
 RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
@@ -29,8 +29,7 @@ RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
 class Stage:
     """One stage of a round, as the driver, the layout, `inspect` and resume all see it."""
 
-    name: str
-    module: str                # whose `run_stage(plan, out_dir)` runs it (imported by the driver)
+    name: str                  # stages/registry.py maps it to the function that runs it
     outputs: tuple[str, ...]   # the round directories it writes; the first is its `out_dir`
     reads: str | None          # the stage whose output it reads; None: the previous round's policy
 
@@ -38,12 +37,12 @@ class Stage:
 # The stages of a round, in order. Every directory a stage writes is declared here: each is
 # written under `<name>.partial/` and renamed into place, and `_done/<stage>` vouches for all.
 STAGE_REGISTRY: tuple[Stage, ...] = (
-    Stage("generate", "stages.generate", ("candidates",), reads=None),
+    Stage("generate", ("candidates",), reads=None),
     # scored/: every candidate with its reward, which a later round's lists.memory reads back.
-    Stage("rerank", "stages.rerank", ("lists", "scored"), reads="generate"),
-    Stage("reference", "stages.reference", ("train",), reads="rerank"),
-    Stage("train", "stages.train.stage", ("policy",), reads="reference"),
-    Stage("evaluate", "stages.evaluate", ("eval",), reads="train"),
+    Stage("rerank", ("lists", "scored"), reads="generate"),
+    Stage("reference", ("train",), reads="rerank"),
+    Stage("train", ("policy",), reads="reference"),
+    Stage("evaluate", ("eval",), reads="train"),
 )
 STAGE_BY_NAME = {stage.name: stage for stage in STAGE_REGISTRY}
 STAGES = tuple(STAGE_BY_NAME)

@@ -1,7 +1,7 @@
-"""How pipeline/config.py reads YAML values and `key=value` overrides into its dataclasses.
+"""How core/config.py reads YAML values and `key=value` overrides into its dataclasses.
 
 Nothing here knows the config's sections: every function takes the dataclass (or an
-instance of it) to work on, so pipeline/config.py imports this module and not the reverse.
+instance of it) to work on, so core/config.py imports this module and not the reverse.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.errors import ConfigError
+from core.errors import ConfigError
 
 
 def yaml_problem(exc: yaml.YAMLError, text: str) -> tuple[int, int, str]:
