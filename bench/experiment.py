@@ -37,105 +37,27 @@ from that run's finished rounds of the same seed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+# The experiment's methods and store (bench/experiment_store.py) and the helpers every bench script
+# shares (bench/common.py), also read from here by name (bench.experiment.METHODS, ...).
+from bench.common import RESULTS_MD, output_root, replace_section, repo_relative  # noqa: E402,F401
+from bench.experiment_store import (DEFAULT_METHOD, DEFAULT_SEEDS, MAIN_METHODS, METHODS, STORE,  # noqa: E402,F401
+                                    machine_kind, seed_dir, stored_machine, stored_rounds)
 from core.errors import PipelineError  # noqa: E402
-
-RESULTS_MD = REPO_ROOT / "docs" / "results.md"
-RESULTS_TITLE = "# Results\n"
-STORE = REPO_ROOT / "docs" / "experiments"
-
-
-@dataclass(frozen=True)
-class Method:
-    label: str            # for tables
-    short: str            # for sentences
-    overrides: tuple[str, ...]
-    # (method, round) pairs, longest first: up to that round this method computes exactly what that one
-    # does, so its run starts from the first such run (same seed) whose rounds up to it have finished.
-    same_as: tuple[tuple[str, int], ...] = ()
-
-
-# The lists keys are written out even where they equal configs/default.yaml, so that
-# another --config gets the same lists. Only `dpo` changes the number of samples.
-CONTRASTIVE = ("train.objective=contrastive", "lists.strategy=top_bottom", "lists.num_positives=1",
-               "lists.num_negatives=3")
-NO_REPLAY_YET = (("replay-none", 1), ("contrastive", 1))
-METHODS: dict[str, Method] = {
-    "dpo": Method("iterative DPO (K=2, best vs worst)", "iterative DPO",
-                  ("train.objective=dpo", "generate.num_samples=2",
-                   "lists.strategy=top_bottom", "lists.num_positives=1", "lists.num_negatives=1")),
-    "dpo-k": Method("pairwise DPO (same K, best vs worst)", "DPO on K",
-                    ("train.objective=dpo", "lists.strategy=top_bottom",
-                     "lists.num_positives=1", "lists.num_negatives=1")),
-    "contrastive": Method("LarPO contrastive (top-1 vs bottom-3)", "contrastive", CONTRASTIVE),
-    "lambdarank": Method("LarPO LambdaRank (top-2 vs bottom-2)", "LambdaRank",
-                         ("train.objective=lambdarank", "lists.strategy=top_bottom",
-                          "lists.num_positives=2", "lists.num_negatives=2")),
-    "listmle": Method("LarPO ListMLE (top-2 vs bottom-2)", "ListMLE",
-                      ("train.objective=listmle", "lists.strategy=top_bottom",
-                       "lists.num_positives=2", "lists.num_negatives=2")),
-    # The paper's Table 4, small: the default config with earlier rounds' lists replayed in training.
-    # `replay-none` is the default again, for a seed whose `contrastive` run ran on another kind of
-    # machine: runs are compared only within one machine kind (bench/replay_summary.py says why).
-    "replay-none": Method("LarPO contrastive, no replay, beside the replays", "no replay",
-                          (*CONTRASTIVE, "train.replay=none")),
-    # Round 1 has no earlier round to replay: it is the default's round 1.
-    "replay-previous": Method("LarPO contrastive + round N-1's lists", "replay previous",
-                              (*CONTRASTIVE, "train.replay=previous"), same_as=NO_REPLAY_YET),
-    # Rounds 1 and 2 have at most one earlier round: `all` replays what `previous` does.
-    "replay-all": Method("LarPO contrastive + rounds 1..N-1's lists", "replay all", (*CONTRASTIVE, "train.replay=all"),
-                         same_as=(("replay-previous", 2), *NO_REPLAY_YET)),
-}
-LARPO = ("contrastive", "lambdarank", "listmle")
-# The methods `make experiment` runs unless --methods says otherwise; `make experiment-replay` the ablation.
-MAIN_METHODS = ("dpo", "dpo-k", *LARPO)
-REPLAY_METHODS = ("contrastive", "replay-none", "replay-previous", "replay-all")
-# Its overrides are configs/default.yaml's own lists and objective: its runs are default runs.
-DEFAULT_METHOD = "contrastive"
-DEFAULT_SEEDS = (0, 1, 2)
 
 
 # --- running ---------------------------------------------------------------------
 
 def run_name(prefix: str, method: str, seed: int) -> str:
     return f"{prefix}-{method}-seed{seed}"
-
-
-def seed_dir(store: Path, method: str, seed: int) -> Path:
-    return store / method / f"seed-{seed}"
-
-
-def stored_rounds(store: Path, method: str, seed: int) -> set[int]:
-    """Round numbers of a (method, seed) that the store holds whole: metrics.json and eval shards."""
-    found = set()
-    for round_dir in seed_dir(store, method, seed).glob("round_[0-9][0-9][0-9]"):
-        if (round_dir / "metrics.json").is_file() and any((round_dir / "eval").glob("part-*.parquet")):
-            found.add(int(round_dir.name[len("round_"):]))
-    return found
-
-
-def stored_machine(store: Path, method: str, seed: int) -> dict | None:
-    """The machine.json a stored (method, seed) ran on; None if not recorded."""
-    path = seed_dir(store, method, seed) / "machine.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def machine_kind(found: dict | None) -> tuple | None:
-    """What two runs must share to be compared answer by answer: the CPU, its SIMD and its cores.
-    Across kinds the numerics differ (bf16 with AMX or AVX512_BF16, float32 on AVX2), and so do the answers."""
-    if found is None:
-        return None
-    return found.get("cpu"), tuple(found.get("simd") or ()), found.get("cores")
 
 
 def store_run(run_dir: Path, target: Path, rounds: int) -> None:
@@ -262,41 +184,6 @@ def default_run_is_comparable(seed: int, args: argparse.Namespace) -> bool:
 
     return stored_rounds(args.store, DEFAULT_METHOD, seed) >= set(range(args.rounds + 1)) \
         and machine_kind(stored_machine(args.store, DEFAULT_METHOD, seed)) == machine_kind(machine())
-
-
-def output_root(args: argparse.Namespace) -> Path:
-    if args.output:
-        root = Path(args.output)
-    else:
-        from pipeline.settings import load_config
-
-        root = Path(load_config(args.config, list(args.overrides)).output)
-    return root if root.is_absolute() else REPO_ROOT / root
-
-
-# --- shared with the other bench scripts -----------------------------------------
-
-def repo_relative(path: Path) -> str:
-    """The path as docs show it: relative to the repository when inside it."""
-    try:
-        return str(path.resolve().relative_to(REPO_ROOT))
-    except ValueError:
-        return str(path)
-
-
-def replace_section(path: Path, name: str, body: str) -> None:
-    """Put `body` between the `<!-- name:start/end -->` markers of `path`, keeping the rest of the file."""
-    from core.layout import atomic_write_text
-
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = path.read_text() if path.is_file() else RESULTS_TITLE
-    block = f"{start}\n{body.rstrip()}\n{end}"
-    if start in text and end in text and text.index(start) < text.index(end):
-        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, text)
 
 
 def parse_list(text: str, what: str, parser: argparse.ArgumentParser) -> list[str]:

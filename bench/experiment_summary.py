@@ -11,8 +11,8 @@ import io
 import json
 from pathlib import Path
 
-from bench.experiment import DEFAULT_METHOD, DEFAULT_SEEDS, LARPO, METHODS, RESULTS_MD, repo_relative, \
-    replace_section, seed_dir
+from bench.common import RESULTS_MD, replace_section, repo_relative
+from bench.experiment_store import DEFAULT_METHOD, DEFAULT_SEEDS, LARPO, METHODS, seed_dir
 from bench.experiment_tables import Results, against_round_0, between_methods, interval_text, load, \
     results_table, seeds_text, verdict_word
 from bench.replay_summary import replay_section

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.experiment import METHODS, seed_dir, stored_rounds
+from bench.experiment_store import METHODS, seed_dir, stored_rounds
 from core.errors import PipelineError
 from core.stats import Interval, paired_bootstrap
 from stages.evaluate import win_score

@@ -65,11 +65,13 @@ def case_env(args) -> dict[str, str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)  # `ours` starts a Ray of its own, as `make round` on this machine does
     if args.case_for_env == "vllm":
+        from core.gpu_layout import plan_gpu_layout
         from pipeline.settings import load_config
         from pools.vllm_engines import worker_options
 
         config = load_config(args.config, ["generate.num_actors=1"])
-        env.update(worker_options(config, use_gpu=False)["runtime_env"]["env_vars"])
+        options = worker_options(config.generate, plan_gpu_layout(config, 0, False), keep=False)
+        env.update(options["runtime_env"]["env_vars"])
     return env
 
 
@@ -79,7 +81,7 @@ def run_ours(args) -> dict:
 
     from core import schema
     from core.layout import read_parquet_dir
-    from pools.vllm_engines import generate_shards
+    from stages.generate import generate_shards
     from stages.generate import candidate_rows
 
     config, model_path, prompts, spec = load_setup(args)
@@ -152,7 +154,7 @@ def run_vllm(args) -> dict:
     from pools.vllm_engines import engine_args
 
     config, model_path, prompts, spec = load_setup(args)
-    engine = engine_args(config, args.seed, use_gpu=False)
+    engine = engine_args(config.generate, config.model, args.seed, use_gpu=False)
     if engine["dtype"] == "auto":  # as GenerationWorker resolves it
         engine["dtype"] = "bfloat16" if native_bf16() else "float32"
     start = time.perf_counter()
@@ -369,7 +371,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.summarize_only:
-        from bench.experiment import replace_section
+        from bench.common import replace_section
 
         replace_section(Path(args.results), "speed", speed_section(json.loads(Path(args.out).read_text())))
         return
@@ -415,7 +417,7 @@ def main() -> None:
     results["versions"] = versions()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    from bench.experiment import replace_section
+    from bench.common import replace_section
 
     replace_section(Path(args.results), "speed", speed_section(results))
     print(json.dumps(results.get("overhead", {}), indent=2))

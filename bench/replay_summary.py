@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.experiment import DEFAULT_METHOD, METHODS, REPLAY_METHODS, machine_kind as kind_of, stored_machine
+from bench.experiment_store import DEFAULT_METHOD, METHODS, REPLAY_METHODS, machine_kind as kind_of, stored_machine
 from bench.experiment_tables import Results, RoundResult, between_methods, interval_text, load, points, \
     results_table, seeds_text, verdict_word
 

@@ -50,7 +50,7 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from bench.experiment import RESULTS_MD, output_root, replace_section, repo_relative
+from bench.common import RESULTS_MD, output_root, replace_section, repo_relative
 from bench.generate_bench import machine, machine_line, versions
 from core.errors import PipelineError
 from core.layout import STAGES

@@ -262,7 +262,7 @@ def bench_files() -> list[Path]:
 
 
 def summarize(paths: list[Path], results_md: Path) -> str:
-    from bench.experiment import replace_section
+    from bench.common import replace_section
     from bench.generate_bench import machine, machine_line, versions
 
     tables = {str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path):

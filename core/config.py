@@ -15,12 +15,13 @@ import math
 import os
 from dataclasses import MISSING, dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, NamedTuple
+from typing import Any, Callable, ClassVar, Literal, NamedTuple
 
 import yaml
 
 from core.config_parse import apply_override, build, leaf_fields, yaml_problem
 from core.errors import ConfigError
+from core.project_files import PROJECT_FILES, relative_base
 
 
 class Check(NamedTuple):
@@ -131,11 +132,11 @@ class GenerateConfig:
     num_actors: int = knob(1, "vLLM engines (Ray actors) that share the prompts.", POSITIVE)
     tensor_parallel_size: int = knob(1, "GPUs each vLLM engine spreads the model over.", POSITIVE)
     dtype: AnyDtype = knob("auto", "auto: bfloat16 on GPUs and on CPUs with native bf16 (AVX512_BF16 / AMX); float32 "
-                        "on other CPUs, where bf16 matmuls are emulated and 100x slower.")
+                        "on other CPUs, where bf16 matmuls are emulated and far slower (docs/benchmarks.md).")
     cpu_kv_cache_gib: int = knob(2, "KV-cache memory per engine on CPU hosts (vLLM's default asks for 92%).",
                                  POSITIVE)
-    enforce_eager: bool = knob(True, "CUDA graphs / torch.compile cost a minute of start-up and did not speed up "
-                               "decoding on CPU, so CPU engines run eagerly; GPUs may turn it off.")
+    enforce_eager: bool = knob(True, "CUDA graphs / torch.compile lengthen start-up and did not speed up "
+                               "decoding on CPU (docs/benchmarks.md): CPU engines run eagerly; GPUs may turn it off.")
     gpu_memory_utilization: float = knob(0.85, "Share of each GPU's memory a vLLM engine may take.", UP_TO_1)
     keep_engines: Literal["auto", "on", "off"] = knob(
         "auto", "on: the engines live through the whole `round`/`rounds` command and load each new policy from its "
@@ -145,7 +146,70 @@ class GenerateConfig:
 
 
 @dataclass
+class CompositeOptions:
+    """reward.composite: read by the composite reward only (pipeline/settings.py refuses them set for another)."""
+
+    components: dict[str, float] = knob(
+        help="The weight of each registered reward, e.g. {ifeval: 1.0, hf_classifier: 0.5} (on the command line: "
+        "reward.composite.components=ifeval:1.0,hf_classifier:0.5). An hf_classifier among them reads the flat "
+        "reward.model, reward.max_length... as it does alone.",
+        # abs(w) < inf is False for NaN too.
+        check=Check(lambda v: all(abs(w) < float("inf") for w in v.values()), "finite weights"),
+        identity=True, default_factory=dict)
+    length_penalty: float = knob(0.0, "Subtracted per 100 words of response (whitespace-separated, so the same for "
+                                 "every tokenizer); 0.1 costs a 300-word answer 0.3.", ZERO_OR_MORE, identity=True)
+
+
+@dataclass
+class PairrmOptions:
+    """reward.pairrm: read by the pairwise reranker only (rewards/pairrm.py), as PairRM's own tokenize_pair."""
+
+    source_max_length: int = knob(1224, "pairrm: tokens of the prompt kept, its marker and [CLS]/[SEP] included; "
+                                  "a longer prompt loses its end.", Check(lambda v: v >= 3, "3 or more"))
+    candidate_max_length: int = knob(412, "pairrm: tokens of each answer, plus half of what a short prompt leaves "
+                                     "unused; a longer answer loses its end.", Check(lambda v: v >= 3, "3 or more"))
+
+
+@dataclass
+class JudgeOptions:
+    """reward.judge: read by the LLM judge only (rewards/llm_judge.py), a vLLM engine inside the reward actor."""
+
+    mode: Literal["pointwise", "listwise"] = knob(
+        "pointwise", "llm_judge: `pointwise` grades each answer alone (one judge call per candidate, a score on the "
+        "template's scale); `listwise` shows the judge a prompt's answers together, shuffled and labelled [1]..[K], "
+        "and reads back an order (one call per prompt; scores K-1 for the best down to 0, relative to that list "
+        "only, so lists.memory must be none).", identity=True)
+    model: str = knob("", "llm_judge: the judge model (not the policy), a local checkpoint directory, "
+                      "`embedded:<name>`, or a hub id already in the local HF cache; an instruction-tuned chat "
+                      "model.", identity=True)
+    template: str = knob("", "llm_judge: the judge's prompt template, a text file (empty: the bundled one for the "
+                         "mode, rewards/judge_templates/<mode>.txt, whose header says which placeholders and "
+                         "front-matter keys exist).")
+    max_tokens: int = knob(32, "llm_judge: most tokens of a judge's reply (the template's stop strings usually "
+                           "end it sooner).", POSITIVE)
+    temperature: float = knob(0.0, "llm_judge: sampling temperature of the first judgement (0: greedy).", TEMPERATURE)
+    retries: int = knob(2, "llm_judge: times an unparseable judgement is asked again, at retry_temperature (and, "
+                        "listwise, reshuffled); one still unparseable is scored NaN, counted, and left to "
+                        "reward.on_invalid.", ZERO_OR_MORE)
+    retry_temperature: float = knob(1.0, "llm_judge: sampling temperature of the retries: above 0, so that a "
+                                    "retry can reply otherwise.",
+                                    Check(lambda v: 0 < v <= VLLM_MAX_TEMPERATURE, "above 0, up to 2 (vLLM's range)"))
+    seed: int = knob(0, "llm_judge: seeds the judge engine's sampling and the listwise shuffle.",
+                     Check(lambda v: 0 <= v <= MAX_SEED, "from 0 to 2**31 - 1"))
+    max_model_len: int = knob(4096, "llm_judge: the judge engine's context length; a judgement whose prompt and "
+                              "max_tokens do not fit is not asked, scored NaN and counted.", POSITIVE)
+    cpu_kv_cache_gib: int = knob(1, "llm_judge: KV-cache memory of the judge engine on CPU hosts.", POSITIVE)
+    gpu_memory_utilization: float = knob(0.3, "llm_judge: share of the reward actor's GPU memory the judge "
+                                         "engine may take (it may share the GPU with kept generation engines).",
+                                         UP_TO_1)
+
+
+@dataclass
 class RewardConfig:
+    """The reward and its actors. The classifier's knobs (model, trust_remote_code, dtype, max_length,
+    micro_batch_size) stay flat, beside the reward's name: an hf_classifier reads them whether it is
+    the reward or one of composite's components, so no one plugin owns them."""
+
     name: str = knob("ifeval", "A name registered in rewards/ (see `rewards.REWARDS`).", identity=True)
     batch_size: int = knob(64, "Candidates handed to a reward actor at a time.", POSITIVE)
     on_invalid: Literal["error", "drop"] = knob("error", "A reward that is NaN or infinite: stop with an `error` "
@@ -156,25 +220,25 @@ class RewardConfig:
         "auto", "GPUs each reward actor holds. auto: one on a GPU cluster (what kept engines leave of a GPU, "
         "beside them), none on CPUs; 0 on a GPU cluster runs the reward model on CPU, with no GPU visible "
         "(core/gpu_layout.py).", Check(lambda v: v == "auto" or v >= 0, "auto, or zero or more"))
-    model: str = knob("", "hf_classifier: the reward model (AutoModelForSequenceClassification with one label, e.g. "
-                      "Skywork-Reward): a local checkpoint directory, `embedded:<name>`, or a hub id already in the "
-                      "local HF cache. Its tokenizer needs a chat template.", identity=True)
+    model: str = knob("", "hf_classifier and pairrm (alone or as composite components): the reward model, a "
+                      "local checkpoint directory, `embedded:<name>`, or a hub id already in the local HF cache. "
+                      "hf_classifier: an AutoModelForSequenceClassification with one label (e.g. Skywork-Reward) "
+                      "whose tokenizer has a chat template; pairrm: a PairRM checkpoint (DebertaV2PairRM).",
+                      identity=True)
     trust_remote_code: bool = knob(False, "Run the reward model's own code from its checkpoint (off: only "
                                    "transformers' classes).")
-    dtype: AnyDtype = knob("auto", "auto: bfloat16 on GPUs, float32 on CPUs.")
+    dtype: AnyDtype = knob("auto", "auto: bfloat16 on GPUs, float32 on CPUs (llm_judge's engine: as generate.dtype's "
+                           "auto).")
     max_length: int = knob(2048, "Longest chat (prompt + response) in tokens; a longer one keeps its end, where the "
                            "classifier reads its score.", MORE_THAN_1)
     micro_batch_size: int = knob(16, "Sequences per forward pass of the reward model. Each batch of batch_size "
                                  "samples is sorted by length and cut into these; halved on out-of-memory.", POSITIVE)
-    components: dict[str, float] = knob(
-        help="composite: the weight of each registered reward, e.g. {ifeval: 1.0, hf_classifier: 0.5} (on the "
-        "command line: reward.components=ifeval:1.0,hf_classifier:0.5).",
-        # abs(w) < inf is False for NaN too.
-        check=Check(lambda v: all(abs(w) < float("inf") for w in v.values()), "finite weights"),
-        identity=True, default_factory=dict)
-    length_penalty: float = knob(0.0, "composite: subtracted per 100 words of response (whitespace-separated, so the "
-                                 "same for every tokenizer); 0.1 costs a 300-word answer 0.3.", ZERO_OR_MORE,
-                                 identity=True)
+    composite: CompositeOptions = knob(help="Options of the composite reward (reward.name=composite).",
+                                       default_factory=CompositeOptions)
+    pairrm: PairrmOptions = knob(help="Options of the pairwise reranker (reward.name=pairrm, alone or as a "
+                                 "composite component).", default_factory=PairrmOptions)
+    judge: JudgeOptions = knob(help="Options of the LLM judge (reward.name=llm_judge, alone or as a composite "
+                               "component).", default_factory=JudgeOptions)
 
 
 @dataclass
@@ -216,13 +280,27 @@ class ReferenceConfig:
                                   "The log-probs still go to train/ (and its done marker) before training starts.")
 
 
+# Each objective's own options (core/objectives.py, OPTION_FIELDS), in a section named after it:
+# pipeline/settings.py refuses one set while another objective is chosen.
+@dataclass
+class LambdarankOptions:
+    ndcg: bool = knob(False, "Weight each pair by |delta DCG| of swapping it (LiPO-lambda).")
+
+
+@dataclass
+class SimpoOptions:
+    gamma: float = knob(0.5, "Target margin between the best and the worst item, in score units.")
+
+
 @dataclass
 class TrainConfig:
     objective: str = knob("contrastive", "A name in core/objectives.py: dpo, contrastive, lambdarank, listmle, "
                           "ipo, simpo.")
     beta: float = knob(0.1, "Scale of the retriever score s = beta * (log pi - log pi_ref); IPO's tau.", POSITIVE)
-    lambdarank_ndcg: bool = knob(False, "lambdarank: weight each pair by |delta DCG| of swapping it (LiPO-lambda).")
-    simpo_gamma: float = knob(0.5, "simpo: target margin between the best and the worst item, in score units.")
+    lambdarank: LambdarankOptions = knob(help="Options of the lambdarank objective (train.objective=lambdarank).",
+                                         default_factory=LambdarankOptions)
+    simpo: SimpoOptions = knob(help="Options of the simpo objective (train.objective=simpo).",
+                               default_factory=SimpoOptions)
     learning_rate: float = knob(1e-6, "Peak learning rate (linear warm-up, then cosine decay to zero).", ZERO_OR_MORE)
     epochs: int = knob(1, "Passes over the round's lists.", POSITIVE)
     batch_size: int = knob(8, "Prompts per optimizer step (each brings its whole list).", POSITIVE)
@@ -251,8 +329,8 @@ class TrainConfig:
     autocast: Literal["auto", "on", "off"] = knob("auto", "bf16 autocast of forward passes over fp32 weights "
                                                   "(reference stage too): auto = where the hardware has native bf16 "
                                                   "(GPUs, AVX512_BF16 / AMX CPUs).")
-    gradient_checkpointing: bool = knob(False, "Recompute each layer's activations in backward: about a third more "
-                                        "compute, a quarter less peak memory for the 135M model "
+    gradient_checkpointing: bool = knob(False, "Recompute each layer's activations in backward: more "
+                                        "compute for less peak memory "
                                         "(docs/benchmarks.md).")
     replay: Literal["none", "previous", "all"] = knob(
         "none", "Earlier rounds' lists trained on again beside this round's (LarPO's Algorithm 1 trains iteration s "
@@ -313,19 +391,29 @@ class Config:
     train: TrainConfig = knob(help="The LarPO objective's training.", default_factory=TrainConfig)
     evaluate: EvaluateConfig = knob(help="Held-out answers, reward and win rate.", default_factory=EvaluateConfig)
 
+    # Keys that moved into their plugin's section: still named, they are refused with where they
+    # went (core/config_parse.py, unknown_key_message), not as unknown keys.
+    MOVED_KEYS: ClassVar[dict[str, str]] = {
+        "train.lambdarank_ndcg": "train.lambdarank.ndcg",
+        "train.simpo_gamma": "train.simpo.gamma",
+        "reward.components": "reward.composite.components",
+        "reward.length_penalty": "reward.composite.length_penalty",
+    }
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 # Keys that define what a run is: rounds of one run must agree on them (see `knob`).
 RUN_IDENTITY_KEYS = tuple(dotted for dotted, f in leaf_fields(Config) if f.metadata["identity"])
-# Train knobs a training checkpoint's fingerprint leaves out (stages/train/checkpoint.py).
-TRAIN_FINGERPRINT_EXCLUDED = frozenset(f.name for f in dataclasses.fields(TrainConfig)
+# Train knobs a training checkpoint's fingerprint leaves out (stages/train/checkpoint.py), dotted
+# below `train.` (an objective's section's knob as `simpo.gamma`).
+TRAIN_FINGERPRINT_EXCLUDED = frozenset(dotted for dotted, f in leaf_fields(TrainConfig)
                                        if not f.metadata["fingerprint"])
 
 
-# The project's checkout: its bundled configs name the project's files (data/prompts/...).
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+# The project's files, a checkout's or an installed wheel's (core/project_files.py): the bundled configs name them.
+PROJECT_DIR = PROJECT_FILES
 BUNDLED_CONFIGS = PROJECT_DIR / "configs"
 DEFAULT_CONFIG = BUNDLED_CONFIGS / "default.yaml"
 
@@ -337,9 +425,11 @@ PATH_KEYS: dict[str, Callable[[str], bool]] = {
     "prompts.heldout": lambda value: bool(value) and not value.startswith("hf:"),
     "model.name": lambda value: bool(value) and not value.startswith("embedded:"),
     "reward.model": lambda value: bool(value) and not value.startswith("embedded:"),
+    "reward.judge.model": lambda value: bool(value) and not value.startswith("embedded:"),
+    "reward.judge.template": lambda value: bool(value),
 }
 # A model named by a relative path that does not exist there is a hub id ("org/name").
-MAY_BE_HUB_IDS = ("model.name", "reward.model")
+MAY_BE_HUB_IDS = ("model.name", "reward.model", "reward.judge.model")
 
 
 def resolve_path(key: str, value: Any, base: Path) -> Any:
@@ -435,7 +525,7 @@ def read_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     raw = read_yaml_file(path) if path is not None else {}
     config = build(Config, raw, source=str(path) if path is not None else "defaults")
     for key in PATH_KEYS:
-        base = config_dir(path) if in_file(raw, key) else PROJECT_DIR
+        base = relative_base(key, config_dir(path) if in_file(raw, key) else PROJECT_DIR)
         set_key(config, key, resolve_path(key, get_key(config, key), base))
     for item in overrides:
         apply_override(config, item)

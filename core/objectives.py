@@ -32,11 +32,12 @@ from torch import Tensor
 OBJECTIVES: dict[str, Callable[..., Tensor]] = {}
 # The keyword options each objective takes, besides `rewards`.
 OPTIONS: dict[str, tuple[str, ...]] = {}
-# The train config field each option is read from. `rewards` is none: the trainer passes the lists' own.
-OPTION_FIELDS = {"beta": "beta", "ndcg_weights": "lambdarank_ndcg", "gamma": "simpo_gamma"}
-# Train config fields that only the objectives taking them read (config loading refuses one set for
+# The train config key each option is read from, dotted below `train.`: an objective's own options
+# sit in a section named after it (core/config.py). `rewards` is none: the trainer passes the lists' own.
+OPTION_FIELDS = {"beta": "beta", "ndcg_weights": "lambdarank.ndcg", "gamma": "simpo.gamma"}
+# Train config keys that only the objectives taking them read (config loading refuses one set for
 # another objective). Not beta: it scales every objective's scores, not only IPO's option.
-OBJECTIVE_SPECIFIC_FIELDS = ("lambdarank_ndcg", "simpo_gamma")
+OBJECTIVE_SPECIFIC_FIELDS = ("lambdarank.ndcg", "simpo.gamma")
 
 
 def _check(scores: Tensor, mask: Tensor) -> Tensor:
@@ -80,12 +81,19 @@ def objective(name: str) -> Callable[[Callable[..., Tensor]], Callable[..., Tens
 
 def objective_options(train: Any) -> dict[str, Any]:
     """The options the train config's objective takes, from its fields (a TrainConfig or its dict)."""
-    values = train if isinstance(train, Mapping) else vars(train)
-    return {option: values[OPTION_FIELDS[option]] for option in OPTIONS[values["objective"]]}
+    return {option: train_value(train, OPTION_FIELDS[option]) for option in OPTIONS[train_value(train, "objective")]}
+
+
+def train_value(train: Any, dotted: str) -> Any:
+    """Train config key ``dotted`` (``simpo.gamma``) of a TrainConfig or of its dict."""
+    value = train
+    for part in dotted.split("."):
+        value = value[part] if isinstance(value, Mapping) else getattr(value, part)
+    return value
 
 
 def readers(field: str) -> list[str]:
-    """The objectives that take an option read from train config field ``field``."""
+    """The objectives that take an option read from train config key ``field``."""
     return sorted(name for name, options in OPTIONS.items() if any(OPTION_FIELDS[o] == field for o in options))
 
 

@@ -9,10 +9,9 @@ from __future__ import annotations
 import subprocess
 from functools import cache
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
-CHECKOUT = Path(__file__).resolve().parent.parent
+from core.project_files import CHECKOUT
 
 
 def _git(*args: str) -> str | None:
@@ -30,7 +29,7 @@ def code_version() -> dict[str, Any]:
         version = metadata.version("larpo-pipeline")
     except metadata.PackageNotFoundError:
         version = None
-    commit = _git("rev-parse", "HEAD") if (CHECKOUT / ".git").exists() else None
+    commit = _git("rev-parse", "HEAD") if CHECKOUT is not None and (CHECKOUT / ".git").exists() else None
     # Only tracked files count: runs/ and .cache/ are ignored, and an untracked scratch file changes no result.
     dirty = None if commit is None else bool(_git("status", "--porcelain", "--untracked-files=no"))
     return {"version": version, "commit": commit, "dirty": dirty}

@@ -23,9 +23,12 @@ T = TypeVar("T")
 
 # Ray's exceptions for a worker process (or its node) that went away, by class name: this module
 # is imported where Ray may not be (a unit test of a stage's math). A dead vLLM engine core
-# arrives as a RayTaskError whose cause is the engine's EngineDied (pools/vllm_engines.py).
+# arrives as a RayTaskError whose cause is the engine's EngineDied (pools/vllm_engines.py). A
+# killed Ray Train worker arrives as a WorkerGroupError whose failure for that rank is a
+# WorkerHealthCheckFailedError: a death only where the check failed on the dead actor
+# (its `health_check_failure`), not where it failed to read back what the worker sent.
 DEATHS = frozenset({"RayActorError", "ActorDiedError", "ActorUnavailableError", "WorkerCrashedError",
-                    "NodeDiedError", "OwnerDiedError", "EngineDied", "WorkerHealthCheckFailedError"})
+                    "NodeDiedError", "OwnerDiedError", "EngineDied"})
 
 
 def worker_died(exc: BaseException) -> bool:
@@ -33,13 +36,16 @@ def worker_died(exc: BaseException) -> bool:
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
+        if getattr(exc, "actor_init_failed", False):
+            # Its constructor raised (a bad model path, say): another actor's would raise the same.
+            return False
         if any(kind.__name__ in DEATHS for kind in type(exc).__mro__):
             return True
         failures = getattr(exc, "worker_failures", None)
         if isinstance(failures, dict) and failures:
             # Ray Train: the group died if any of its workers did (the others fail because it did).
             return any(worker_died(failure) for failure in failures.values())
-        exc = next((inner for attr in ("_base_exc", "controller_failure", "cause")
+        exc = next((inner for attr in ("_base_exc", "controller_failure", "health_check_failure", "cause")
                     if isinstance(inner := getattr(exc, attr, None), BaseException)), exc.__cause__)
     return False
 

@@ -11,7 +11,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from pipeline import console
+from pipeline import console, ray_session
 from core.config import DEFAULT_CONFIG
 from core.errors import PipelineError, Terminated
 
@@ -186,8 +186,6 @@ def stop_ray(log_file: Path | None = None) -> None:
     """
     import ray
 
-    from pipeline import ray_session
-
     ray_session.stop_watching()
     if ray.is_initialized() and not _ray_was_up:
         with console.capture(log_file) if log_file else nullcontext():
@@ -196,7 +194,7 @@ def stop_ray(log_file: Path | None = None) -> None:
 
 
 def interrupted(signum: int, log_file: Path) -> int:
-    from pipeline import driver
+    from pipeline import driver  # loaded already: a round was running
 
     stop_ray(log_file)
     name = signal.Signals(signum).name
@@ -210,7 +208,7 @@ def ray_lost(run_dir: Path):
     Called from the watching thread, while the main thread may be stuck in a Ray call that
     would only return (or end the process with status 1, saying nothing) a minute later."""
     def end_command(lost) -> None:
-        from pipeline import driver, ray_session
+        from pipeline import driver  # loaded already: this runs only once a round has started Ray
 
         line = (f"error: Ray's {lost.name} (pid {lost.pid}) died during {driver.activity}; its logs are in "
                 f"{lost.logs}; run the same command to resume")
@@ -228,12 +226,12 @@ def ray_lost(run_dir: Path):
 
 
 def run_rounds(args: argparse.Namespace) -> int:
-    from pipeline.settings import load_config
-    from pipeline.driver import plan_round, run_round
+    # Here, as in run_command: the driver, the engines and the trackers bring Ray, vLLM and torch.
     from core.layout import RunLayout
-    from pipeline import ray_session
+    from pipeline.driver import plan_round, run_round
     from pipeline.lock import run_lock
     from pipeline.plan_view import summary_line
+    from pipeline.settings import load_config
     from pipeline.tracking import Tracking
     from pools.vllm_engines import EnginePool
 

@@ -33,16 +33,17 @@ from core.layout import (EARLIER_ROUNDS, STAGE_BY_NAME, STAGES, RoundLayout, Run
                              atomic_write_json, atomic_write_text)
 from core.memory import MemoryMonitor
 from pipeline.model_card import model_card
-from core.models import REPO_ROOT, resolve_model
+from core.models import resolve_model
+from core.project_files import CHECKOUT
 from core.prompts import Prompt, fit_to_context, load_prompts, round_slice
 from core.provenance import code_version
 from pipeline.resources import wait_for_resources
 from core.timing import Timings, round_time_text
 from pipeline.tracking import Tracking
-from pools.reference_lists import scored_in_train_workers
 from pools.vllm_engines import EnginePool
 from rewards.base import metadata_problem
 from stages.evaluate import EVAL_KEYS, check_baseline
+from stages.reference.placement import scored_in_train_workers
 from stages.registry import STAGE_RUNNERS
 
 log = logging.getLogger("pipeline")
@@ -64,6 +65,9 @@ class RoundPlan:
     engines: EnginePool | None = None
     # Where each process runs on the cluster's GPUs, decided when the round starts (core/gpu_layout.py).
     gpus: GpuLayout | None = None
+    # Whether the train stage's workers score the reference before training instead of a stage of its
+    # own (reference.in_train_workers, where the reference is the starting policy): decided here, once.
+    reference_in_train_workers: bool = False
 
 
 def plan_round(config: Config, run_name: str, number: int, engines: EnginePool | None = None,
@@ -110,7 +114,8 @@ def plan_round(config: Config, run_name: str, number: int, engines: EnginePool |
         heldout, _ = fit_to_context(held, tokenizer, eval_budget, config.prompts.too_long)
         check_baseline(run, heldout, config)
     check_metadata(config, [(config.prompts.train, prompts), (config.prompts.heldout, heldout)])
-    return RoundPlan(config, run, this_round, base_model, policy_in, reference, prompts, heldout, dropped, engines)
+    plan = RoundPlan(config, run, this_round, base_model, policy_in, reference, prompts, heldout, dropped, engines)
+    return dataclasses.replace(plan, reference_in_train_workers=scored_in_train_workers(plan))
 
 
 def check_metadata(config: Config, prompt_sets: list[tuple[str, list[Prompt]]]) -> None:
@@ -214,9 +219,9 @@ def run_if_needed(plan: RoundPlan, stage: str, file_only) -> None:
     if plan.round.is_done(stage):
         log.info("round %d: %s already done, skipped", number, stage)
         return
-    with_reference = stage in ("reference", "train") and scored_in_train_workers(plan) \
-        and not plan.round.is_done("reference")
-    if stage == "reference" and with_reference:
+    # Where the reference runs was decided at planning; once done, it is only the train stage's input.
+    reference_in_train = plan.reference_in_train_workers and not plan.round.is_done("reference")
+    if stage == "reference" and reference_in_train:
         check_input(plan, stage)
         file_only("round %d: reference deferred to the train workers (reference.in_train_workers)", number,
                   level=logging.INFO)
@@ -228,6 +233,7 @@ def run_if_needed(plan: RoundPlan, stage: str, file_only) -> None:
                     "their output is in train.log\n")
         return
     # The train stage's input is the reference's output, which it makes itself here.
+    with_reference = stage == "train" and reference_in_train
     check_input(plan, "reference" if with_reference else stage)
     run_one_stage(plan, stage, file_only)
     if with_reference:
@@ -417,6 +423,20 @@ def read_metrics(round_layout: RoundLayout) -> dict[str, Any]:
     return json.loads(round_layout.metrics.read_text()) if round_layout.metrics.is_file() else {}
 
 
+def ray_worker_env() -> dict[str, str]:
+    """The environment of this command's own Ray workers. From a checkout they import it (the
+    checkout on PYTHONPATH, as `python -m pipeline` from its root sees it); an installed wheel's
+    workers run the same Python and import the installed packages, so nothing is added."""
+    env = {# Ray Train's controller checks on its workers every 2 s by default, and a
+           # train stage waits for that poll to see its workers start and finish.
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")}
+    path = os.pathsep.join(filter(None, [str(CHECKOUT) if CHECKOUT is not None else None,
+                                         os.environ.get("PYTHONPATH")]))
+    if path:
+        env["PYTHONPATH"] = path
+    return env
+
+
 def ensure_ray() -> float:
     """Start this command's own Ray, or join the cluster RAY_ADDRESS names, unless this process
     already has; the seconds it took (0 if nothing was started). See pipeline/ray_session.py."""
@@ -433,11 +453,7 @@ def ensure_ray() -> float:
             # A cluster or `ray job submit`: the job's runtime env already ships the code.
             ray.init()
         else:
-            env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-                   # Ray Train's controller checks on its workers every 2 s by default, and a
-                   # train stage waits for that poll to see its workers start and finish.
-                   "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")}
-            ray_session.start_own_ray(env)
+            ray_session.start_own_ray(ray_worker_env())
     except Exception as exc:
         where = os.environ.get("RAY_ADDRESS")
         what = f"could not join the Ray cluster at RAY_ADDRESS={where}" if where else "Ray could not start"

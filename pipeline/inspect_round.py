@@ -106,9 +106,20 @@ def summary_lines(view: RoundView) -> list[str]:
          f"   duplicates {stats.get('duplicates_dropped', 0)} dropped"
          f"   from earlier rounds {stats.get('memory_candidates', 0)} in pools, "
          f"{stats.get('memory_items_in_lists', 0)} in lists"),
+        *([f"  comparisons      {stats['reward_comparisons']} pairwise, by the reward"]
+          if stats.get("reward_comparisons") else []),
+        *judge_lines(stats),
         *truncation_lines(view),
         *training_lines(view.layout),
     ]
+
+
+def judge_lines(stats: dict) -> list[str]:
+    """An LLM judge's calls, and the judgements it scored NaN (reward.on_invalid decided their fate)."""
+    if "judge_calls" not in stats:
+        return []
+    return [f"  judge            {stats['judge_calls']} calls; {stats.get('judge_unparsed', 0)} judgements "
+            f"unparseable after retries, {stats.get('judge_too_long', 0)} too long (scored NaN)"]
 
 
 def too_long_lines(layout: RoundLayout) -> list[str]:

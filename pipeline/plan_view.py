@@ -17,10 +17,11 @@ from typing import Any
 import yaml
 
 from core.config import Config
-from pipeline.settings import load_config
 from core.config_parse import leaf_fields
 from core.errors import PipelineError
 from core.layout import STAGES, RunLayout
+from core.timing import round_wall_seconds
+from pipeline.settings import load_config
 
 HELP_WIDTH = 96
 
@@ -75,6 +76,7 @@ def work_lines(plan) -> list[str]:
 
 def dry_run(config: Config, run_name: str, first: int, last: int) -> list[str]:
     """The plan of rounds first..last, as `round`/`rounds` would run them."""
+    # Here, not at the top: the driver brings Ray and vLLM, which `larpo config` does without.
     from pipeline.driver import plan_round
 
     run = RunLayout.at(config.output, run_name)
@@ -115,8 +117,6 @@ def dry_run_main(args, config: Config) -> int:
 
 def summary_line(metrics: dict[str, Any], round_dir) -> str:
     """What a person reads when a round ends; the whole record stays in metrics.json."""
-    from core.timing import round_wall_seconds
-
     evaluation = metrics.get("eval") or {}
     parts = [f"round {metrics['round']} done in {round_wall_seconds(metrics) or 0:.0f} s"]
     interval = (evaluation.get("vs_round_0") or {}).get("pass_rate")

@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from core.chat_tokens import ChatRenderError, chat_token_ids
 from core.config import config_from_dict, read_yaml_file
+from core.hardware import native_bf16
 from core.errors import PipelineError
 from pipeline.inspect_round import ROUND_NAME
 
@@ -42,11 +44,9 @@ def main(args) -> int:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     # The answer is what this command prints; vLLM's start-up chatter is not.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    # After the environment above, which vLLM reads when it is imported.
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
-
-    from core.chat_tokens import ChatRenderError, chat_token_ids
-    from core.hardware import native_bf16
 
     # The prompt's ids as the generate stage makes them (pools/vllm_engines.py): its text stays text.
     tokenizer = AutoTokenizer.from_pretrained(str(policy), trust_remote_code=config.model.trust_remote_code)

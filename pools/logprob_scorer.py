@@ -3,21 +3,22 @@
 The reference log-probs are only valid if they are computed exactly as the
 trainer computes the policy's, so both load the model, tokenize items and
 batch them through these functions (pools/logprobs.py holds the batch
-layouts and the log-prob math). The reference stage runs `score_items` as
-one Ray task, so the model's memory is released when scoring ends.
+layouts and the log-prob math), with the settings of one LogprobSpec. No
+Ray here: the reference stage runs this in its own Ray task
+(stages/reference/task.py), and `make gpu-check` imports it on a machine
+without Ray.
 """
 
 from __future__ import annotations
 
 import os
-import sys
+from dataclasses import dataclass
 
 import torch
 
 from core import timing
 from core.progress import worker_bar
 from core.errors import PipelineError
-from core.gpu_layout import where_this_runs
 from core.hardware import native_bf16
 from pools.logprobs import Response, list_batch, sequence_logprobs, tokenize_example
 
@@ -138,6 +139,46 @@ def list_batches(sizes: list[int], lengths: list[int], batch_size: int) -> list[
     return batches + [current] if current else batches
 
 
+@dataclass(frozen=True)
+class LogprobSpec:
+    """Every setting a list's log-probs depend on besides the model's weights: the trainer's,
+    which the reference scorer must share for log pi_theta - log pi_ref to start at zero.
+    Built once from the config (`of`), for the reference stage and the train workers alike."""
+
+    dtype: str                       # train.dtype: the weights as loaded
+    max_length: int                  # train.max_length: where a response is cut
+    batch_size: int                  # reference.batch_size: items scored a batch
+    chunk_size: int                  # train.logprob_chunk_size: label positions projected at a time
+    autocast: str = "off"            # train.autocast
+    share_prompt: bool = True        # train.share_prompt: the batch layout
+    trust_remote_code: bool = False  # model.trust_remote_code: how the model loads
+
+    @classmethod
+    def of(cls, config) -> LogprobSpec:
+        """The reference scorer's spec under a whole config."""
+        return cls.of_train(config.train, config.reference.batch_size, config.model.trust_remote_code)
+
+    @classmethod
+    def of_train(cls, train, batch_size: int, trust_remote_code: bool = False) -> LogprobSpec:
+        """The same from the train config a train worker holds, and what it lacks."""
+        return cls(train.dtype, train.max_length, batch_size, train.logprob_chunk_size, train.autocast,
+                   train.share_prompt, trust_remote_code)
+
+
+def logprobs_with(spec: LogprobSpec, model_path: str, lists: list[tuple[list[dict], list[Response]]]
+                  ) -> list[list[float]]:
+    """reference_logprobs under `spec`: load `model_path`, score every response of every list."""
+    return reference_logprobs(model_path, lists, spec.dtype, spec.max_length, spec.batch_size, spec.chunk_size,
+                              spec.trust_remote_code, spec.autocast, spec.share_prompt)
+
+
+def score_with(spec: LogprobSpec, model, tokenizer, lists: list[tuple[list[dict], list[Response]]],
+               part: tuple[int, int] = (0, 1), collective: bool = False) -> list[list[float] | None]:
+    """score_lists under `spec`, on a model already loaded as `spec` says (a train worker's)."""
+    return score_lists(model, tokenizer, lists, spec.max_length, spec.batch_size, spec.chunk_size, spec.autocast,
+                       spec.share_prompt, part=part, collective=collective)
+
+
 def reference_logprobs(model_path: str, lists: list[tuple[list[dict], list[Response]]], dtype: str, max_length: int,
                        batch_size: int, chunk_size: int, trust_remote_code: bool = False,
                        autocast_setting: str = "off", share_prompt: bool = True) -> list[list[float]]:
@@ -191,16 +232,3 @@ def merge_parts(parts: list[list[list[float] | None]]) -> list[list[float]]:
             raise ValueError(f"list {index} was scored by {len(scored)} parts, not exactly one")
         merged.append(scored[0])
     return merged
-
-
-def score_items(*args, **kwargs) -> tuple[list[float], dict[str, float]]:
-    """reference_logprobs with its own timings, for the reference stage to run as a Ray task (so
-    that the model's memory is released when scoring ends); the log-probs and the timings.
-
-    Not a Ray task itself: this module imports no Ray, so that `make gpu-check` (a machine
-    without Ray) imports it as it is."""
-    # Into the stage's log (stderr is captured there), not onto the terminal.
-    print(f"reference scorer runs on {where_this_runs()}", file=sys.stderr, flush=True)
-    timings = timing.Timings()
-    with timings.active():
-        return reference_logprobs(*args, **kwargs), timings.seconds

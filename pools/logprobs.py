@@ -258,7 +258,7 @@ def final_hidden_states(model: nn.Module, **inputs: Any) -> Tensor:
     The root model's forward runs, so a wrapper's hooks (DDP's gradient synchronisation, FSDP's
     gathering of the root's weights) still do; its decoder's output is caught by a forward hook
     rather than asked for with ``output_hidden_states=True``, which would keep every layer's states
-    (about 13 GB for a 16-item batch at 7B). Bit-identical: transformers' ``hidden_states[-1]`` is
+    (their size at 7B: docs/gpu.md). Bit-identical: transformers' ``hidden_states[-1]`` is
     that same ``last_hidden_state``. The head is asked for the last position's logits only.
     """
     decoder = _decoder(model)

@@ -1,9 +1,11 @@
-"""The vLLM engine pool: each engine in its own Ray actor, a contiguous shard of the prompts each.
+"""The vLLM engine pool: each engine in its own Ray actor, a shard of the prompts each.
 
 Generate (K samples per training prompt) and evaluate (one answer per held-out
-prompt) both sample through `generate_shards`. A shard is the unit of
-resumption: a re-run keeps the shards that were written and regenerates the
-rest. The actors are killed when the call ends, so the engines' memory is free
+prompt) both sample through `sample_shards`, which hands each shard's samples
+back as its engine finishes; the stage turns them into rows and writes them
+(stages/generate.py, generate_shards). A shard is the unit of resumption: the
+stage tells the pool which shards it has already, and only the others are
+sampled. Engines not kept are killed when the call ends, so their memory is free
 before training starts.
 
 With several temperatures (`generate.temperatures`), the K samples of a prompt
@@ -15,34 +17,31 @@ SamplingParams, and every candidate row records its temperature.
 
 An engine whose actor dies, or whose vLLM engine core dies inside a live actor (on GPU
 the core is a child process of the actor), is replaced and its shard redone, up to
-`worker_retries` times; any other error from an engine fails the call. Engines are shut
+`worker_retries` times (core/retries.py); any other error from an engine fails the call. Engines are shut
 down through vLLM before their actors are killed (docs/engine-reuse.md, "Engine faults").
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import sys
 import threading
-import time
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Collection
+from typing import Any
 
-import pyarrow as pa
 import ray
 
 from core import timing
 from core.chat_tokens import chat_token_ids
+from core.config import GenerateConfig, ModelConfig
 from core.progress import engine_bar
-from core.errors import PipelineError
 from core.gpu_layout import GpuLayout, cluster_gpu_count, plan_gpu_layout, where_this_runs
 from core.hardware import native_bf16
-from core.layout import atomic_write_json, shard_name, write_parquet
 from core.prompts import Prompt
+from core.retries import WorkerRetries, worker_died
 
 log = logging.getLogger("pipeline.generate")
 
@@ -205,7 +204,7 @@ class GenerationWorker:
     def close(self) -> None:
         """Shut the engine down: stop its core process (on GPU), which frees its GPU memory. An
         in-process engine (the CPU default) holds nothing its actor's death does not free: it is
-        left to that (its shutdown took 1.3 s)."""
+        left to that (what its own shutdown would cost: docs/engine-reuse.md)."""
         self.closing = True
         if self.core_pids:
             self.llm.llm_engine.engine_core.shutdown(timeout=ENGINE_SHUTDOWN_TIMEOUT_S)
@@ -260,14 +259,6 @@ def watch_engine_core(worker) -> list[int]:
     return [process.pid for process in processes]
 
 
-def engine_died(exc: BaseException) -> bool:
-    """Whether a failed engine call lost the engine (its actor, or its engine core), so that
-    another engine may redo the work; any other error would recur."""
-    if isinstance(exc, ray.exceptions.RayActorError):
-        return True
-    return isinstance(exc, ray.exceptions.RayTaskError) and isinstance(exc.cause, EngineDied)
-
-
 def stop_engines(workers: list[Any], timeout: float = ENGINE_CLOSE_TIMEOUT_S) -> None:
     """Close the engines through vLLM, in parallel, then kill their actors: a dead engine, or one
     still busy after `timeout` seconds, is killed without its own shutdown."""
@@ -291,10 +282,10 @@ def with_env(options: dict[str, Any], env_vars: dict[str, str]) -> dict[str, Any
 EXTENSION = "pools.engine_extension.EngineExtension"
 
 
-def engine_args(config, seed: int, use_gpu: bool, keep: bool = False) -> dict[str, Any]:
-    gen = config.generate
-    args: dict[str, Any] = dict(dtype=gen.dtype, seed=seed, max_model_len=config.model.max_model_len,
-                                enforce_eager=gen.enforce_eager, trust_remote_code=config.model.trust_remote_code,
+def engine_args(gen: GenerateConfig, model: ModelConfig, seed: int, use_gpu: bool, keep: bool = False
+                ) -> dict[str, Any]:
+    args: dict[str, Any] = dict(dtype=gen.dtype, seed=seed, max_model_len=model.max_model_len,
+                                enforce_eager=gen.enforce_eager, trust_remote_code=model.trust_remote_code,
                                 tensor_parallel_size=gen.tensor_parallel_size)
     if use_gpu:
         args["gpu_memory_utilization"] = gen.gpu_memory_utilization
@@ -303,9 +294,8 @@ def engine_args(config, seed: int, use_gpu: bool, keep: bool = False) -> dict[st
     return args
 
 
-def worker_options(config, layout: GpuLayout, keep: bool = False) -> dict[str, Any]:
+def worker_options(gen: GenerateConfig, layout: GpuLayout, keep: bool = False) -> dict[str, Any]:
     """What an engine actor asks of Ray: on a GPU cluster its GpuLayout.engine share (core/gpu_layout.py)."""
-    gen = config.generate
     if layout.cluster_gpus:
         return {"num_gpus": layout.engine, "num_cpus": 1}
     # On CPU the engine's threads are what matter; the Ray CPU count only schedules. A kept
@@ -325,10 +315,15 @@ class EnginePool:
     fresh engines on that policy with that seed would (tests/test_engine_reuse.py). Between
     calls they sleep on GPUs and stay resident on CPU. Not kept, each call starts its engines
     and kills them when it ends.
+
+    Its engines read the config's generate and model sections; the whole config is held only to
+    plan the cluster's GPU layout (core/gpu_layout.py), which weighs the reward actors beside them.
     """
 
     def __init__(self, config, keep: bool | None = None, env_vars: dict[str, str] | None = None):
         self.config = config
+        self.generate: GenerateConfig = config.generate
+        self.model: ModelConfig = config.model
         self._keep = keep
         # Added to each engine actor's environment (tests/test_engine_core_kill.py turns vLLM's
         # multiprocessing on with it, as on GPU).
@@ -342,7 +337,7 @@ class EnginePool:
         if self.layout is None:
             gpus = cluster_gpu_count()
             if self._keep is None:
-                self._keep = keeps_engines(self.config.generate.keep_engines, gpus > 0)
+                self._keep = keeps_engines(self.generate.keep_engines, gpus > 0)
             self.layout = plan_gpu_layout(self.config, gpus, self._keep)
 
     @property
@@ -355,9 +350,9 @@ class EnginePool:
         self._decide()
         if index not in self.workers:
             keep, gpu = self.keep, bool(self.layout.cluster_gpus)
-            options = with_env(worker_options(self.config, self.layout, keep), self._env_vars)
+            options = with_env(worker_options(self.generate, self.layout, keep), self._env_vars)
             self.workers[index] = GenerationWorker.options(**options).remote(
-                model_path, engine_args(self.config, seed, gpu, keep), keep and gpu)
+                model_path, engine_args(self.generate, self.model, seed, gpu, keep), keep and gpu)
         return self.workers[index]
 
     def discard(self, index: int) -> None:
@@ -382,8 +377,8 @@ class EnginePool:
             for index, ref in sleeps.items():
                 try:
                     ray.get(ref)
-                except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
-                    if not engine_died(exc):
+                except Exception as exc:
+                    if not worker_died(exc):
                         raise
                     log.warning("the kept vLLM engine %d died after its call; the next call starts another",
                                 index)
@@ -408,20 +403,21 @@ def keeps_engines(setting: str, use_gpu: bool) -> bool:
     return setting == "on" or (setting == "auto" and not use_gpu)
 
 
-def generate_shards(prompts: list[Prompt], model_path: str, spec: SamplingSpec, config, out_dir: Path,
-                    seed: int, make_table: Callable[[list[Prompt], list[list[dict]]], pa.Table],
-                    engines: EnginePool | None = None) -> dict[str, Any]:
-    """Write one shard per engine (`make_table` turns its outputs into rows); shards on disk are kept.
+# What sample_shards hands back for each shard: its index, its prompts, and each prompt's samples.
+Shard = tuple[int, list[Prompt], list[list[dict]]]
 
-    `engines` is the command's pool (kept engines); without one, the call starts its own and
-    kills them at its end.
+
+def sample_shards(engines: EnginePool, prompts: list[Prompt], num_shards: int, done: Collection[int],
+                  model_path: str, spec: SamplingSpec, seed: int, retries: WorkerRetries) -> Iterator[Shard]:
+    """Sample every shard not in `done` on its engine (shard i: every num_shards-th prompt from i, on
+    engine i with engine seed `seed + i`), and yield each as its engine finishes.
+
+    An engine that dies is replaced and its shard redone, through `retries` (core/retries.py).
+    `engines` is the command's pool; the call leaves its engines as the pool keeps them
+    (EnginePool.call_finished), or none at all when it fails or is closed before its end.
     """
-    engines = engines if engines is not None else EnginePool(config, keep=False)
-    num_shards = shard_count(out_dir, [p.prompt_id for p in prompts], min(config.generate.num_actors, len(prompts)))
     chunks = [prompts[i::num_shards] for i in range(num_shards)]
-    todo = [i for i in range(num_shards) if not (out_dir / shard_name(i)).exists()]
-    start = time.perf_counter()
-    retries = {i: 0 for i in todo}
+    todo = [i for i in range(num_shards) if i not in done]
     pending: dict[Any, int] = {}
 
     def submit(i: int) -> Any:
@@ -437,51 +433,28 @@ def generate_shards(prompts: list[Prompt], model_path: str, spec: SamplingSpec, 
             index = pending.pop(ready[0])
             try:
                 outputs = ray.get(ready[0])
-            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
-                if not engine_died(exc):
+            except Exception as exc:
+                if not worker_died(exc):
                     raise  # a bad request or a bug: another engine would fail alike
-                retries[index] += 1
                 engines.discard(index)
-                if retries[index] > config.worker_retries:
-                    raise PipelineError(f"the vLLM engine of shard {index} died {retries[index]} times "
-                                        f"(worker_retries is {config.worker_retries}); last: "
-                                        f"{str(exc).splitlines()[0]}") from None
-                log.warning("generate: the vLLM engine of shard %d died; starting another (retry %d of %d); "
-                            "finished shards are kept", index, retries[index], config.worker_retries)
+                retries.died(f"vLLM engine of shard {index}", exc)
                 pending[submit(index)] = index
                 continue
-            with timing.timed("io"):
-                write_parquet(make_table(chunks[index], outputs), out_dir / shard_name(index))
-        timing.add_slowest(engines.timings(todo))
-        for index, where in engines.placements(todo).items():
-            # Into the stage's log (stderr is captured there), not onto the terminal.
-            print(f"vLLM engine {index} ran on {where}", file=sys.stderr, flush=True)
-        engines.call_finished()
+            yield index, chunks[index], outputs
+        call_finished(engines, todo)
     except BaseException:
         # A failed call leaves no engine behind, kept or not: the command is ending. The engines
-        # still sampling (Ctrl-C, another shard's error) are killed without waiting for them.
+        # still sampling (Ctrl-C, another shard's error, a shard the stage could not write) are
+        # killed without waiting for them.
         engines.close(busy=set(pending.values()))
         raise
-    seconds = time.perf_counter() - start
-    return {"shards_generated": len(todo), "generate_seconds": round(seconds, 2),
-            "engine_retries": sum(retries.values()), "engines_kept": engines.keep}
 
 
-def shard_count(out_dir: Path, prompt_ids: list[str], wanted: int) -> int:
-    """How many shards this output is split into, fixed when it was first started.
-
-    Shards on disk are only reusable under the split that made them: a re-run
-    with another `generate.num_actors` would otherwise assign prompts to shards
-    differently and duplicate some rows and lose others. `_shards.json` (pyarrow,
-    pandas and DuckDB skip `_` files) records the split; shards written for
-    other prompts are removed.
-    """
-    layout_file = out_dir / "_shards.json"
-    if layout_file.is_file():
-        layout = json.loads(layout_file.read_text())
-        if layout.get("prompt_ids") == prompt_ids:
-            return int(layout["num_shards"])
-    for stale in out_dir.glob("part-*.parquet"):
-        stale.unlink()
-    atomic_write_json(layout_file, {"num_shards": wanted, "prompt_ids": prompt_ids})
-    return wanted
+def call_finished(engines: EnginePool, indices: list[int]) -> None:
+    """After the last shard: the engines' timings and placements into the stage's log, then the
+    engines kept asleep or closed."""
+    timing.add_slowest(engines.timings(indices))
+    for index, where in engines.placements(indices).items():
+        # Into the stage's log (stderr is captured there), not onto the terminal.
+        print(f"vLLM engine {index} ran on {where}", file=sys.stderr, flush=True)
+    engines.call_finished()

@@ -54,15 +54,33 @@ def build_reward_from_config(reward_config) -> RewardModel:
     return from_config(settings) if from_config is not None else factory()
 
 
+def needs_whole_prompts(reward_config) -> bool:
+    """Whether the configured reward (or one of composite's components) must see all of a prompt's
+    candidates in one `score` call: a reward that compares them (a pairwise reranker, a listwise
+    judge) has `needs_whole_prompts = True` on its factory, or, where its options decide (llm_judge:
+    listwise only), a `needs_whole_prompts(settings)` function of the reward's config dict."""
+    settings = reward_settings(reward_config)
+    return any(_wants_whole_prompts(_factory(name), settings) for name in _used_rewards(settings))
+
+
+def _wants_whole_prompts(factory: Callable[..., RewardModel], settings: dict[str, Any]) -> bool:
+    flag = getattr(factory, "needs_whole_prompts", False)
+    return bool(flag(settings)) if callable(flag) else bool(flag)
+
+
+def _used_rewards(reward_config) -> list[str]:
+    settings = reward_settings(reward_config)
+    composite = settings.get("composite") or {}
+    return list(composite.get("components") or {}) if settings["name"] == "composite" else [settings["name"]]
+
+
 def metadata_problem(reward_config, metadata: Mapping[str, Any]) -> str | None:
     """What in a prompt's metadata the configured reward could not score, or None.
 
     A factory that reads metadata has a `metadata_problem(metadata)`; a composite
     asks each of its components. Rewards that read none (a classifier) accept anything.
     """
-    settings = reward_settings(reward_config)
-    names = list(settings.get("components") or {}) if settings["name"] == "composite" else [settings["name"]]
-    for name in names:
+    for name in _used_rewards(reward_config):
         check = getattr(_factory(name), "metadata_problem", None)
         if check is not None and (problem := check(metadata)):
             return problem

@@ -26,12 +26,14 @@ class CompositeReward:
 
     @classmethod
     def from_config(cls, settings: dict[str, Any]) -> CompositeReward:
-        """Each component is built by the registry from the same config, under its own name."""
-        components = settings.get("components") or {}
+        """Its options are the config's `composite` section; each component is built by the registry
+        from the same config, under its own name (an hf_classifier reads the flat reward.model...)."""
+        options = settings.get("composite") or {}
+        components = options.get("components") or {}
         check_components(components)
         parts = [(float(weight), build_reward_from_config({**settings, "name": name}))
                  for name, weight in components.items()]
-        return cls(parts, float(settings.get("length_penalty", 0.0)))
+        return cls(parts, float(options.get("length_penalty", 0.0)))
 
     def score(self, samples: Sequence[Sample]) -> list[float]:
         totals = [-self.length_penalty * len(sample.response.split()) / 100 for sample in samples]
@@ -43,9 +45,10 @@ class CompositeReward:
 def check_components(components: dict[str, float]) -> None:
     """One-line ConfigError unless `components` names at least one known, non-composite reward."""
     if not components:
-        raise ConfigError("config key 'reward.components' must name at least one reward for composite "
-                          "(for example ifeval:1.0,hf_classifier:0.5)")
+        raise ConfigError("config key 'reward.composite.components' must name at least one reward for "
+                          "composite (for example ifeval:1.0,hf_classifier:0.5)")
     for name in components:
         if name == "composite" or name not in REWARDS:
             known = ", ".join(sorted(set(REWARDS) - {"composite"}))
-            raise ConfigError(f"config key 'reward.components' names unknown reward {name!r} (known: {known})")
+            raise ConfigError(f"config key 'reward.composite.components' names unknown reward {name!r} "
+                              f"(known: {known})")

@@ -29,11 +29,14 @@ from core.errors import PipelineError
 from core.gpu_layout import layout_of
 from core.layout import RunLayout, read_parquet_dir, shard_name, write_parquet
 from core.prompts import Prompt
+from core.retries import WorkerRetries
 from core.seeds import derive_seed
 from core.stats import paired_bootstrap
 from pools.reward_scorers import score_candidates
-from pools.vllm_engines import SamplingSpec, generate_shards
+from pools.vllm_engines import SamplingSpec
+from rewards.base import needs_whole_prompts
 from rewards.constraints import check_all
+from stages.generate import generate_shards
 
 log = logging.getLogger("pipeline.evaluate")
 
@@ -182,9 +185,13 @@ def eval_metrics(rows: list[dict], baseline: list[dict]) -> dict[str, Any]:
 
 
 def respond(prompts: list[Prompt], policy: str, round_number: int, config, out_dir: Path, engines=None,
-            reward_gpus: float = 0.0) -> tuple[list[dict], dict[str, Any]]:
+            reward_gpus: float = 0.0, base_answers: dict[str, str] | None = None) -> tuple[list[dict], dict[str, Any]]:
     """Generate one answer per prompt with `policy` (on the command's `engines` when given), score it
-    on reward actors of `reward_gpus` GPUs each, write `out_dir/part-00000.parquet`."""
+    on reward actors of `reward_gpus` GPUs each, write `out_dir/part-00000.parquet`.
+
+    A reward that compares answers (a pairwise reranker) has nothing to compare one answer with: it
+    scores each answer against round 0's to the same prompt (`base_answers`), so that its reward is
+    the answer's margin over the base model's (round 0's own answers: 0, a tie with themselves)."""
     spec = SamplingSpec(1, config.evaluate.temperature, 1.0, config.evaluate.max_tokens)
     samples_dir = out_dir / "samples"
 
@@ -192,11 +199,11 @@ def respond(prompts: list[Prompt], policy: str, round_number: int, config, out_d
         return pa.Table.from_pylist(eval_rows(chunk, outputs, round_number, policy), schema=schema.EVAL)
 
     stats = generate_shards(prompts, policy, spec, config, samples_dir,
-                            derive_seed(config.seed, "evaluate", round_number), make_table, engines)
+                            derive_seed(config.seed, "evaluate", round_number), make_table, engines, stage="evaluate")
     with timing.timed("io"):
         rows = read_parquet_dir(samples_dir).to_pylist()
-    for row, reward in zip(rows, score_candidates(rows, config.reward, config.worker_retries,
-                                                                reward_gpus), strict=True):
+    retries = WorkerRetries("evaluate", "reward_actor", config.worker_retries)
+    for row, reward in zip(rows, reward_rows(rows, config.reward, retries, reward_gpus, base_answers), strict=True):
         if not math.isfinite(reward) and config.reward.on_invalid == "error":
             raise PipelineError(f"reward of held-out prompt_id {row['prompt_id']!r} (round {round_number}) is "
                                 f"{reward}; set reward.on_invalid=drop to leave such answers out of the metrics")
@@ -205,7 +212,19 @@ def respond(prompts: list[Prompt], policy: str, round_number: int, config, out_d
     with timing.timed("io"):
         write_parquet(pa.Table.from_pylist(rows, schema=schema.EVAL), out_dir / shard_name(0))
         shutil.rmtree(samples_dir)
-    return rows, {**stats, "policy": policy, **{key: getattr(config.evaluate, key) for key in SETTINGS}}
+    return rows, {**stats, **retries.stats(), "policy": policy,
+                  **{key: getattr(config.evaluate, key) for key in SETTINGS}}
+
+
+def reward_rows(rows: list[dict], reward_config, retries: WorkerRetries, reward_gpus: float,
+                base_answers: dict[str, str] | None) -> list[float]:
+    """Each answer's reward; beside round 0's answer to its prompt when the reward compares answers."""
+    if base_answers is None or not needs_whole_prompts(reward_config):
+        # Round 0 with a comparing reward: each answer alone, nothing to beat, a reward of 0.
+        return score_candidates(rows, reward_config, retries, reward_gpus)
+    pairs = [[row, {**row, "response": base_answers.get(row["prompt_id"], row["response"])}] for row in rows]
+    scores = score_candidates([r for pair in pairs for r in pair], reward_config, retries, reward_gpus)
+    return scores[0::2]
 
 
 def check_not_collapsed(rows: list[dict], round_number: int, training_log: Path) -> None:
@@ -250,8 +269,13 @@ def run_stage(plan, out_dir: Path) -> dict[str, Any]:
         return {"eval_prompts": 0}
     number = plan.round.number
     policy = plan.base_model if number == 0 else str(plan.round.policy)
+    compare = {}
+    if number > 0 and needs_whole_prompts(plan.config.reward):
+        with timing.timed("io"):
+            compare["base_answers"] = {row["prompt_id"]: row["response"]
+                                       for row in read_parquet_dir(plan.run.round(0).eval).to_pylist()}
     rows, stats = respond(plan.heldout, policy, number, plan.config, out_dir, plan.engines,
-                          reward_gpus=layout_of(plan).reward_actor)
+                          reward_gpus=layout_of(plan).reward_actor, **compare)
     if number == 0:
         return {**eval_metrics(rows, rows), **stats}
     check_not_collapsed(rows, number, plan.round.policy / "training_log.jsonl")

@@ -1,12 +1,16 @@
 """Retrieve: sample K responses per prompt from the round's starting policy with vLLM.
 
 The engines, their shards and their temperature blocks are pools/vllm_engines.py's;
-this stage turns their samples into candidate rows (schema.CANDIDATES).
+this stage turns their samples into candidate rows (schema.CANDIDATES) and writes
+them, one Parquet shard per engine (`generate_shards`, which evaluate uses too).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +18,56 @@ import pyarrow as pa
 
 from core import schema, timing
 from core.errors import PipelineError
-from core.layout import read_parquet_dir
+from core.layout import atomic_write_json, read_parquet_dir, shard_name, write_parquet
 from core.prompts import Prompt
+from core.retries import WorkerRetries
 from core.seeds import derive_seed
-from pools.vllm_engines import SamplingSpec, generate_shards
+from pools.vllm_engines import EnginePool, SamplingSpec, sample_shards
+
+
+def generate_shards(prompts: list[Prompt], model_path: str, spec: SamplingSpec, config, out_dir: Path, seed: int,
+                    make_table: Callable[[list[Prompt], list[list[dict]]], pa.Table],
+                    engines: EnginePool | None = None, stage: str = "generate") -> dict[str, Any]:
+    """Sample `prompts` on the engines and write one shard per engine as it finishes (`make_table`
+    turns a shard's samples into its rows); shards already on disk are kept, not sampled again.
+
+    `engines` is the command's pool (kept engines); without one, the call starts its own and
+    kills them at its end. `stage` names the call in the log line of a dead engine.
+    """
+    engines = engines if engines is not None else EnginePool(config, keep=False)
+    num_shards = shard_count(out_dir, [p.prompt_id for p in prompts], min(config.generate.num_actors, len(prompts)))
+    done = {i for i in range(num_shards) if (out_dir / shard_name(i)).exists()}
+    retries = WorkerRetries(stage, "engine", config.worker_retries)
+    start = time.perf_counter()
+    shards = sample_shards(engines, prompts, num_shards, done, model_path, spec, seed, retries)
+    # Closed when a write fails, so that the pool stops the engines still sampling.
+    with contextlib.closing(shards):
+        for index, chunk, outputs in shards:
+            with timing.timed("io"):
+                write_parquet(make_table(chunk, outputs), out_dir / shard_name(index))
+    seconds = time.perf_counter() - start
+    return {"shards_generated": num_shards - len(done), "generate_seconds": round(seconds, 2), **retries.stats(),
+            "engines_kept": engines.keep}
+
+
+def shard_count(out_dir: Path, prompt_ids: list[str], wanted: int) -> int:
+    """How many shards this output is split into, fixed when it was first started.
+
+    Shards on disk are only reusable under the split that made them: a re-run
+    with another `generate.num_actors` would otherwise assign prompts to shards
+    differently and duplicate some rows and lose others. `_shards.json` (pyarrow,
+    pandas and DuckDB skip `_` files) records the split; shards written for
+    other prompts are removed.
+    """
+    layout_file = out_dir / "_shards.json"
+    if layout_file.is_file():
+        layout = json.loads(layout_file.read_text())
+        if layout.get("prompt_ids") == prompt_ids:
+            return int(layout["num_shards"])
+    for stale in out_dir.glob("part-*.parquet"):
+        stale.unlink()
+    atomic_write_json(layout_file, {"num_shards": wanted, "prompt_ids": prompt_ids})
+    return wanted
 
 
 def candidate_rows(prompts: list[Prompt], outputs: list[list[dict]], round_number: int,

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from core.layout import STAGES
-from stages import evaluate, generate, reference, rerank
+from stages import evaluate, generate, rerank
+from stages.reference import stage as reference
 from stages.train import stage as train
 
 STAGE_RUNNERS: dict[str, Callable[[Any, Path], dict[str, Any]]] = {

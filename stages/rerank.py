@@ -33,9 +33,10 @@ min_margin), all_invalid (no candidate with a finite reward, reward.on_invalid: 
 
 from __future__ import annotations
 
-import math
 import logging
+import math
 import random
+import sys
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +49,7 @@ from core import schema, timing
 from core.errors import PipelineError
 from core.gpu_layout import layout_of
 from core.layout import EARLIER_ROUNDS, RunLayout, read_parquet_dir, shard_name, write_parquet
+from core.retries import WorkerRetries
 from core.seeds import derive_seed
 from pools.reward_scorers import score_candidates
 
@@ -224,12 +226,28 @@ def build_lists(pool: list[dict[str, Any]], config, seed: int = 0) -> tuple[list
 
 # --- the stage ------------------------------------------------------------------
 
+def reward_counters(tally: dict[str, int]) -> dict[str, int]:
+    """The rewards' own counters (a judge's judge_calls, judge_unparsed...), named by the rewards so
+    that they are told apart in the stage's statistics; `comparisons` keeps its own key and line."""
+    return {key: value for key, value in sorted(tally.items()) if key != "comparisons"}
+
+
 def run_stage(plan, out_dir: Path) -> dict[str, Any]:
     config = plan.config
     number = plan.round.number
     with timing.timed("io"):
         candidates = read_parquet_dir(plan.round.candidates).to_pylist()
-    rewards = score_candidates(candidates, config.reward, config.worker_retries, layout_of(plan).reward_actor)
+    retries = WorkerRetries("rerank", "reward_actor", config.worker_retries)
+    tally: dict[str, int] = {}
+    rewards = score_candidates(candidates, config.reward, retries, layout_of(plan).reward_actor, tally)
+    if tally.get("comparisons"):
+        # Into the stage's log (stderr is captured there): a pairwise reranker's cost is its comparisons.
+        print(f"the reward made {tally['comparisons']} pairwise comparisons for {len(candidates)} candidates",
+              file=sys.stderr, flush=True)
+    counters = reward_counters(tally)
+    if counters:
+        print(f"the reward counted for {len(candidates)} candidates: "
+              + ", ".join(f"{key} {value}" for key, value in counters.items()), file=sys.stderr, flush=True)
     scored = [{**row, "reward": reward} for row, reward in zip(candidates, rewards, strict=True)]
     valid, invalid = screen_rewards(scored, config.reward.on_invalid)
     prompt_ids = {row["prompt_id"] for row in candidates}
@@ -259,4 +277,7 @@ def run_stage(plan, out_dir: Path) -> dict[str, Any]:
         "memory_candidates": sum(row["round"] != number for row in pool),
         "memory_items_in_lists": sum(item["round"] != number for item in items),
         **reward_summary([row["reward"] for row in valid]),
+        **retries.stats(),
+        **({"reward_comparisons": tally["comparisons"]} if tally.get("comparisons") else {}),
+        **counters,
     }

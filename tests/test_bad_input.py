@@ -228,7 +228,7 @@ def test_a_classifier_reward_needs_no_constraints(tmp_path, output, tiny_model):
     from pipeline.driver import check_metadata
     from core.prompts import Prompt
 
-    config = load_config("configs/smoke.yaml", ["reward.name=composite", "reward.components=ifeval:1.0"])
+    config = load_config("configs/smoke.yaml", ["reward.name=composite", "reward.composite.components=ifeval:1.0"])
     bad = [Prompt("b", [{"role": "user", "content": "hi"}], {"constraints": [{"kind": "bogus_kind"}]})]
     with pytest.raises(PipelineError, match="bogus_kind"):
         check_metadata(config, [("f.jsonl", bad)])

@@ -512,7 +512,8 @@ def test_run_identity_keys_come_from_the_fields():
     assert set(RUN_IDENTITY_KEYS) == {
         "seed", "model.name", "prompts.train", "prompts.heldout", "prompts.messages_field", "prompts.per_round",
         "prompts.duplicates", "reward.name", "reference.policy", "train.replay", "reward.model",
-        "reward.components", "reward.length_penalty", "evaluate.temperature", "evaluate.max_tokens"}
+        "reward.composite.components", "reward.composite.length_penalty", "evaluate.temperature", "evaluate.max_tokens",
+        "reward.judge.mode", "reward.judge.model"}
 
 
 @pytest.mark.parametrize("override, message", [
@@ -523,8 +524,8 @@ def test_run_identity_keys_come_from_the_fields():
                                       "without repeats; got [0.6, 0.6]"),
     ("generate.top_p=0", "config key 'generate.top_p' must be in (0, 1]; got 0.0"),
     # Refused as numbers before any range is asked (config_parse.finite).
-    ("reward.components=ifeval:.nan", "config key 'reward.components.ifeval' (command line) must be a finite number; "
-                                      "got nan"),
+    ("reward.composite.components=ifeval:.nan", "config key 'reward.composite.components.ifeval' (command line) "
+                                                "must be a finite number; got nan"),
     ("lists.min_margin=.inf", "config key 'lists.min_margin' (command line) must be a finite number; got inf"),
     ("train.checkpoint_every=-1", "config key 'train.checkpoint_every' must be zero (never) or more; got -1"),
     ("train.lora_dropout=1", "config key 'train.lora_dropout' must be in [0, 1); got 1.0"),
@@ -554,20 +555,20 @@ def test_train_fingerprint_leaves_out_the_same_knobs_and_hash(tmp_path):
 # --- objective-specific options ----------------------------------------------------
 
 @pytest.mark.parametrize("overrides, message", [
-    (["train.lambdarank_ndcg=true"],
-     "config key 'train.lambdarank_ndcg' has no effect with train.objective=contrastive (read by: lambdarank)"),
-    (["train.objective=dpo", "train.simpo_gamma=1.0"],
-     "config key 'train.simpo_gamma' has no effect with train.objective=dpo (read by: simpo)"),
+    (["train.lambdarank.ndcg=true"],
+     "config key 'train.lambdarank.ndcg' has no effect with train.objective=contrastive (read by: lambdarank)"),
+    (["train.objective=dpo", "train.simpo.gamma=1.0"],
+     "config key 'train.simpo.gamma' has no effect with train.objective=dpo (read by: simpo)"),
 ])
 def test_option_of_another_objective_is_an_error(overrides, message):
     assert config_error(None, overrides) == message
 
 
 def test_objective_options_for_the_chosen_objective_load():
-    assert load_config(None, ["train.objective=lambdarank", "train.lambdarank_ndcg=true"]).train.lambdarank_ndcg
-    assert load_config(None, ["train.objective=simpo", "train.simpo_gamma=1.0"]).train.simpo_gamma == 1.0
+    assert load_config(None, ["train.objective=lambdarank", "train.lambdarank.ndcg=true"]).train.lambdarank.ndcg
+    assert load_config(None, ["train.objective=simpo", "train.simpo.gamma=1.0"]).train.simpo.gamma == 1.0
     # At their defaults they may be written for any objective; beta is common to all.
-    load_config(None, ["train.objective=dpo", "train.simpo_gamma=0.5", "train.lambdarank_ndcg=false",
+    load_config(None, ["train.objective=dpo", "train.simpo.gamma=0.5", "train.lambdarank.ndcg=false",
                        "train.beta=0.3"])
 
 
@@ -584,3 +585,79 @@ def test_an_infinite_number_in_a_yaml_file_is_refused_naming_the_file(tmp_path):
     path.write_text("train:\n  beta: .inf\n")
     with pytest.raises(PipelineError, match=rf"'train.beta' \({re.escape(str(path))}\) must be a finite number"):
         load_config(path)
+
+
+# --- plugin options, nested per plugin -----------------------------------------------
+
+def test_plugin_sections_load_from_yaml_and_overrides(tmp_path):
+    path = write(tmp_path, "train:\n  objective: simpo\n  simpo:\n    gamma: 0.3\n"
+                           "reward:\n  name: composite\n  composite:\n    components: {ifeval: 2.0}\n"
+                           "    length_penalty: 0.1\n")
+    config = load_config(path)
+    assert config.train.simpo.gamma == 0.3
+    assert (config.reward.composite.components, config.reward.composite.length_penalty) == ({"ifeval": 2.0}, 0.1)
+    assert load_config(path, ["train.simpo.gamma=0.7"]).train.simpo.gamma == 0.7
+    assert load_config(None, ["train.objective=lambdarank", "train.lambdarank.ndcg=true"]).train.lambdarank.ndcg
+
+
+def test_plugin_sections_round_trip_through_a_runs_config():
+    from core.config import portable_dict
+
+    config = load_config(None, ["train.objective=simpo", "train.simpo.gamma=0.25", "reward.name=composite",
+                                "reward.composite.components=ifeval:1.0"])
+    raw = portable_dict(config)
+    assert raw["train"]["simpo"] == {"gamma": 0.25} and raw["train"]["lambdarank"] == {"ndcg": False}
+    assert raw["reward"]["composite"] == {"components": {"ifeval": 1.0}, "length_penalty": 0.0}
+    stored = config_from_dict(raw)
+    assert (stored.train, stored.reward) == (config.train, config.reward)
+
+
+def test_plugin_sections_are_listed_key_by_key():
+    from pipeline.plan_view import describe_keys
+
+    keys = {line.split(" = ")[0] for line in describe_keys() if not line.startswith(" ")}
+    assert {"train.simpo.gamma", "train.lambdarank.ndcg", "reward.composite.components",
+            "reward.composite.length_penalty"} <= keys
+    assert not keys & {"train.simpo", "train.simpo_gamma", "reward.components"}
+
+
+@pytest.mark.parametrize("old, new, value", [
+    ("train.simpo_gamma", "train.simpo.gamma", "0.3"),
+    ("train.lambdarank_ndcg", "train.lambdarank.ndcg", "true"),
+    ("reward.components", "reward.composite.components", "{ifeval: 1.0}"),
+    ("reward.length_penalty", "reward.composite.length_penalty", "0.1"),
+])
+def test_a_moved_key_is_refused_with_its_new_name(tmp_path, old, new, value):
+    hint = f"config key '{old}' is now '{new}'"
+    assert config_error(None, [f"{old}={value}"]) == f"{hint} (command line)"
+    section, leaf = old.split(".")
+    path = write(tmp_path, f"{section}:\n  {leaf}: {value}\n")
+    assert config_error(path) == f"{hint} ({path})"
+    with pytest.raises(ConfigError, match=re.escape(hint)):
+        config_from_dict({section: {leaf: value}}, source="runs/old/config.yaml")
+
+
+def test_a_plugin_section_must_be_a_mapping(tmp_path):
+    assert config_error(write(tmp_path, "train:\n  simpo: 0.3\n")).startswith(
+        "config key 'train.simpo' (")
+    assert "unknown config key 'train.simpo'" in config_error(None, ["train.simpo=0.3"])
+
+
+def test_composite_options_with_another_reward_are_an_error():
+    assert config_error(None, ["reward.composite.components=ifeval:1.0"]) == (
+        "config key 'reward.composite.components' has no effect with reward.name=ifeval (read by: composite)")
+    assert config_error(None, ["reward.composite.length_penalty=0.1"]) == (
+        "config key 'reward.composite.length_penalty' has no effect with reward.name=ifeval (read by: composite)")
+    load_config(None, ["reward.composite.length_penalty=0"])  # at its default it may be written for any reward
+
+
+def test_train_fingerprint_reads_an_objectives_section(tmp_path):
+    from stages.train.checkpoint import fingerprint
+
+    shard = tmp_path / "part-00000.parquet"
+    shard.write_bytes(b"x" * 1000)
+    train = Config().to_dict()["train"]
+    cfg = {"train": train, "seed": 3, "policy_in": "round_001/policy", "train_shard": str(shard)}
+    changed = {**train, "simpo": {"gamma": 0.9}}
+    assert fingerprint(cfg, 12) != fingerprint(dict(cfg, train=changed), 12)
+    assert fingerprint(cfg, 12) == fingerprint(dict(cfg, train={**train, "num_workers": 4}), 12)

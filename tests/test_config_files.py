@@ -149,8 +149,9 @@ def test_a_bad_yaml_file_on_the_command_line(capsys, tmp_path, _restore_logging)
                       "but got '<stream end>'"),
     ("generate.temperatures=[0.5", "config key 'generate.temperatures' (command line): '[0.5' is not valid YAML "
                                    "(column 5: expected ',' or ']', but got '<stream end>')"),
-    ("reward.components=ifeval:[1", "config key 'reward.components.ifeval' (command line): '[1' is not valid YAML "
-                                    "(column 3: expected ',' or ']', but got '<stream end>')"),
+    ("reward.composite.components=ifeval:[1", "config key 'reward.composite.components.ifeval' (command line): "
+                                              "'[1' is not valid YAML (column 3: expected ',' or ']', but got "
+                                              "'<stream end>')"),
 ])
 def test_an_override_that_is_not_valid_yaml_is_one_line(override, message):
     assert one_line_error(None, [override]) == message

@@ -10,7 +10,8 @@ import pytest
 from pipeline.settings import load_config
 from core.layout import read_parquet_dir
 from core.prompts import load_prompts
-from pools.vllm_engines import SamplingSpec, generate_shards
+from pools.vllm_engines import SamplingSpec
+from stages.generate import generate_shards
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.e2e

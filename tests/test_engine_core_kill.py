@@ -20,7 +20,8 @@ import ray
 from pipeline.settings import load_config
 from core.layout import read_parquet_dir
 from core.prompts import load_prompts
-from pools.vllm_engines import EngineDied, EnginePool, GenerationWorker, SamplingSpec, generate_shards
+from pools.vllm_engines import EngineDied, EnginePool, GenerationWorker, SamplingSpec
+from stages.generate import generate_shards
 from tests.conftest import REPO_ROOT, survivors
 
 

@@ -31,14 +31,14 @@ def test_keep_engines_reads_on_and_off_as_words():
 def test_a_kept_cpu_engine_holds_no_ray_cpu_the_other_stages_would_wait_for():
     config = smoke()
     on_cpus = plan_gpu_layout(config, 0, keep_engines=True)
-    assert worker_options(config, on_cpus, keep=False)["num_cpus"] == 1
-    assert worker_options(config, on_cpus, keep=True)["num_cpus"] == 0
-    assert "enable_sleep_mode" not in engine_args(config, 3, use_gpu=False, keep=True)
+    assert worker_options(config.generate, on_cpus, keep=False)["num_cpus"] == 1
+    assert worker_options(config.generate, on_cpus, keep=True)["num_cpus"] == 0
+    assert "enable_sleep_mode" not in engine_args(config.generate, config.model, 3, use_gpu=False, keep=True)
 
 
 def test_a_kept_gpu_engine_takes_more_than_half_its_gpu_and_may_sleep():
     config = smoke("generate.num_actors=2")
-    assert worker_options(config, plan_gpu_layout(config, 2, False), keep=False)["num_gpus"] == 1
-    assert worker_options(config, plan_gpu_layout(config, 2, True), keep=True)["num_gpus"] == KEPT_ENGINE_SHARE
-    assert engine_args(config, 3, use_gpu=True, keep=True)["enable_sleep_mode"] is True
-    assert engine_args(config, 3, use_gpu=True, keep=False)["enable_sleep_mode"] is False
+    assert worker_options(config.generate, plan_gpu_layout(config, 2, False), keep=False)["num_gpus"] == 1
+    assert worker_options(config.generate, plan_gpu_layout(config, 2, True), keep=True)["num_gpus"] == KEPT_ENGINE_SHARE
+    assert engine_args(config.generate, config.model, 3, use_gpu=True, keep=True)["enable_sleep_mode"] is True
+    assert engine_args(config.generate, config.model, 3, use_gpu=True, keep=False)["enable_sleep_mode"] is False

@@ -18,7 +18,8 @@ import torch
 from pipeline.settings import load_config
 from core.layout import read_parquet_dir
 from core.prompts import load_prompts
-from pools.vllm_engines import EnginePool, SamplingSpec, generate_shards
+from pools.vllm_engines import EnginePool, SamplingSpec
+from stages.generate import generate_shards
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.e2e

@@ -1,20 +1,19 @@
 """A failure under Ray's wrappers comes out as its innermost cause, on one line, without colour codes,
-and Ray Train does not retry what a retry would only repeat."""
+and the train stage retries its Ray Train worker group only when a worker died."""
 
 import errno
+import logging
 import time
 
 import pytest
 import ray
 from ray.exceptions import RayTaskError
-from ray.train import FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
 from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
 
 from core.errors import TrainingDiverged
 from core.failures import describe, is_disk_full, is_retry_pointless, root_cause
-from stages.train.stage import NoPointlessRetries
+from stages.train.stage import fit
 
 ENGINE_REFUSAL = "Unsupported CPU attention configuration: head_dim=16 is not supported"
 
@@ -57,31 +56,49 @@ def test_which_failures_a_retry_would_only_repeat():
     assert not is_retry_pointless(WorkerGroupError("w", {0: RuntimeError("the worker's process was killed")}))
 
 
-@pytest.mark.parametrize("error, retried, line", [
-    (TrainingDiverged("step 2 of 8: the loss is nan"), False, "TrainingDiverged: step 2 of 8: the loss is nan"),
-    (OSError(errno.ENOSPC, "No space left on device", "/disk/model.safetensors"), False,
+# The worker's process is SIGKILLed in its first attempt; the next attempt trains to the end.
+KILLED = "killed"
+
+
+@pytest.mark.parametrize("error, attempts_made, line", [
+    (TrainingDiverged("step 2 of 8: the loss is nan"), 1, "TrainingDiverged: step 2 of 8: the loss is nan"),
+    (OSError(errno.ENOSPC, "No space left on device", "/disk/model.safetensors"), 1,
      "the disk is full: no space left writing /disk/model.safetensors (OSError: [Errno 28])"),
-    (RuntimeError("a library error that may not come back"), True,
+    # Raised by the worker's own code, so not a death: another worker group would meet it again.
+    (RuntimeError("a library error that may not come back"), 1,
      "RuntimeError: a library error that may not come back"),
+    (KILLED, 2, None),
 ])
-def test_ray_train_retries_only_what_a_retry_may_fix(tmp_path, local_ray, error, retried, line):
+def test_ray_train_retries_only_what_a_retry_may_fix(tmp_path, local_ray, caplog, error, attempts_made, line):
     attempts = tmp_path / "attempts"
 
     def failing_loop(config):  # defined here so that Ray ships it by value to its workers
-        with open(config["attempts"], "a") as f:
-            f.write("x")
-        raise config["error"]
+        import os
+        import signal
 
-    trainer = TorchTrainer(failing_loop, train_loop_config={"attempts": str(attempts), "error": error},
-                           scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
-                           run_config=RunConfig(name="retry", storage_path=str(tmp_path / "train"),
-                                                failure_config=FailureConfig(max_failures=1),
-                                                callbacks=[NoPointlessRetries()]))
-    with pytest.raises(Exception) as raised:
-        trainer.fit()
-    assert len(attempts.read_text()) == (2 if retried else 1)
-    assert type(root_cause(raised.value)) is type(error)
-    assert describe(raised.value) == line
+        loop = config["loop"]
+        with open(loop["attempts"], "a") as f:
+            f.write("x")
+        if loop["error"] != "killed":
+            raise loop["error"]
+        with open(loop["attempts"]) as f:
+            if len(f.read()) == 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    def run():
+        return fit({"attempts": str(attempts), "error": error}, 1, tmp_path / "train", "retry", retries=1,
+                   gpus_per_worker=0.0, train_loop=failing_loop)
+
+    if error is KILLED:
+        with caplog.at_level(logging.WARNING, logger="pipeline"):
+            assert run() == {"train_group_retries": 1}
+        assert "train: the Ray Train worker group died; starting another (retry 1 of 1)" in caplog.text
+    else:
+        with pytest.raises(Exception) as raised:
+            run()
+        assert type(root_cause(raised.value)) is type(error)
+        assert describe(raised.value) == line
+    assert len(attempts.read_text()) == attempts_made
 
 
 def test_an_actors_error_reaches_the_driver_as_its_cause(local_ray):

@@ -1,6 +1,6 @@
 """stages/generate.py: a re-run keeps the shard split it started with."""
 
-from pools.vllm_engines import shard_count
+from stages.generate import shard_count
 
 
 def touch_shards(directory, count):

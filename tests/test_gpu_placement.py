@@ -86,7 +86,7 @@ def train_worker_gpus(num_workers: int, gpus_per_worker: float, out: Path) -> li
 def round_placement(config, keep: bool, tmp_path: Path) -> dict[str, list[list[int]]]:
     """The GPU ids each process of one round is given, in the round's order."""
     layout = plan_gpu_layout(config, CLUSTER_GPUS, keep)
-    engine_options = worker_options(config, layout, keep)
+    engine_options = worker_options(config.generate, layout, keep)
     gen, reward = config.generate, config.reward
     placed: dict[str, list[list[int]]] = {}
 
@@ -95,7 +95,7 @@ def round_placement(config, keep: bool, tmp_path: Path) -> dict[str, list[list[i
         return engines, ray.get([e.gpu_ids.remote() for e in engines])
 
     def reward_actors():
-        actors = [Probe.options(**reward_actor_options(layout.reward_actor, 0)).remote()
+        actors = [Probe.options(**reward_actor_options(layout.reward_actor)).remote()
                   for _ in range(reward.num_actors)]
         ids = ray.get([a.gpu_ids.remote() for a in actors])
         for actor in actors:
@@ -184,8 +184,8 @@ def test_a_reward_actor_given_no_gpu_sees_none(gpu_cluster):
     config = default("reward.num_gpus_per_actor=0")
     layout = plan_gpu_layout(config, CLUSTER_GPUS, keep_engines=False)
     assert layout.reward_actor == 0
-    on_cpu = RewardWorker.options(**reward_actor_options(layout.reward_actor, 0)).remote(config.reward)
-    on_gpu = RewardWorker.options(**reward_actor_options(1.0, 0)).remote(config.reward)
+    on_cpu = RewardWorker.options(**reward_actor_options(layout.reward_actor)).remote(config.reward)
+    on_gpu = RewardWorker.options(**reward_actor_options(1.0)).remote(config.reward)
     try:
         visible = lambda actor: ray.get(actor.__ray_call__.remote(  # noqa: E731
             lambda self: os.environ.get("CUDA_VISIBLE_DEVICES")))

@@ -6,13 +6,14 @@ import math
 import pytest
 import torch
 
-from core.config import TrainConfig
+from core.config import LambdarankOptions, SimpoOptions, TrainConfig
 from core.objectives import OBJECTIVES, mean_margin, objective_options, ranking_accuracy
 
 
 def options(name: str, ndcg: bool = False) -> dict:
     """What the trainer hands objective `name` besides `rewards`: its own options, from a train config."""
-    return objective_options(TrainConfig(objective=name, beta=0.5, simpo_gamma=0.5, lambdarank_ndcg=ndcg))
+    return objective_options(TrainConfig(objective=name, beta=0.5, simpo=SimpoOptions(gamma=0.5),
+                                         lambdarank=LambdarankOptions(ndcg=ndcg)))
 
 
 def log_sigmoid(x: float) -> float:
@@ -203,7 +204,7 @@ def test_misspelt_option_raises():
 def test_objective_options_are_exactly_what_each_objective_takes():
     import dataclasses
 
-    train = TrainConfig(beta=0.3, lambdarank_ndcg=True, simpo_gamma=0.7)
+    train = TrainConfig(beta=0.3, lambdarank=LambdarankOptions(ndcg=True), simpo=SimpoOptions(gamma=0.7))
     expected = {"dpo": {}, "contrastive": {}, "listmle": {}, "lambdarank": {"ndcg_weights": True},
                 "ipo": {"beta": 0.3}, "simpo": {"gamma": 0.7}}
     assert set(OBJECTIVES) == set(expected)

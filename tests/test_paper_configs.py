@@ -58,7 +58,12 @@ MAX_LENGTH = 2048
 # Keys whose values the paper does not give: each file's comment above them says they are ours.
 OURS = ["prompts.per_round", "train.beta", "train.warmup_ratio", "train.batch_size", "train.micro_batch_size",
         "lists.ties", "lists.truncated", "generate.top_p"]
-PAPER_FILES = sorted(PAPER_DIR.glob("*.yaml"))
+# Table 3's recipes (the objective study, App. H.2); Table 2's (App. H.1, ranked by PairRM) have "pairrm" in their name.
+PAPER_FILES = sorted(p for p in PAPER_DIR.glob("*.yaml") if "-pairrm-" not in p.name)
+PAIRRM_FILES = sorted(PAPER_DIR.glob("*-pairrm-*.yaml"))
+# Table 2 (Section 5, App. H.1): Mistral-7b-it, 10 samples for each LarPO objective and 2 for the iterative DPO
+# baseline, LLM-Blender's PairRM as reranker, temperature 0.8.
+TABLE2 = {"samples": {"dpo": 2, "contrastive": 10}, "reranker": "llm-blender/PairRM-hf", "temperature": 0.8}
 
 
 def comment_above(text: str, dotted: str) -> str:
@@ -125,6 +130,37 @@ def test_paper_config_loads_and_keeps_the_papers_settings(path):
     assert config.train.sharding == ("fsdp" if model_key == "mistral-7b" else "none")
     assert config.train.num_workers > 1 and config.generate.num_actors > 1
     assert config.train.batch_size % (config.train.micro_batch_size * config.train.num_workers) == 0
+
+
+def test_table_2s_comparison_with_iterative_dpo_has_a_recipe_for_each_side():
+    assert {p.stem for p in PAIRRM_FILES} == {"mistral-7b-pairrm-dpo", "mistral-7b-pairrm-contrastive"}
+
+
+@pytest.mark.parametrize("path", PAIRRM_FILES, ids=lambda p: p.stem)
+def test_pairrm_recipe_loads_and_keeps_table_2s_settings(path):
+    config = load_config(path)
+    objective = path.stem.rsplit("-", 1)[1]
+    assert config.model.name == MODELS["mistral-7b"] and config.train.objective == objective
+    assert config.reward.name == "pairrm" and config.reward.model == TABLE2["reranker"]
+    assert config.generate.num_samples == TABLE2["samples"][objective]
+    assert config.generate.temperature == TABLE2["temperature"]
+    strategy, positives, negatives = LISTS[objective]
+    assert (config.lists.strategy, config.lists.num_positives, config.lists.num_negatives) == (
+        strategy, positives, negatives)
+    assert config.train.max_list_size == positives + negatives
+    # Table 2 gives no learning rate or epochs: App. H.2's, as the Table 3 recipes.
+    assert (config.train.learning_rate, config.train.epochs) == (PAPER["learning_rate"], PAPER["epochs"])
+    assert config.reference.policy == PAPER["reference"]
+    assert config.prompts.train == f"hf:{PAPER['prompts']}:train[:98%]"
+    # PairRM's own truncation, and its scores compare only the answers seen together: no pooled memory.
+    assert (config.reward.pairrm.source_max_length, config.reward.pairrm.candidate_max_length) == (1224, 412)
+    assert config.lists.memory == "none"
+    text = path.read_text()
+    assert "Table 2" in text and "Appendix H.1" in text
+    assert f"make rounds N={PAPER['iterations']} CONFIG=configs/paper/{path.name}" in text
+    for dotted in ("lists.ties", "lists.truncated", "lists.memory", "train.beta"):
+        comment = comment_above(text, dotted).lower()
+        assert "ours" in comment or "not in the paper" in comment, f"{dotted}: {comment!r}"
 
 
 @pytest.mark.parametrize("path", PAPER_FILES, ids=lambda p: p.stem)

@@ -20,9 +20,10 @@ from pipeline.settings import load_config
 from core.layout import RunLayout, shard_name
 from core.timing import Timings
 from pools.logprob_scorer import load_policy, merge_parts, score_lists
-from pools.reference_lists import reference_inputs, scored_in_train_workers
-from stages import reference
-from stages.train.reference_in_workers import ReferenceJob, score_reference
+from stages.reference import stage as reference
+from stages.reference.in_train_workers import ReferenceJob, score_reference
+from stages.reference.lists import reference_inputs
+from stages.reference.placement import scored_in_train_workers
 from tests.test_replay import item_logps, other_reference, write_lists  # noqa: F401 (fixtures)
 
 

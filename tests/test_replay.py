@@ -13,7 +13,7 @@ from pipeline.driver import plan_round
 from core.errors import PipelineError
 from core.layout import RunLayout, shard_name, write_parquet
 from pools.logprob_scorer import reference_logprobs
-from stages import reference
+from stages.reference import stage as reference
 
 
 def list_row(prompt_id: str, round_number: int, good: str, bad: str) -> dict:

@@ -52,7 +52,7 @@ def run_rerank(plan, monkeypatch, rewards: dict[str, float]) -> tuple[dict, list
     """Run the stage as the driver does, with rewards looked up by response; returns (stats, rows scored)."""
     scored_rows: list[dict] = []
 
-    def fake_score(rows, reward_config, retries=0, num_gpus=0.0):
+    def fake_score(rows, reward_config, retries=0, num_gpus=0.0, tally=None):
         scored_rows.extend(rows)
         return [rewards[row["response"]] for row in rows]
 
@@ -249,6 +249,39 @@ def test_score_candidates_shares_batches_across_actors_and_keeps_order():
         assert rewards == expected
         assert sorted(set(rewards)) == [0.0, 1.0]
         assert reward_scorers.score_candidates([], config) == []
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def test_a_dead_reward_actor_is_replaced_and_its_batches_sent_again(monkeypatch, caplog):
+    import ray
+
+    from core.retries import WorkerRetries
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
+    starts = []
+    real_start = reward_scorers.RewardActors.start
+
+    def start(self):
+        actor = real_start(self)
+        if not starts:
+            ray.kill(actor)  # the first actor is dead before it answers any batch
+        starts.append(actor)
+        return actor
+
+    try:
+        rows = [candidate_row(f"p{i}", 0, text, 1) for i, text in enumerate(["a", "b c", "d e f", "g h i j"])]
+        config = load_config(None, ["reward.batch_size=1", "reward.num_actors=2"]).reward
+        retries = WorkerRetries("rerank", "reward_actor", 2)
+        clean = reward_scorers.score_candidates(rows, config)
+        monkeypatch.setattr(reward_scorers.RewardActors, "start", start)
+        assert reward_scorers.score_candidates(rows, config, retries) == clean
+        assert retries.stats() == {"reward_actor_retries": 1} and len(starts) == 3
+        assert "rerank: the reward actor 0 died; starting another (retry 1 of 2)" in caplog.text
     finally:
         if started:
             ray.shutdown()

@@ -4,6 +4,7 @@ import logging
 
 import pytest
 from ray.exceptions import ActorDiedError, RayTaskError, WorkerCrashedError
+from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
 from ray.train.v2.api.exceptions import WorkerGroupError
 
 from core.retries import WorkerDiedTooOften, WorkerRetries, worker_died
@@ -20,6 +21,16 @@ def test_deaths_are_told_from_errors_under_any_wrapper():
     assert worker_died(WorkerGroupError("w", {0: ValueError("collateral"), 1: ActorDiedError()}))
     assert not worker_died(RayTaskError("generate", "tb", RuntimeError("bad request")))
     assert not worker_died(WorkerGroupError("w", {0: ValueError("a bug")}))
+
+
+def test_a_killed_train_worker_is_a_death_under_ray_trains_wrappers():
+    # What Ray Train's controller reports when a worker's process is gone: its poll of the worker failed.
+    killed = WorkerHealthCheckFailedError("A worker health check failed.", failure=ActorDiedError())
+    assert worker_died(WorkerGroupError("w", {0: killed}))
+    assert worker_died(WorkerGroupError("w", {0: RuntimeError("gloo: connection closed by peer"), 1: killed}))
+    # The poll came back but what the worker sent could not be read: another worker would send it too.
+    unreadable = WorkerHealthCheckFailedError("A worker health check failed.", failure=TypeError("cannot pickle"))
+    assert not worker_died(WorkerGroupError("w", {0: unreadable}))
 
 
 def test_a_death_is_retried_with_one_line_and_counted(caplog):
@@ -58,3 +69,11 @@ def test_an_error_the_worker_raised_is_not_retried():
     with pytest.raises(ValueError):
         retries.run("reference task", attempt)
     assert retries.total == 0
+
+
+def test_an_actor_whose_constructor_raised_is_no_death():
+    # A bad reward model path fails every actor's __init__ alike: retrying only reloads the same error.
+    failed_init = ActorDiedError(cause=RayTaskError("RewardWorker.__init__", "tb", ValueError("no such model")))
+    assert not worker_died(failed_init)
+    assert not worker_died(RayTaskError("score", "tb", failed_init))
+    assert worker_died(ActorDiedError())

@@ -2,7 +2,7 @@
 
 import pytest
 
-from core.config import RewardConfig
+from core.config import CompositeOptions, RewardConfig
 from pipeline.settings import load_config
 from core.errors import ConfigError
 from rewards import REWARDS, Sample, build_reward, build_reward_from_config
@@ -32,7 +32,7 @@ def test_registered():
 def test_weighted_sum_of_components_as_computed_by_hand(classifier_dir):
     samples = [sample(r) for r in RESPONSES]
     config = RewardConfig(name="composite", model=str(classifier_dir),
-                          components={"ifeval": 1.0, "hf_classifier": 0.5})
+                          composite=CompositeOptions(components={"ifeval": 1.0, "hf_classifier": 0.5}))
     composite = build_reward_from_config(config)
 
     ifeval = build_reward("ifeval").score(samples)
@@ -43,16 +43,17 @@ def test_weighted_sum_of_components_as_computed_by_hand(classifier_dir):
 
 def test_length_penalty_per_hundred_words_lowers_longer_responses():
     short, long = sample("tea " * 10), sample("tea " * 200)
-    plain = build_reward_from_config(RewardConfig(name="composite", components={"ifeval": 2.0}))
-    penalized = build_reward_from_config({"name": "composite", "components": {"ifeval": 2.0},
-                                          "length_penalty": 0.1})
+    plain = build_reward_from_config(RewardConfig(name="composite",
+                                                  composite=CompositeOptions(components={"ifeval": 2.0})))
+    penalized = build_reward_from_config({"name": "composite", "composite": {"components": {"ifeval": 2.0},
+                                                                         "length_penalty": 0.1}})
     # Both meet include_keyword and miss max_words: ifeval gives 0.5 each.
     assert plain.score([short, long]) == [1.0, 1.0]
     assert penalized.score([short, long]) == pytest.approx([1.0 - 0.1 * 0.1, 1.0 - 0.1 * 2.0])
 
 
 def test_negative_weight_subtracts():
-    composite = build_reward_from_config({"name": "composite", "components": {"ifeval": -1.0}})
+    composite = build_reward_from_config({"name": "composite", "composite": {"components": {"ifeval": -1.0}}})
     assert composite.score([sample("Green tea is grassy."), sample("Coffee.")]) == [-1.0, -0.5]
 
 
@@ -62,26 +63,29 @@ def test_negative_weight_subtracts():
     ({}, "must name at least one reward"),
 ])
 def test_bad_components_are_one_line_config_errors(components, message):
-    with pytest.raises(ConfigError, match=f"'reward.components' {message}") as info:
-        build_reward_from_config(RewardConfig(name="composite", components=components))
+    with pytest.raises(ConfigError, match=f"'reward.composite.components' {message}") as info:
+        build_reward_from_config(RewardConfig(name="composite", composite=CompositeOptions(components=components)))
     assert "\n" not in str(info.value)
 
 
 def test_components_and_penalty_from_yaml_and_overrides(tmp_path):
     path = tmp_path / "reward.yaml"
     path.write_text("reward:\n  name: composite\n  model: /models/rm\n"
-                    "  components: {ifeval: 1.0, hf_classifier: 0.5}\n  length_penalty: 0.05\n")
+                    "  composite:\n    components: {ifeval: 1.0, hf_classifier: 0.5}\n    length_penalty: 0.05\n")
     from_yaml = load_config(path).reward
-    assert (from_yaml.components, from_yaml.length_penalty) == ({"ifeval": 1.0, "hf_classifier": 0.5}, 0.05)
-    overridden = load_config(path, ["reward.components=ifeval:2", "reward.length_penalty=0"]).reward
-    assert (overridden.components, overridden.length_penalty) == ({"ifeval": 2.0}, 0.0)
+    assert (from_yaml.composite.components, from_yaml.composite.length_penalty) == \
+        ({"ifeval": 1.0, "hf_classifier": 0.5}, 0.05)
+    overridden = load_config(path, ["reward.composite.components=ifeval:2", "reward.composite.length_penalty=0"]).reward
+    assert (overridden.composite.components, overridden.composite.length_penalty) == ({"ifeval": 2.0}, 0.0)
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["reward.components=judge:1.0"], "'reward.components' names unknown reward 'judge'"),
-    ([], "'reward.components' must name at least one reward"),
-    (["reward.components=ifeval:1.0", "reward.length_penalty=-0.1"], "'reward.length_penalty' must be zero or more"),
-    (["reward.components=ifeval:.nan"], "'reward.components.ifeval' .command line. must be a finite number"),
+    (["reward.composite.components=judge:1.0"], "'reward.composite.components' names unknown reward 'judge'"),
+    ([], "'reward.composite.components' must name at least one reward"),
+    (["reward.composite.components=ifeval:1.0", "reward.composite.length_penalty=-0.1"],
+     "'reward.composite.length_penalty' must be zero or more"),
+    (["reward.composite.components=ifeval:.nan"],
+     "'reward.composite.components.ifeval' .command line. must be a finite number"),
 ])
 def test_bad_composite_config_is_caught_at_load(overrides, message):
     with pytest.raises(ConfigError, match=message):

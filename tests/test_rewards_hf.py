@@ -199,7 +199,7 @@ def test_config_keys_from_yaml_and_overrides(tmp_path):
 
 @pytest.mark.parametrize("overrides, key", [
     (["reward.name=hf_classifier"], "'reward.model'"),
-    (["reward.name=composite", "reward.components=ifeval:1.0,hf_classifier:0.5"], "'reward.model'"),
+    (["reward.name=composite", "reward.composite.components=ifeval:1.0,hf_classifier:0.5"], "'reward.model'"),
     (["reward.max_length=0"], "'reward.max_length'"),
     (["reward.micro_batch_size=0"], "'reward.micro_batch_size'"),
     (["reward.dtype=fp8"], "'reward.dtype'"),

@@ -106,8 +106,8 @@ def test_round_values_carry_intervals_lists_and_times():
 
 
 def test_flat_config_names_nested_keys():
-    assert flat_config({"seed": 0, "train": {"beta": 0.1}, "reward": {"components": {"a": 1.0}}}) == \
-        {"seed": "0", "train.beta": "0.1", "reward.components": '{"a": 1.0}'}
+    assert flat_config({"seed": 0, "train": {"beta": 0.1}, "reward": {"composite": {"components": {"a": 1.0}}}}) == \
+        {"seed": "0", "train.beta": "0.1", "reward.composite.components": '{"a": 1.0}'}
 
 
 def test_unknown_tracker_is_a_config_error():

@@ -60,13 +60,19 @@ TRAIN_STATE = "train_state.pt"
 def fingerprint(cfg: dict[str, Any], num_examples: int) -> str:
     """What a checkpoint must have been trained on to be resumed from."""
     shard = Path(cfg["train_shard"])
-    # Train knobs that change neither the steps nor their results (fingerprint=False) are left out.
     identity = {
-        "train": {k: v for k, v in cfg["train"].items() if k not in TRAIN_FINGERPRINT_EXCLUDED},
+        "train": fingerprinted(cfg["train"]),
         "seed": cfg["seed"], "policy_in": cfg["policy_in"], "examples": num_examples,
         "train_shard_bytes": shard.stat().st_size,
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def fingerprinted(section: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A train config dict without the knobs that change neither the steps nor their results
+    (fingerprint=False), in an objective's section too; a flat dict hashes as it always did."""
+    return {key: fingerprinted(value, f"{prefix}{key}.") if isinstance(value, dict) else value
+            for key, value in section.items() if f"{prefix}{key}" not in TRAIN_FINGERPRINT_EXCLUDED}
 
 
 def first_non_finite(named_tensors) -> tuple[str, int] | None:

@@ -17,8 +17,8 @@ def use_sparse_embedding_grad(model) -> bool:
     """Let the input embedding's backward write only the rows of the batch's tokens.
 
     Its dense backward fills a vocab x hidden zero tensor every micro-batch and adds it
-    into the gradient: for a 135M model with a 49k vocabulary, 113 MB and about a tenth of a
-    second each time. Only for tied embeddings: there the LM head's dense gradient reaches
+    into the gradient: for a 135M model with a 49k vocabulary, 113 MB each time (its time:
+    docs/benchmarks.md). Only for tied embeddings: there the LM head's dense gradient reaches
     the shared weight first (the head runs last in forward, so first in backward) and the
     sparse rows are added into it in place, so the optimizer, clipping and the cross-worker
     sum still see a dense gradient. Returns whether it was turned on.

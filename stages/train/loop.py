@@ -40,10 +40,10 @@ from core.timing import Timings
 from pools.logprob_scorer import (DTYPES, autocast, autocast_enabled, check_logprob_path, load_policy, pad_token_id,
                                   use_all_cpu_threads)
 from pools.logprobs import list_batch, sequence_logprobs
+from stages.reference.in_train_workers import ReferenceJob, score_reference
 from stages.train.checkpoint import TrainingCheckpoint, fingerprint, first_non_finite
 from stages.train.data import ListExample, add_lora, build_examples, use_sparse_embedding_grad
 from stages.train.optim import build_optimizer
-from stages.train.reference_in_workers import ReferenceJob, score_reference
 
 
 # Rank 0's start-up, I/O, work and save seconds, for the driver to add to the stage's (stages/train/stage.py).
@@ -138,7 +138,8 @@ class LoopConfig:
     trust_remote_code: bool
     train_shard: str
     output_dir: str
-    # The reference stage, when these workers score it before training (reference.in_train_workers).
+    # The reference stage, when these workers score it before training (the round plan's
+    # reference_in_train_workers; stages/reference/in_train_workers.py).
     reference: ReferenceJob | None = None
 
 

@@ -50,8 +50,8 @@ class AdamWBf16(torch.optim.Optimizer):
         loss = closure() if closure is not None else None
         # One pool of noise per step for each moment, each chunk reading it from a random
         # offset: every value still gets uniform noise independent of itself, which is all
-        # unbiased rounding needs, and drawing 2 x 135M fresh values took longer than the rest
-        # of the step.
+        # unbiased rounding needs, and drawing fresh values for every one slowed the whole step
+        # (docs/benchmarks.md).
         width = min(self.chunk_size, max((_local(p).numel() for group in self.param_groups
                                           for p in group["params"] if p.grad is not None), default=0))
         pools = uniform_noise(4 * width, self.generator).view(2, 2 * width)

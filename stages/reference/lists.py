@@ -1,9 +1,9 @@
 """What the reference log-probs are computed for, and the train shard they are stored in.
 
-Shared by the reference stage (stages/reference.py, one Ray task) and the train
-workers when they score the reference themselves (`reference.in_train_workers`,
-stages/train/loop.py): either way the same lists are scored and the same
-`train/part-00000.parquet` (schema.TRAIN) is written before training starts.
+Shared by the reference stage as a stage of its own (stage.py, one Ray task) and
+the train workers when they score the reference themselves (in_train_workers.py):
+either way the same lists are scored and the same `train/part-00000.parquet`
+(schema.TRAIN) is written before training starts.
 """
 
 from __future__ import annotations
@@ -16,12 +16,6 @@ import pyarrow as pa
 from core import schema, timing
 from core.layout import EARLIER_ROUNDS, RoundLayout, RunLayout, read_parquet_dir, shard_name, write_parquet
 from pools.logprobs import Response, response_to_score
-
-
-def scored_in_train_workers(plan) -> bool:
-    """Whether the train stage's workers score the reference (`reference.in_train_workers`): only
-    where it is the policy they load to train, the round's starting policy."""
-    return plan.config.reference.in_train_workers and plan.reference == plan.policy_in
 
 
 def reference_inputs(run: RunLayout, round_layout: RoundLayout, replay: str) -> tuple[list[dict[str, Any]], int]:

@@ -1,10 +1,11 @@
-"""The reference stage run inside the train workers (`reference.in_train_workers`).
+"""The reference stage run inside the train workers (`reference.in_train_workers`; the round plan's
+`reference_in_train_workers`, decided at planning by placement.py).
 
 Where the reference is the round's starting policy, the model the workers load
 to train is the reference until the first step. Scoring the lists with it there
 saves the reference stage's own model load and process start, and gives the
-same log-probs: the same loader, dtype, batch layout and autocast
-(pools/logprob_scorer.py). The workers share the batches and rank 0 gathers
+same log-probs: the same loader and LogprobSpec (dtype, batch layout, autocast;
+pools/logprob_scorer.py). The workers share the batches and rank 0 gathers
 their log-probs; it writes `train/part-00000.parquet` and the
 reference stage's done marker before any worker reads the shard to train, so
 resume and `inspect` see what a separate reference stage leaves; a restarted
@@ -31,8 +32,8 @@ import torch.distributed as dist
 
 from core.layout import RoundLayout
 from core.timing import Timings
-from pools.logprob_scorer import merge_parts, score_lists
-from pools.reference_lists import items_to_score, reference_stats, with_reference, write_train_shard
+from pools.logprob_scorer import LogprobSpec, merge_parts, score_with
+from stages.reference.lists import items_to_score, reference_stats, with_reference, write_train_shard
 
 
 @dataclass(frozen=True)
@@ -45,9 +46,14 @@ class ReferenceJob:
     round: RoundLayout
     out_dir: str          # the reference stage's train.partial/
     batch_size: int       # reference.batch_size
+    trust_remote_code: bool = False  # model.trust_remote_code, as the workers loaded the model
 
     def pending(self) -> bool:
         return not self.round.is_done("reference")
+
+    def spec(self, train) -> LogprobSpec:
+        """The reference stage's LogprobSpec (LogprobSpec.of), from the train config the workers hold."""
+        return LogprobSpec.of_train(train, self.batch_size, self.trust_remote_code)
 
 
 def score_reference(job: ReferenceJob, model, tokenizer, train, rank: int, world: int, clock: Timings,
@@ -78,9 +84,8 @@ def score_part(job: ReferenceJob, model, tokenizer, train, rank: int, world: int
     """Every rank scores its share of the batches; rank 0 gets all the log-probs, the others []."""
     if not job.rows:
         return []
-    mine = score_lists(model, tokenizer, items_to_score(job.rows), train.max_length, job.batch_size,
-                       train.logprob_chunk_size, train.autocast, train.share_prompt, part=(rank, world),
-                       collective=sharded)
+    mine = score_with(job.spec(train), model, tokenizer, items_to_score(job.rows), part=(rank, world),
+                      collective=sharded)
     if world == 1:
         return merge_parts([mine])
     parts = [None] * world if rank == 0 else None
