@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -177,11 +178,42 @@ def adopt_orphans() -> bool:
         return False
 
 
-def stop_descendants(grace_seconds: float = 3.0) -> list[int]:
-    """Terminate every process this one started since `adopt_orphans`, then kill what is left; their pids."""
+# Ray's processes by name or command line: its head (gcs_server, raylet, the dashboard, monitors
+# under ray/), its workers and agents (renamed "ray::..."), and vLLM's engine cores in them.
+RAY_PROCESS = re.compile(r"^ray::|^(gcs_server|raylet)$|^VLLM|EngineCore|/site-packages/ray/")
+
+
+def is_ray_process(process) -> bool:
     import psutil
 
-    family = [p for p in psutil.Process().children(recursive=True) if p.pid not in _before]
+    try:
+        return bool(RAY_PROCESS.search(process.name()) or RAY_PROCESS.search(" ".join(process.cmdline())))
+    except psutil.Error:
+        return False
+
+
+def ray_descendants() -> list:
+    """The Ray processes this one started since `adopt_orphans`, with everything under them, orphans
+    adopted from a dead raylet included; not the command's other children (a tracker's service,
+    which its own exit handler still talks to)."""
+    import psutil
+
+    family = []
+    for child in psutil.Process().children():
+        if child.pid in _before or not is_ray_process(child):
+            continue
+        try:
+            family += [child, *child.children(recursive=True)]
+        except psutil.Error:
+            family.append(child)
+    return family
+
+
+def stop_descendants(grace_seconds: float = 3.0) -> list[int]:
+    """Terminate the Ray processes this one started (`ray_descendants`), then kill what is left; their pids."""
+    import psutil
+
+    family = ray_descendants()
     for process in family:
         try:
             process.send_signal(signal.SIGTERM)

@@ -27,6 +27,7 @@ from core.chat_tokens import chat_token_ids
 from core.errors import ConfigError, PipelineError
 from core.models import resolve_model
 from rewards.base import Sample, register_reward
+from rewards.batching import HalvingBatches
 
 log = logging.getLogger("rewards.hf_classifier")
 
@@ -42,7 +43,7 @@ CONFIG_KEYS = {"model": "model", "micro_batch_size": "batch_size", "max_length":
 
 
 @register_reward("hf_classifier")
-class HFClassifierReward:
+class HFClassifierReward(HalvingBatches):
     name = "hf_classifier"
 
     def __init__(self, model: str = "", batch_size: int = 16, max_length: int = 2048, dtype: str = "auto",
@@ -100,21 +101,8 @@ class HFClassifierReward:
 
     def score(self, samples: Sequence[Sample]) -> list[float]:
         encoded = [self.encode(sample) for sample in samples]
-        # Longest first: the batch most likely to run out of memory comes first,
-        # and a halved batch size then holds for the rest.
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
-        scores: list[float] = [0.0] * len(encoded)
-        start = 0
-        while start < len(order):
-            chunk = order[start:start + self.batch_size]
-            values = self._forward_or_none([encoded[i] for i in chunk])
-            if values is None:
-                self._halve_batch(len(encoded[chunk[0]]))
-                continue
-            for i, value in zip(chunk, values, strict=True):
-                scores[i] = value
-            start += len(chunk)
-        return scores
+        return self.in_batches(encoded, order)
 
     def encode(self, sample: Sample) -> list[int]:
         """Token ids of the sample's chat, rendered by the reward model's template."""
@@ -161,26 +149,6 @@ class HFClassifierReward:
             return self.pad_id
         return next(token for token in range(len(used) + 1) if token not in used)
 
-    def _forward_or_none(self, batch: list[list[int]]) -> list[float] | None:
-        """`forward`, or None when the batch ran out of memory."""
-        try:
-            return self.forward(batch)
-        except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
-            if not is_out_of_memory(exc):
-                raise
-            if self.batch_size == 1:
-                raise PipelineError(f"reward model {self.path} ran out of memory on a single sequence of "
-                                    f"{len(batch[0])} tokens; lower reward.max_length") from exc
-            return None  # outside this block the exception's frames, and their tensors, are freed
-
-    def _halve_batch(self, longest: int) -> None:
-        import torch
-
-        self.batch_size = max(1, self.batch_size // 2)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        log.warning("out of memory on sequences of up to %d tokens; batch size now %d", longest, self.batch_size)
-
     def _pad_token_id(self) -> int:
         # The classifier reads each row at its last token that is not padding,
         # so the model must know the pad id; many reward models leave it unset.
@@ -198,10 +166,3 @@ class HFClassifierReward:
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    import torch
-
-    # Some backends (and older torch) raise a plain RuntimeError with this text.
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc)

@@ -49,7 +49,7 @@ from typing import Any
 from core.errors import ConfigError, PipelineError
 from core.models import resolve_model
 from rewards.base import Sample, register_reward
-from rewards.hf_classifier import is_out_of_memory
+from rewards.batching import HalvingBatches
 
 log = logging.getLogger("rewards.pairrm")
 
@@ -148,10 +148,12 @@ def pairrm_class():
 
 
 @register_reward("pairrm")
-class PairwiseRanker:
+class PairwiseRanker(HalvingBatches):
     """Scores each sample against the other samples of its prompt in the same call (see the module's docstring)."""
 
     name = "pairrm"
+    UNIT = "pair"
+    TOO_BIG = "lower reward.pairrm.source_max_length or candidate_max_length"
     # For the scorer: a prompt's candidates must reach one `score` call together.
     needs_whole_prompts = True
 
@@ -255,19 +257,10 @@ class PairwiseRanker:
         # size then holds for the rest. Ties go by the ids, so that batches do not depend on the
         # order the candidates came in.
         order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]), rows[i]))
-        logits = [0.0] * len(rows)
-        start = 0
-        while start < len(order):
-            chunk = order[start:start + self.batch_size]
-            values = self._forward_or_none([rows[i] for i in chunk])
-            if values is None:
-                self._halve_batch(len(rows[chunk[0]]))
-                continue
-            for i, value in zip(chunk, values, strict=True):
-                logits[i] = value
-            self.comparisons += len(chunk)
-            start += len(chunk)
-        return logits
+        return self.in_batches(rows, order)
+
+    def batch_done(self, rows: int) -> None:
+        self.comparisons += rows
 
     def forward(self, batch: list[list[int]]) -> list[float]:
         """Comparison logits of a batch of pair ids (padded on the right here)."""
@@ -304,27 +297,6 @@ class PairwiseRanker:
             if expected is None or actual != expected or actual == self.tokenizer.unk_token_id:
                 raise PipelineError(f"reward model {self.path} (reward.model): the tokenizer's id for {marker} is "
                                     f"{actual}, config.json's {key} is {expected}")
-
-    def _forward_or_none(self, batch: list[list[int]]) -> list[float] | None:
-        """`forward`, or None when the batch ran out of memory."""
-        try:
-            return self.forward(batch)
-        except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
-            if not is_out_of_memory(exc):
-                raise
-            if self.batch_size == 1:
-                raise PipelineError(f"reward model {self.path} ran out of memory on a single pair of "
-                                    f"{len(batch[0])} tokens; lower reward.pairrm.source_max_length or "
-                                    "candidate_max_length") from exc
-            return None  # outside this block the exception's frames, and their tensors, are freed
-
-    def _halve_batch(self, longest: int) -> None:
-        import torch
-
-        self.batch_size = max(1, self.batch_size // 2)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        log.warning("out of memory on pairs of up to %d tokens; batch size now %d", longest, self.batch_size)
 
 
 def group_by_prompt(samples: Sequence[Sample]) -> dict[str, list[int]]:

@@ -227,11 +227,13 @@ def reward_rows(rows: list[dict], reward_config, retries: WorkerRetries, reward_
     return scores[0::2]
 
 
-def check_not_collapsed(rows: list[dict], round_number: int, training_log: Path) -> None:
-    """Stop a round whose policy answers every held-out prompt with nothing: a policy that training
-    broke without a NaN (huge but finite weights), which the next round would otherwise sample from.
-    Some empty answers are a policy's own business and pass."""
-    if rows and not any(row["response"].strip() for row in rows):
+def check_not_collapsed(rows: list[dict], baseline: list[dict], round_number: int, training_log: Path) -> None:
+    """Stop a round whose policy answers every held-out prompt with nothing where the base model
+    (round 0) answered: a policy that training broke without a NaN (huge but finite weights), which
+    the next round would otherwise sample from. Some empty answers are a policy's own business, and a
+    base model that answers nothing either (a random-weight test model) had nothing to collapse."""
+    if rows and not any(row["response"].strip() for row in rows) \
+            and any(row["response"].strip() for row in baseline):
         raise PipelineError(f"round {round_number}: training collapsed the policy: every one of the {len(rows)} "
                             f"held-out answers is empty; see {training_log} (and the trackers) for its loss and "
                             "ranking accuracy, and start a new run with a lower train.learning_rate")
@@ -278,7 +280,7 @@ def run_stage(plan, out_dir: Path) -> dict[str, Any]:
                           reward_gpus=layout_of(plan).reward_actor, **compare)
     if number == 0:
         return {**eval_metrics(rows, rows), **stats}
-    check_not_collapsed(rows, number, plan.round.policy / "training_log.jsonl")
     with timing.timed("io"):
         baseline = read_parquet_dir(plan.run.round(0).eval).to_pylist()
+    check_not_collapsed(rows, baseline, number, plan.round.policy / "training_log.jsonl")
     return {**eval_metrics(rows, baseline), **stats}

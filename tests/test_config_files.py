@@ -106,16 +106,9 @@ def test_read_yaml_file_reads_a_runs_stored_config_back(tmp_path):
 
 # --- the command line --------------------------------------------------------------------
 
-@pytest.fixture
-def _restore_logging():
-    # main() configures the `pipeline` logger for a terminal, as the command does.
-    import logging
-
-    pipeline, root = logging.getLogger("pipeline"), logging.getLogger()
-    saved = (pipeline.handlers[:], pipeline.level, pipeline.propagate, root.handlers[:], root.level)
-    yield
-    pipeline.handlers[:], pipeline.level, pipeline.propagate = saved[0], saved[1], saved[2]
-    root.handlers[:], root.level = saved[3], saved[4]
+# main() configures the `pipeline` logger for a terminal, as the command does: tests/test_cli.py's
+# fixture puts it back (autouse here too, being imported).
+from tests.test_cli import _restore_logging  # noqa: E402,F401
 
 
 @pytest.mark.parametrize("argv", [["round", "1", "--dry-run"], ["config"]])

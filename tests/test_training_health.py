@@ -207,6 +207,13 @@ def test_a_round_with_some_empty_answers_is_evaluated(tmp_path, config, monkeypa
     assert stats["eval_prompts"] == 3
 
 
+def test_a_policy_as_empty_as_its_base_model_is_evaluated(tmp_path, config, monkeypatch):
+    # A base model that answers nothing (a random-weight test model): training collapsed nothing.
+    monkeypatch.setattr(evaluate, "respond", answering(["", "", ""], base=["", "", ""]))
+    plan = plan_for(tmp_path, config, 1, prompts(3))
+    assert evaluate_round(plan)["eval_prompts"] == 3
+
+
 def test_an_empty_base_model_is_not_called_collapsed_training(tmp_path, config, monkeypatch):
     # Round 0 is the base model's answers, made before any training: not this guard's business.
     monkeypatch.setattr(evaluate, "respond", answering([], base=["", "", ""]))
