@@ -10,8 +10,20 @@ import logging
 from typing import Any
 
 from core.errors import PipelineError
+from core.models import resolve_model
 
 log = logging.getLogger("pipeline")
+
+
+def locate(model: str, device: str | None) -> tuple[str, Any]:
+    """The reward model's checkpoint directory (`reward.model`) and the torch device it runs on."""
+    import torch
+
+    try:
+        path = resolve_model(model)
+    except PipelineError as exc:
+        raise PipelineError(f"config key 'reward.model': {exc}") from None
+    return path, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -25,9 +25,8 @@ from typing import Any
 
 from core.chat_tokens import chat_token_ids
 from core.errors import ConfigError, PipelineError
-from core.models import resolve_model
 from rewards.base import Sample, register_reward
-from rewards.batching import HalvingBatches
+from rewards.batching import HalvingBatches, locate
 
 log = logging.getLogger("rewards.hf_classifier")
 
@@ -55,11 +54,7 @@ class HFClassifierReward(HalvingBatches):
 
         if not model:
             raise ConfigError(MISSING_MODEL)
-        try:
-            self.path = resolve_model(model)
-        except PipelineError as exc:
-            raise PipelineError(f"config key 'reward.model': {exc}") from None
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.path, self.device = locate(model, device)
         self.batch_size = batch_size
         self.max_length = max_length
         try:

@@ -47,9 +47,8 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import ConfigError, PipelineError
-from core.models import resolve_model
 from rewards.base import Sample, register_reward
-from rewards.batching import HalvingBatches
+from rewards.batching import HalvingBatches, locate
 
 log = logging.getLogger("rewards.pairrm")
 
@@ -169,11 +168,7 @@ class PairwiseRanker(HalvingBatches):
                 raise ConfigError(f"config key 'reward.pairrm.{key}' must be at least {MIN_PART_LENGTH}, not {value}")
         if batch_size < 1:
             raise ConfigError(f"config key 'reward.micro_batch_size' must be positive, not {batch_size}")
-        try:
-            self.path = resolve_model(model)
-        except PipelineError as exc:
-            raise PipelineError(f"config key 'reward.model': {exc}") from None
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.path, self.device = locate(model, device)
         self.batch_size = batch_size
         self.source_max_length = source_max_length
         self.candidate_max_length = candidate_max_length
