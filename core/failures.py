@@ -21,7 +21,8 @@ DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 def inner_exception(exc: BaseException) -> BaseException | None:
     """The exception `exc` wraps, if it wraps one."""
-    for attr in ("_base_exc", "controller_failure", "cause"):  # Ray Train's wrappers, then RayTaskError
+    # Ray Train's wrappers (a worker's error, the controller's, a failed health check), then RayTaskError.
+    for attr in ("_base_exc", "controller_failure", "health_check_failure", "cause"):
         inner = getattr(exc, attr, None)
         if isinstance(inner, BaseException) and inner is not exc:
             return inner

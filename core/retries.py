@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from core.errors import PipelineError
-from core.failures import describe
+from core.failures import describe, inner_exception
 
 log = logging.getLogger("pipeline")
 T = TypeVar("T")
@@ -45,8 +45,7 @@ def worker_died(exc: BaseException) -> bool:
         if isinstance(failures, dict) and failures:
             # Ray Train: the group died if any of its workers did (the others fail because it did).
             return any(worker_died(failure) for failure in failures.values())
-        exc = next((inner for attr in ("_base_exc", "controller_failure", "health_check_failure", "cause")
-                    if isinstance(inner := getattr(exc, attr, None), BaseException)), exc.__cause__)
+        exc = inner_exception(exc)
     return False
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import PipelineError
-from pipeline.inspect_round import ROUND_NAME, shorten
 from core.layout import read_parquet_dir
+from pipeline.inspect_round import ROUND_NAME, shorten
 from rewards.constraints import check_all
 
 def eval_rows(round_dir: Path) -> dict[str, dict[str, Any]]:

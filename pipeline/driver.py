@@ -32,13 +32,13 @@ from core.gpu_layout import GpuLayout, cluster_gpu_count, plan_gpu_layout
 from core.layout import (EARLIER_ROUNDS, STAGE_BY_NAME, STAGES, RoundLayout, RunLayout,
                              atomic_write_json, atomic_write_text)
 from core.memory import MemoryMonitor
-from pipeline.model_card import model_card
 from core.models import resolve_model
 from core.project_files import CHECKOUT
 from core.prompts import Prompt, fit_to_context, load_prompts, round_slice
 from core.provenance import code_version
-from pipeline.resources import wait_for_resources
 from core.timing import Timings, round_time_text
+from pipeline.model_card import model_card
+from pipeline.resources import wait_for_resources
 from pipeline.tracking import Tracking
 from pools.vllm_engines import EnginePool
 from rewards.base import metadata_problem
@@ -170,8 +170,8 @@ def run_round(plan: RoundPlan, tracking: Tracking | None = None) -> dict[str, An
         import ray
 
         wait_for_resources(plan.config, ray.cluster_resources)
-        plan = dataclasses.replace(plan, gpus=plan_gpu_layout(
-            plan.config, cluster_gpu_count(), plan.engines.keep if plan.engines else False))
+        gpus = plan.engines.gpu_layout() if plan.engines else plan_gpu_layout(plan.config, cluster_gpu_count(), False)
+        plan = dataclasses.replace(plan, gpus=gpus)
         for line in plan.gpus.describe():
             file_only("round %d placement: %s", number, line, level=logging.INFO)
         config_text = yaml.safe_dump(portable_dict(plan.config), sort_keys=False)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from core.chat_tokens import ChatRenderError, chat_token_ids
 from core.config import config_from_dict, read_yaml_file
-from core.hardware import native_bf16
 from core.errors import PipelineError
+from core.hardware import native_bf16
 from pipeline.inspect_round import ROUND_NAME
 
 

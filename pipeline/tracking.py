@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from core.layout import RunLayout, atomic_write_json
-from pipeline.report import INTERVAL_KEYS, read_training_log, write_report
 from core.timing import round_wall_seconds
+from pipeline.report import INTERVAL_KEYS, read_training_log, write_report
 
 log = logging.getLogger("pipeline.tracking")
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from core import timing
-from core.progress import worker_bar
 from core.errors import PipelineError
 from core.hardware import native_bf16
+from core.progress import worker_bar
 from pools.logprobs import Response, list_batch, sequence_logprobs, tokenize_example
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -37,9 +37,9 @@ import ray
 from core import timing
 from core.chat_tokens import chat_token_ids
 from core.config import GenerateConfig, ModelConfig
-from core.progress import engine_bar
 from core.gpu_layout import GpuLayout, cluster_gpu_count, plan_gpu_layout, where_this_runs
 from core.hardware import native_bf16
+from core.progress import engine_bar
 from core.prompts import Prompt
 from core.retries import WorkerRetries, worker_died
 
@@ -344,6 +344,12 @@ class EnginePool:
     def keep(self) -> bool:
         self._decide()
         return bool(self._keep)
+
+    def gpu_layout(self) -> GpuLayout:
+        """The command's GPU layout, planned once, with these engines kept or not."""
+        self._decide()
+        assert self.layout is not None
+        return self.layout
 
     def engine(self, index: int, model_path: str, seed: int) -> Any:
         """Engine `index`, started on `model_path` with engine seed `seed` if there is none."""

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.settings import load_config
-from pipeline.driver import plan_round
 from core.errors import PipelineError
+from pipeline.driver import plan_round
+from pipeline.settings import load_config
 from tests.conftest import REPO_ROOT, run_cli, survivors
 
 

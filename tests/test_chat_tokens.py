@@ -43,7 +43,7 @@ def load(name: str, template: str | None = None):
 
     path = TOKENIZER_DIRS[name]
     if not (path / "tokenizer.json").is_file():
-        pytest.skip(f"{path} is not prepared (make setup)")
+        pytest.fail(f"{path} is not prepared: run `make setup` before the tests")
     tokenizer = AutoTokenizer.from_pretrained(path)
     if template is not None:
         tokenizer.chat_template = template

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from core.config import Config, config_from_dict
-from pipeline.settings import load_config
 from core.errors import ConfigError, PipelineError
+from pipeline.settings import load_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

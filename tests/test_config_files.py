@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
 from core.config import MAX_SEED, VLLM_GREEDY_BELOW, VLLM_MAX_N, VLLM_MAX_TEMPERATURE, config_from_dict, portable_dict, read_yaml_file
-from pipeline.settings import load_config
 from core.errors import ConfigError
+from pipeline.cli import main
+from pipeline.settings import load_config
 from tests.conftest import REPO_ROOT
 
 
@@ -247,7 +247,7 @@ def test_greedy_decoding_of_one_sample_per_temperature_is_taken():
 def _vllm_source(module: str) -> str:
     spec = importlib.util.find_spec("vllm")  # finds the package without importing it
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("vllm is not installed")
+        pytest.fail("vllm is not installed: run `make setup` before the tests")
     return (Path(spec.submodule_search_locations[0]) / module).read_text()
 
 

@@ -7,9 +7,9 @@ The third makes sure the test can fail, i.e. that sampling really depends on the
 import pyarrow as pa
 import pytest
 
-from pipeline.settings import load_config
 from core.layout import read_parquet_dir
 from core.prompts import load_prompts
+from pipeline.settings import load_config
 from pools.vllm_engines import SamplingSpec
 from stages.generate import generate_shards
 from tests.conftest import REPO_ROOT

@@ -2,9 +2,9 @@
 
 import pytest
 
-from pipeline.settings import load_config
 from core.errors import PipelineError
 from core.gpu_layout import KEPT_ENGINE_SHARE, plan_gpu_layout
+from pipeline.settings import load_config
 from pools.vllm_engines import engine_args, keeps_engines, worker_options
 from tests.conftest import REPO_ROOT
 

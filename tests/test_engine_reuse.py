@@ -15,9 +15,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline.settings import load_config
 from core.layout import read_parquet_dir
 from core.prompts import load_prompts
+from pipeline.settings import load_config
 from pools.vllm_engines import EnginePool, SamplingSpec
 from stages.generate import generate_shards
 from tests.conftest import REPO_ROOT

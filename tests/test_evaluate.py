@@ -8,10 +8,10 @@ import pyarrow as pa
 import pytest
 
 from core import schema
-from pipeline.settings import load_config
 from core.errors import PipelineError
 from core.layout import RunLayout, read_parquet_dir, shard_name, write_parquet
 from core.prompts import Prompt
+from pipeline.settings import load_config
 from pipeline import driver
 from stages import evaluate
 from stages.evaluate import check_baseline, eval_metrics, pass_rate, win_rate

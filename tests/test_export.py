@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from core.errors import PipelineError
-from pipeline.export import best_worst, every_pair, preference_pairs
 from core.layout import write_parquet
 from core.schema import LISTS
+from pipeline.export import best_worst, every_pair, preference_pairs
 from tests.conftest import run_cli
 
 

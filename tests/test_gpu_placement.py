@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import ray
 
-from pipeline.settings import load_config
 from core.errors import PipelineError
 from core.gpu_layout import KEPT_ENGINE_SHARE, REST_BESIDE_ENGINE, plan_gpu_layout
 from pipeline.resources import check_resources
+from pipeline.settings import load_config
 from pools.reward_scorers import RewardWorker, reward_actor_options
 from pools.vllm_engines import keeps_engines, worker_options
 from stages.train.stage import scaling_config

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import yaml
 
+from core.layout import atomic_write_text
 from pipeline.cli import main as cli_main
 from pipeline.inspect_round import histogram, quantile, shorten
-from core.layout import atomic_write_text
 from tests.conftest import REPO_ROOT
 from tests.test_rerank_stage import generate, make_plan, run_rerank
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.settings import load_config
 from core.errors import PipelineError
 from core.prompts import load_prompts
+from pipeline.settings import load_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PAPER_DIR = REPO_ROOT / "configs" / "paper"

@@ -16,9 +16,9 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipeline.settings import load_config
 from core.layout import RunLayout, shard_name
 from core.timing import Timings
+from pipeline.settings import load_config
 from pools.logprob_scorer import load_policy, merge_parts, score_lists
 from stages.reference import stage as reference
 from stages.reference.in_train_workers import ReferenceJob, score_reference

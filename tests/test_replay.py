@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from core import schema
-from pipeline.settings import load_config
-from pipeline.driver import plan_round
 from core.errors import PipelineError
 from core.layout import RunLayout, shard_name, write_parquet
+from pipeline.driver import plan_round
+from pipeline.settings import load_config
 from pools.logprob_scorer import reference_logprobs
 from stages.reference import stage as reference
 

@@ -13,9 +13,9 @@ import pyarrow as pa
 import pytest
 
 from core import schema
-from pipeline.settings import load_config
 from core.errors import ConfigError, PipelineError
 from core.layout import RunLayout, read_parquet_dir, shard_name, write_parquet
+from pipeline.settings import load_config
 from pools import reward_scorers
 from stages import rerank
 from tests.conftest import REPO_ROOT

@@ -2,9 +2,9 @@
 
 import pytest
 
-from pipeline.settings import load_config
 from core.errors import PipelineError
 from pipeline.resources import check_resources, resource_problems
+from pipeline.settings import load_config
 
 CPU_HOST = {"CPU": 2.0, "memory": 1e10}
 GPU_HOST = {"CPU": 16.0, "GPU": 2.0}

@@ -3,8 +3,8 @@
 import pytest
 
 from core.config import CompositeOptions, RewardConfig
-from pipeline.settings import load_config
 from core.errors import ConfigError
+from pipeline.settings import load_config
 from rewards import REWARDS, Sample, build_reward, build_reward_from_config
 from rewards.composite import CompositeReward
 from tests.tiny_reward_model import save_tiny_classifier

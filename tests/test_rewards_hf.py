@@ -8,8 +8,8 @@ import torch
 import transformers
 
 from core.config import RewardConfig
-from pipeline.settings import load_config
 from core.errors import ConfigError, PipelineError
+from pipeline.settings import load_config
 from rewards import REWARDS, Sample, build_reward_from_config
 from rewards.hf_classifier import HFClassifierReward
 from tests.tiny_reward_model import save_tiny_classifier

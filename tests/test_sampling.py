@@ -6,9 +6,9 @@ import pyarrow as pa
 import pytest
 
 from core import schema
-from pipeline.settings import load_config
 from core.errors import ConfigError
 from core.prompts import Prompt
+from pipeline.settings import load_config
 from pools.vllm_engines import SamplingSpec, group_samples, split_samples
 from stages.generate import candidate_rows
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from core.config import TRACKER_NAMES
-from pipeline.settings import load_config
 from core.layout import RunLayout
+from pipeline.settings import load_config
 from pipeline.tracking import TRACKERS, Tracking, flat_config, round_values, step_metrics
 from tests import wandb_records
 

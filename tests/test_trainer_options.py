@@ -3,10 +3,10 @@
 import torch
 from safetensors.torch import load_file
 
+from core.objectives import OBJECTIVES
 from pools.logprob_scorer import autocast, load_policy
 from stages.train.data import add_lora, build_examples, use_sparse_embedding_grad
 from stages.train.loop import list_scores
-from core.objectives import OBJECTIVES
 from tests.test_reference_numerics import lists_rows, with_reference
 
 

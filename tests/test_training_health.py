@@ -24,10 +24,10 @@ from safetensors.torch import load_file
 
 from core import schema
 from core.config import TrainConfig
-from pipeline.settings import load_config
 from core.errors import PipelineError, TrainingDiverged
 from core.layout import shard_name, write_parquet
 from core.timing import Timings
+from pipeline.settings import load_config
 from pools.logprob_scorer import load_policy
 from stages import evaluate, generate
 from stages.train.checkpoint import first_non_finite

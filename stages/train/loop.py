@@ -32,10 +32,10 @@ import torch
 import torch.distributed as dist
 
 from core.config import TrainConfig
-from core.progress import worker_bar
 from core.errors import PipelineError, TrainingDiverged
 from core.gpu_layout import where_this_runs
 from core.objectives import OBJECTIVES, REFERENCE_FREE, mean_margin, objective_options, ranking_accuracy
+from core.progress import worker_bar
 from core.timing import Timings
 from pools.logprob_scorer import (DTYPES, autocast, autocast_enabled, check_logprob_path, load_policy, pad_token_id,
                                   use_all_cpu_threads)
